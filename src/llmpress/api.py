@@ -1,0 +1,150 @@
+"""The Python API: ``compress`` a model with a recipe, ``evaluate`` what it cost.
+
+The CLI is a thin layer over these two functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import calibration_samples, describe_spec, eval_windows
+from .engine import compress_blocks
+from .errors import LlmpressError
+from .measure import PeakMemory, count_params, flops_per_token, perplexity, size_report, speed
+from .models.archs import arch_for
+from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
+from .recipe import Recipe, load_recipe
+from .save import check_output, save_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressResult:
+    model: torch.nn.Module
+    tokenizer: object | None
+    recipe: Recipe
+    layers: dict[str, dict]
+    seconds: float
+    peak_memory_bytes: int | None = None
+    out: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def meta(self) -> dict:
+        return {"recipe": self.recipe.to_dict(), "layers": self.layers, "notes": self.notes,
+                "compress_time_s": round(self.seconds, 3), "peak_memory_bytes": self.peak_memory_bytes}
+
+
+def _loaded(model, tokenizer=None) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(model)
+    if isinstance(model, torch.nn.Module):
+        return LoadedModel(model, tokenizer, type(model).__name__)
+    raise LlmpressError(f"model must be a path, alias, hub id or a transformers model, not {type(model).__name__}")
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LlmpressError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LlmpressError(f"device '{device}' is not available here: use --device cpu")
+    return dev
+
+
+def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: str | None = None,
+             samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
+             out: str | Path | None = None, device: str = "cpu", progress: bool = False) -> CompressResult:
+    """Compress ``model`` with ``recipe`` block by block; save to ``out`` when given.
+
+    ``data``/``samples``/``seq_len``/``seed`` override the recipe's calibration settings.
+    >>> result = compress("smollm2-135m", "rtn-w4-g64", out="smollm2-w4")  # doctest: +SKIP
+    """
+    recipe = load_recipe(recipe)
+    overrides = {k: v for k, v in {"data": data, "samples": samples, "seq_len": seq_len, "seed": seed}.items()
+                 if v is not None}
+    if overrides:
+        recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, **overrides))
+    if out is not None:
+        check_output(out)
+    if recipe.needs_calibration:
+        describe_spec(recipe.calibration.data)
+    dev = _device(device)
+    loaded = _loaded(model, tokenizer)
+    arch = arch_for(loaded.model)
+    ids = None
+    if recipe.needs_calibration:
+        if loaded.tokenizer is None:
+            raise LlmpressError("this recipe needs calibration text but the model has no tokenizer: pass one")
+        c = recipe.calibration
+        ids = calibration_samples(loaded.tokenizer, c.data, c.samples, c.seq_len, c.seed)
+    start = time.perf_counter()
+    with PeakMemory(dev) as mem:
+        layers = compress_blocks(loaded.model, arch, list(recipe.stages), ids, dev,
+                                 recipe.calibration.batch_size, progress=progress)
+    result = CompressResult(loaded.model, loaded.tokenizer, recipe, layers, time.perf_counter() - start,
+                            mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"])
+    if out is not None:
+        result.out = save_model(loaded.model, loaded.tokenizer, out, result.meta)
+    return result
+
+
+def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, seq_len: int = 1024,
+             max_windows: int | None = 16, device: str = "cpu", layers: dict | None = None,
+             measure_speed: bool = True, progress: bool = False, name: str | None = None) -> dict:
+    """Perplexity, size, FLOPs, speed and memory of ``model`` on consecutive windows of ``data``.
+
+    Returns one JSON-able dict; its top-level keys ``perplexity``, ``params``, ``size_bytes``,
+    ``bits_per_weight`` and ``compression_ratio`` are a stable interface.
+    """
+    description = describe_spec(data)  # a bad spec fails before the model is loaded
+    dev = _device(device)
+    if isinstance(model, CompressResult):
+        layers = model.layers if layers is None else layers
+        model = LoadedModel(model.model, model.tokenizer, "compressed (in memory)", notes=model.notes)
+    loaded = _loaded(model, tokenizer)
+    if loaded.tokenizer is None:
+        raise LlmpressError("the model has no tokenizer, so text cannot be evaluated: pass a tokenizer")
+    layers = loaded.meta.get("layers") if layers is None else layers
+    windows = eval_windows(loaded.tokenizer, data, seq_len, max_windows)
+    with PeakMemory(dev) as mem:
+        ppl = perplexity(loaded.model.to(dev), windows, dev, progress=progress)
+    size = size_report(loaded.model, layers, loaded.folder)
+    flops = flops_per_token(loaded.model.config, seq_len, layers, model=loaded.model)
+    report = {
+        "name": name or loaded.source,
+        "model": loaded.source,
+        "data": data,
+        "data_description": description,
+        "perplexity": ppl["perplexity"],
+        "loss": ppl["loss"],
+        "tokens": ppl["tokens"],
+        "windows": ppl["windows"],
+        "seq_len": seq_len,
+        "params": size["params"],
+        "size_bytes": size["size_bytes"],
+        "dense_bytes": size["dense_bytes"],
+        "disk_bytes": size["disk_bytes"],
+        "bits_per_weight": size["bits_per_weight"],
+        "linear_bits_per_weight": size["linear_bits_per_weight"],
+        "compression_ratio": size["compression_ratio"],
+        "flops_per_token": flops["flops_per_token"],
+        "flops": flops,
+        "peak_memory_bytes": mem.peak_bytes,
+        "notes": loaded.notes,
+    }
+    if measure_speed:
+        report["speed"] = speed(loaded.model, dev)
+    if "compress_time_s" in loaded.meta:
+        report["compress_time_s"] = loaded.meta["compress_time_s"]
+    return report

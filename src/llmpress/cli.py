@@ -1,0 +1,192 @@
+"""The ``llmpress`` command: parse, call the API, print. Bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import LlmpressError
+from .models.loader import DEFAULT_MODEL
+
+DEMO_RECIPES = ("rtn-w4-g64", "rtn-w4-g64-asym", "magnitude-50")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def _add_eval_window_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="austen:eval", help="evaluation text (default austen:eval = Persuasion)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--max-windows", type=int, default=16, help="windows evaluated, 0 = all (default 16)")
+    p.add_argument("--no-speed", action="store_true", help="skip the latency/throughput measurement")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmpress", description="Compress LLMs and measure what it cost.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model with a recipe and save it")
+    c.add_argument("model", help=f"alias ({DEFAULT_MODEL}), model folder, .gguf file or hub id")
+    c.add_argument("--recipe", required=True, help="built-in recipe name or YAML file (see 'llmpress recipes')")
+    c.add_argument("--out", required=True, help="output folder (must not exist)")
+    c.add_argument("--data", help="calibration text, overrides the recipe (e.g. austen:calib, text:FILE)")
+    c.add_argument("--samples", type=int, help="calibration windows, overrides the recipe")
+    c.add_argument("--seq-len", type=int, help="calibration window length, overrides the recipe")
+    c.add_argument("--seed", type=int, help="calibration sampling seed, overrides the recipe")
+    _add_common(c)
+
+    e = sub.add_parser("eval", help="perplexity, size, FLOPs, speed and memory of a model")
+    e.add_argument("model", help=f"alias ({DEFAULT_MODEL}), model folder, .gguf file or hub id")
+    _add_eval_window_args(e)
+    e.add_argument("--base", help="also evaluate this base model on the same windows, side by side")
+    e.add_argument("--json", help="write the result (one JSON object) to this file")
+    e.add_argument("--report", help="write report.json and report.md to this new folder")
+    _add_common(e)
+
+    d = sub.add_parser("demo", help="compress the default model with a few recipes and compare them to the base")
+    d.add_argument("--model", default=DEFAULT_MODEL)
+    d.add_argument("--recipes", default=",".join(DEMO_RECIPES), help="comma-separated recipe names or files")
+    _add_eval_window_args(d)
+    d.add_argument("--json", help="write the report (JSON) to this file")
+    d.add_argument("--report", help="write report.json and report.md to this new folder")
+    _add_common(d)
+
+    sub.add_parser("recipes", help="list the built-in recipes")
+    f = sub.add_parser("fetch", help="download the default model and corpus into the cache")
+    _add_common(f)
+    return parser
+
+
+def _check_windows(args) -> None:
+    if args.seq_len < 2:
+        raise LlmpressError(f"--seq-len {args.seq_len} is too small: use at least 2 tokens per window")
+    if args.max_windows < 0:
+        raise LlmpressError(f"--max-windows {args.max_windows} is negative: use 0 for all windows, or a positive count")
+
+
+def _new_path(value: str | None, what: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.exists():
+        raise LlmpressError(f"{what} {path} already exists: choose a new path or remove it yourself")
+    if not path.parent.is_dir():
+        raise LlmpressError(f"cannot write {path}: folder {path.parent} does not exist")
+    return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _evaluate_rows(args, models: list[tuple[str, object]]) -> list[dict]:
+    from .api import evaluate
+
+    rows = []
+    for name, model in models:
+        rows.append(evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows or None,
+                             device=args.device, measure_speed=not args.no_speed, progress=not args.quiet,
+                             name=name))
+    return rows
+
+
+def _emit(args, rows: list[dict]) -> None:
+    from .measure import build_report, report_markdown, write_report
+
+    report = build_report(rows, base_name=rows[0]["name"])
+    print(report_markdown(report))
+    if getattr(args, "json", None):
+        _write_json(Path(args.json).expanduser(), rows[0] if len(rows) == 1 else report)
+    if getattr(args, "report", None):
+        write_report(report, Path(args.report).expanduser())
+
+
+def cmd_compress(args) -> None:
+    from .api import compress
+
+    result = compress(args.model, args.recipe, data=args.data, samples=args.samples, seq_len=args.seq_len,
+                      seed=args.seed, out=args.out, device=args.device, progress=not args.quiet)
+    n = len(result.layers)
+    print(f"compressed {n} linear layers with '{result.recipe.name}' in {result.seconds:.1f}s -> {result.out}")
+
+
+def cmd_eval(args) -> None:
+    _check_windows(args)
+    for flag in ("json", "report"):
+        _new_path(getattr(args, flag), f"--{flag}")
+    models = ([(f"{args.base} (base)", args.base)] if args.base else []) + [(args.model, args.model)]
+    _emit(args, _evaluate_rows(args, models))
+
+
+def cmd_demo(args) -> None:
+    from .api import compress, evaluate
+    from .models.loader import LoadedModel, load_model
+    from .recipe import load_recipe
+
+    _check_windows(args)
+    for flag in ("json", "report"):
+        _new_path(getattr(args, flag), f"--{flag}")
+    recipes = [load_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()]
+    base = load_model(args.model)
+    kw = dict(seq_len=args.seq_len, max_windows=args.max_windows or None, device=args.device,
+              measure_speed=not args.no_speed, progress=not args.quiet)
+    rows = [evaluate(base, args.data, name=f"{args.model} (base)", **kw)]
+    for recipe in recipes:
+        fresh = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.source, notes=base.notes)
+        result = compress(fresh, recipe, device=args.device, progress=not args.quiet)
+        row = evaluate(result, args.data, name=recipe.name or "recipe", **kw)
+        row["compress_time_s"] = result.seconds
+        rows.append(row)
+    _emit(args, rows)
+
+
+def cmd_recipes(_args) -> None:
+    from .recipe import BUILTIN_RECIPES, load_recipe
+
+    for name in BUILTIN_RECIPES:
+        stages = " + ".join(f"{s.method}({', '.join(f'{k}={v}' for k, v in vars(s.config).items())})"
+                            for s in load_recipe(name).stages)
+        print(f"{name:28s} {stages}")
+
+
+def cmd_fetch(_args) -> None:
+    from .data import load_text
+    from .models.loader import load_model
+
+    load_model(DEFAULT_MODEL)
+    load_text("austen:calib")
+    print("default model and corpus are cached")
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "recipes": cmd_recipes,
+            "fetch": cmd_fetch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="llmpress: %(message)s")
+    if quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        COMMANDS[args.command](args)
+    except LlmpressError as exc:
+        print(f"llmpress: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The sequential engine: compress a model one decoder block at a time.
+
+Following GPTQ's and SparseGPT's layer-wise procedure (and llm-compressor's
+sequential pipeline): capture the inputs of every block once, then for each
+block in turn onload it to the compute device, let each recipe stage
+collect the calibration statistics its method needs (forward hooks on the
+block's linears), rewrite the weights with the method's pure function,
+re-run the compressed block to produce the next block's inputs, and
+offload it. Only one block's weights are ever on the compute device, so
+device memory scales with one block plus the calibration activations.
+
+Per-block keyword arguments (attention masks, rotary embeddings) are
+captured for every block, not just the first: Gemma 3 alternates sliding
+and global attention, with different masks and rotary tables per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .compressed import Compressed
+from .models.archs import Arch, block_linears, get_blocks, linear_weight, set_linear_weight
+from .recipe import Stage
+from .registry import get_method
+from .stats import STATS
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised inside a block's forward to end input capture early."""
+
+
+class Placement:
+    """Moves a block onto the compute device and back; subclass to offload elsewhere."""
+
+    def __init__(self, device: torch.device, offload_device: torch.device) -> None:
+        self.device = device
+        self.offload_device = offload_device
+
+    def onload(self, block: nn.Module) -> None:
+        block.to(self.device)
+
+    def offload(self, block: nn.Module) -> None:
+        block.to(self.offload_device)
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering one block: hidden states per batch and the block's kwargs per batch size."""
+
+    hidden: list[torch.Tensor]
+    # per block: batch size -> (extra positional args, keyword args)
+    kwargs: list[dict[int, tuple[tuple, dict[str, Any]]]] = field(default_factory=list)
+
+    def batches(self, block_index: int):
+        for h in self.hidden:
+            yield h, self.kwargs[block_index][h.shape[0]]
+
+    def run(self, block: nn.Module, block_index: int) -> list[torch.Tensor]:
+        """The block's output for every batch."""
+        with torch.inference_mode():
+            return [_hidden(block(h, *extra, **kw)) for h, (extra, kw) in self.batches(block_index)]
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _outside_leaves(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+    inside = {id(m) for m in blocks.modules()}
+    return [m for m in model.modules() if id(m) not in inside and not list(m.children())]
+
+
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor,
+                   batch_size: int, device: torch.device) -> BlockInputs:
+    """Run the model's embedding part on every calibration batch and record each block's inputs.
+
+    Blocks are replaced by recorders that pass hidden states through unchanged,
+    so the real blocks are never run (nor onloaded) here; the forward stops at
+    the last block, before the final norm and lm_head.
+    """
+    leaves = _outside_leaves(model, blocks)
+    homes = [next(iter(m.parameters(recurse=False)), next(iter(m.buffers(recurse=False)), None)) for m in leaves]
+    homes = [t.device if t is not None else None for t in homes]
+    for m in leaves:
+        m.to(device)
+    inputs = BlockInputs(hidden=[], kwargs=[{} for _ in blocks])
+    state = {"need_kwargs": False}
+
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                inputs.hidden.append(hidden.detach())
+            if state["need_kwargs"]:
+                inputs.kwargs[index][hidden.shape[0]] = (tuple(args[1:]), dict(kwargs))
+            if index == len(blocks) - 1 or not state["need_kwargs"]:
+                raise _StopForward
+            return hidden
+        return forward
+
+    try:
+        for i, b in enumerate(blocks):
+            b.forward = recorder(i)
+        with torch.inference_mode():
+            for start in range(0, samples.shape[0], batch_size):
+                batch = samples[start:start + batch_size].to(device)
+                state["need_kwargs"] = batch.shape[0] not in inputs.kwargs[0]
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+        for m, home in zip(leaves, homes):
+            if home is not None:
+                m.to(home)
+    return inputs
+
+
+def _collect(block: nn.Module, modules: dict[str, nn.Module], needs: tuple[str, ...],
+             inputs: BlockInputs, index: int) -> dict[str, dict[str, Any]]:
+    """Run all calibration batches through ``block`` and accumulate each module's input statistics."""
+    stats = {name: {s: STATS[s]() for s in needs} for name in modules}
+
+    def hook(name: str):
+        def fn(_module, args, _output):
+            for acc in stats[name].values():
+                acc.add_batch(args[0])
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        inputs.run(block, index)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: {s: acc.result() for s, acc in per.items()} for n, per in stats.items()}
+
+
+def _merge_meta(old: dict | None, new: dict) -> dict:
+    if not old:
+        return dict(new)
+    merged = {**old, **new}
+    merged["method"] = f"{old['method']}+{new['method']}"
+    if "sparsity" in old:
+        merged["sparsity"] = old["sparsity"]
+    return merged
+
+
+def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: torch.Tensor | None,
+                    device: torch.device | str = "cpu", batch_size: int = 8,
+                    placement: Placement | None = None, progress: bool = False,
+                    on_block: Callable[[int, nn.Module, nn.ModuleList], None] | None = None) -> dict[str, dict]:
+    """Apply ``stages`` to every linear in every block, block by block; returns per-layer metadata.
+
+    ``samples`` (n, L) token ids are needed when a stage's method uses statistics.
+    ``on_block(i, block, blocks)`` is called after block i is compressed, while it is onloaded.
+    """
+    device = torch.device(device)
+    blocks = get_blocks(model, arch)
+    home = next(blocks[0].parameters()).device
+    placement = placement or Placement(device, home)
+    methods = [get_method(s.method) for s in stages]
+    calibrated = any(m.stats for m in methods)
+    if calibrated and samples is None:
+        raise ValueError("this recipe needs calibration samples")
+    inputs = capture_inputs(model, blocks, samples, batch_size, device) if calibrated else None
+    if inputs is not None:
+        inputs.kwargs = [{b: _move(kw, device) for b, kw in per.items()} for per in inputs.kwargs]
+
+    prefix = _prefix(model, blocks)
+    layers: dict[str, dict] = {}
+    bar = _progress(len(blocks), progress)
+    for i, block in enumerate(blocks):
+        start = time.perf_counter()
+        placement.onload(block)
+        modules = block_linears(block, arch)
+        for stage, method in zip(stages, methods):
+            chosen = {n: m for n, m in modules.items() if stage.applies_to(f"{prefix}{i}.{n}")}
+            if not chosen:
+                continue
+            stats = _collect(block, chosen, method.stats, inputs, i) if method.stats else {}
+            for name, module in chosen.items():
+                full = f"{prefix}{i}.{name}"
+                W = linear_weight(module, arch).detach().float()
+                args = [stats[name][s] for s in method.stats]
+                result: Compressed = method.fn(W, *args, stage.config)
+                set_linear_weight(module, arch, result.weight)
+                meta = dict(result.meta, shape=list(W.shape))
+                if result.loss is not None:
+                    meta["loss"] = result.loss
+                layers[full] = _merge_meta(layers.get(full), meta)
+        if on_block is not None:
+            on_block(i, block, blocks)
+        if inputs is not None and i + 1 < len(blocks):
+            inputs.hidden = inputs.run(block, i)
+        placement.offload(block)
+        log.debug("block %d compressed in %.2fs", i, time.perf_counter() - start)
+        bar.update(1)
+    bar.close()
+    return layers
+
+
+def _prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
+    for name, module in model.named_modules():
+        if module is blocks:
+            return f"{name}."
+    raise RuntimeError("block list not found in model")
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="blocks", unit="block", disable=not enabled, leave=False)

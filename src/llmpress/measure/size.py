@@ -1,0 +1,197 @@
+"""Parameter counts and the byte size of a model's weights in compressed form.
+
+The size model follows how compressed-tensors stores checkpoints (packed
+integer weights, fp16 group scales, bitmask sparsity), so a "4-bit" model is
+charged for its scale and metadata overhead rather than a flat 4 bits/weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from llmpress.errors import LlmpressError
+
+log = logging.getLogger(__name__)
+
+SCALE_BYTES = 2  # one fp16 scale per group per output row
+
+
+def _output_embedding(model) -> nn.Module | None:
+    """The LM head module, if the model exposes one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def _unique_params(model) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """(owner module, param name, param) with shared (tied) tensors listed once."""
+    seen: set[int] = set()
+    out = []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            out.append((module, name, param))
+    return out
+
+
+def count_params(model) -> dict:
+    """Count unique parameters (tied embeddings once) and sort them by kind.
+
+    ``linear``: weights of ``nn.Linear`` / ``Conv1D`` modules other than the
+    LM head; ``embedding``: ``nn.Embedding`` parameters plus an untied LM-head
+    weight (an embedding matrix in all but name); ``other``: everything else
+    (norms, biases). ``nonzero`` counts non-zero entries over all of them.
+    """
+    head = _output_embedding(model)
+    counts = {"total": 0, "nonzero": 0, "linear": 0, "embedding": 0, "other": 0}
+    for module, name, param in _unique_params(model):
+        n = param.numel()
+        counts["total"] += n
+        counts["nonzero"] += int(torch.count_nonzero(param.detach()).item())
+        if isinstance(module, nn.Embedding) or (module is head and name == "weight"):
+            counts["embedding"] += n
+        elif isinstance(module, (nn.Linear, Conv1D)) and name == "weight":
+            counts["linear"] += n
+        else:
+            counts["other"] += n
+    return counts
+
+
+def _bytes(bits: float) -> int:
+    """Whole bytes needed for ``bits`` bits."""
+    return int(math.ceil(bits / 8))
+
+
+def _check_spec(name: str, spec: dict) -> None:
+    """Reject malformed per-layer compression records."""
+    bits, sparsity, nm = spec.get("bits"), spec.get("sparsity") or 0.0, spec.get("n:m")
+    if bits is not None and not (isinstance(bits, int) and 1 <= bits <= 32):
+        raise LlmpressError(f"layer {name}: bits must be an integer 1-32 or None, got {bits!r}")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise LlmpressError(f"layer {name}: sparsity must be in [0, 1), got {sparsity!r}")
+    if nm is not None and not (len(nm) == 2 and 0 < nm[0] <= nm[1]):
+        raise LlmpressError(f"layer {name}: n:m must be [n, m] with 0 < n <= m, got {nm!r}")
+    shape = spec.get("shape")
+    if shape is not None and (len(shape) != 2 or min(shape) < 1):
+        raise LlmpressError(f"layer {name}: shape must be [out, in], got {shape!r}")
+
+
+def _groups_per_row(cols: int, group_size) -> int:
+    """Quantization groups per output row; None / -1 / 0 means per-channel."""
+    if group_size in (None, -1, 0):
+        return 1
+    return math.ceil(cols / int(group_size))
+
+
+def layer_bytes(spec: dict, dense_bits: int = 16) -> int:
+    """Bytes one compressed weight takes; see :func:`size_report` for the rules."""
+    rows, cols = (int(d) for d in spec["shape"])
+    numel = rows * cols
+    bits, nm = spec.get("bits"), spec.get("n:m")
+    sparsity = float(spec.get("sparsity") or 0.0)
+    if nm is not None:
+        kept = numel * nm[0] // nm[1]
+    else:
+        kept = round(numel * (1.0 - sparsity))
+    sparse = nm is not None or sparsity > 0
+    mask = rows * _bytes(cols) if sparse else 0
+    if bits is None:
+        return (_bytes(kept * dense_bits) if sparse else _bytes(numel * dense_bits)) + mask
+    groups = rows * _groups_per_row(cols, spec.get("group_size"))
+    zeros = 0 if spec.get("sym", True) else _bytes(groups * bits)
+    return _bytes(kept * bits) + groups * SCALE_BYTES + zeros + mask
+
+
+def _layer_weights(model, layers: dict[str, dict]) -> dict[int, dict]:
+    """Map id(weight) -> spec (with shape filled in) for each listed layer."""
+    out = {}
+    for name, spec in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as exc:
+            raise LlmpressError(f"size_report: model has no module named {name!r}") from exc
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise LlmpressError(f"size_report: module {name!r} has no weight tensor")
+        spec = dict(spec)
+        if spec.get("shape") is None:
+            shape = tuple(weight.shape)
+            spec["shape"] = list(shape[::-1]) if isinstance(module, Conv1D) else list(shape)
+        _check_spec(name, spec)
+        out[id(weight)] = spec
+    return out
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Sum of the sizes of all files under ``folder``, recursively."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise LlmpressError(f"size_report: folder {str(path)!r} does not exist or is not a directory")
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def size_report(
+    model,
+    layers: dict[str, dict] | None = None,
+    folder: str | Path | None = None,
+    dense_bits: int = 16,
+) -> dict:
+    """The bytes a model's weights take in compressed form.
+
+    ``layers`` maps a module name (``"model.layers.0.mlp.up_proj"``) to what
+    compression did to its weight: ``{"shape": [out, in], "bits", "group_size",
+    "sym", "sparsity", "n:m"}`` (missing shape: taken from the module). Rules,
+    after compressed-tensors' storage formats (``b`` = bits, ``d`` =
+    ``dense_bits``, ``g`` = groups per row = ceil(in/group_size), 1 when
+    per-channel; byte counts rounded up):
+
+    * quantized: ``out*in*b/8`` packed values + ``out*g*2`` fp16 scales +,
+      if asymmetric, ``out*g*b/8`` packed zero points;
+    * sparse only (``sparsity > 0``): bitmask of ``out*ceil(in/8)`` bytes
+      (one bit per element, rows padded to bytes) + the ``round(out*in*(1-s))``
+      kept values at ``d`` bits;
+    * n:m only (e.g. 2:4): like compressed-tensors' ``sparse-24-bitmask``:
+      the ``out*in*n/m`` kept values at ``d`` bits + the same per-element
+      bitmask (for 2:4 this equals 2 bits of index metadata per kept value);
+    * sparse (either kind) and quantized: the kept values packed at ``b`` bits
+      + scales + zero points as above + the bitmask;
+    * everything else (embeddings, norms, biases, untouched layers) at ``d``
+      bits; tied tensors are counted once.
+
+    Returns ``size_bytes``, ``dense_bytes`` (all at ``d`` bits),
+    ``compression_ratio``, ``bits_per_weight`` (over all parameters),
+    ``linear_bits_per_weight`` (over the listed layers, or None),
+    ``disk_bytes`` (files under ``folder``, or None) and ``params``.
+    """
+    if not isinstance(dense_bits, int) or dense_bits < 1:
+        raise LlmpressError(f"dense_bits must be a positive integer, got {dense_bits!r}")
+    specs = _layer_weights(model, layers or {})
+    params = count_params(model)
+    rest_numel = listed_bytes = listed_numel = 0
+    for _module, _name, param in _unique_params(model):
+        spec = specs.get(id(param))
+        if spec is None:
+            rest_numel += param.numel()
+            continue
+        listed_bytes += layer_bytes(spec, dense_bits)
+        listed_numel += spec["shape"][0] * spec["shape"][1]
+    size = _bytes(rest_numel * dense_bits) + listed_bytes
+    dense = _bytes(params["total"] * dense_bits)
+    report = {
+        "size_bytes": size,
+        "dense_bytes": dense,
+        "compression_ratio": dense / size if size else math.inf,
+        "bits_per_weight": 8 * size / params["total"] if params["total"] else 0.0,
+        "linear_bits_per_weight": 8 * listed_bytes / listed_numel if listed_numel else None,
+        "disk_bytes": folder_bytes(folder) if folder is not None else None,
+        "params": params,
+    }
+    log.debug("size %d bytes (dense %d, ratio %.3f)", size, dense, report["compression_ratio"])
+    return report

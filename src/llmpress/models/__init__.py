@@ -1,0 +1,1 @@
+"""Loading models (HF dirs, hub ids, GGUF, aliases) and the architecture map."""

@@ -1,0 +1,95 @@
+"""Integer quantization grids shared by every quantizer (pure tensor functions).
+
+Conventions follow compressed-tensors, so that what we compute is what
+vLLM and transformers will load: integers live in the signed range
+[-2^(b-1), 2^(b-1)-1]; zero is always exactly representable (the range
+[min, max] of a group is widened to include 0); a symmetric scale is
+absmax / ((2^b - 1) / 2) (so int4 maps ±absmax to ±7.5 and uses all 16
+levels); an asymmetric scale is (max - min) / (2^b - 1) with an integer
+zero point. Groups run along the input dimension; a last group shorter
+than ``group_size`` is allowed (widths like 576 or 1536 with group 128).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """The signed integer range of a ``bits``-bit grid."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def group_count(columns: int, group_size: int | None) -> int:
+    """Number of groups along the input dimension (``None`` or -1: one per row)."""
+    if group_size is None or group_size <= 0:
+        return 1
+    return math.ceil(columns / group_size)
+
+
+def _grouped(W: Tensor, group_size: int | None) -> Tensor:
+    """(out, in) -> (out, groups, g), zero-padding a partial last group.
+
+    Padding with zeros never changes the qparams: every range includes 0.
+    """
+    rows, cols = W.shape
+    g = cols if group_size is None or group_size <= 0 else group_size
+    groups = math.ceil(cols / g)
+    pad = groups * g - cols
+    if pad:
+        W = torch.nn.functional.pad(W, (0, pad))
+    return W.reshape(rows, groups, g)
+
+
+def expand_groups(per_group: Tensor, columns: int, group_size: int | None) -> Tensor:
+    """(out, groups) -> (out, in): each column gets the value of its group."""
+    if group_size is None or group_size <= 0:
+        return per_group[:, :1].expand(-1, columns)
+    return per_group.repeat_interleave(group_size, dim=1)[:, :columns]
+
+
+def compute_qparams(W: Tensor, bits: int, group_size: int | None, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero point per (row, group), both (out, groups).
+
+    The zero point is 0 for a symmetric grid. An all-zero group gets scale 1.
+    """
+    Wg = _grouped(W.float(), group_size)
+    lo = Wg.amin(dim=-1).clamp(max=0)
+    hi = Wg.amax(dim=-1).clamp(min=0)
+    qmin, qmax = qrange(bits)
+    levels = qmax - qmin
+    if sym:
+        scale = torch.maximum(-lo, hi) / (levels / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not sym:
+        zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero
+
+
+def quantize(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int | None) -> Tensor:
+    """Integer codes (int8, same shape as W) on the grid given by per-group scale/zero."""
+    cols = W.shape[1]
+    s = expand_groups(scale, cols, group_size)
+    z = expand_groups(zero, cols, group_size)
+    qmin, qmax = qrange(bits)
+    return torch.clamp(torch.round(W.float() / s) + z, qmin, qmax).to(torch.int8)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor, group_size: int | None) -> Tensor:
+    """Float weights (fp32) from integer codes: (q - zero) * scale."""
+    cols = q.shape[1]
+    s = expand_groups(scale, cols, group_size)
+    z = expand_groups(zero, cols, group_size)
+    return (q.float() - z) * s
+
+
+def fake_quantize(W: Tensor, bits: int, group_size: int | None, sym: bool) -> Tensor:
+    """Round-to-nearest onto the grid and back, in fp32 (no state kept)."""
+    scale, zero = compute_qparams(W, bits, group_size, sym)
+    return dequantize(quantize(W, scale, zero, bits, group_size), scale, zero, group_size)

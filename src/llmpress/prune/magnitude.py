@@ -1,0 +1,53 @@
+"""Magnitude pruning (Han et al. 2015; the baseline of Wanda and SparseGPT).
+
+Zero the weights of smallest |w|, either over the whole layer or within each
+output row. Exactly ``floor(sparsity · n)`` weights go in each comparison
+group, ties broken by position, so the sparsity is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..compressed import Compressed
+from ..errors import LlmpressError
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig:
+    """sparsity: fraction of weights removed, in [0, 1); scope: "layer" or "row"."""
+
+    sparsity: float = 0.5
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
+            raise LlmpressError(f"sparsity={s!r} is out of range: use a fraction in [0, 1), e.g. 0.5")
+        if self.scope not in ("layer", "row"):
+            raise LlmpressError(f"scope={self.scope!r} is invalid: use 'layer' or 'row'")
+
+
+def prune_lowest(scores: Tensor, sparsity: float, scope: str) -> Tensor:
+    """Keep-mask (bool, same shape) removing the lowest-scoring fraction per layer or per row."""
+    groups = scores.reshape(1, -1) if scope == "layer" else scores
+    k = int(groups.shape[1] * sparsity)
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    if k:
+        order = torch.argsort(groups, dim=1, stable=True)[:, :k]
+        mask.scatter_(1, order, False)
+    return mask.reshape(scores.shape)
+
+
+def magnitude(weight: Tensor, cfg: MagnitudeConfig) -> Compressed:
+    """Prune ``weight`` (out, in) by |w|; returns the pruned weight and its keep-mask."""
+    mask = prune_lowest(weight.abs(), cfg.sparsity, cfg.scope)
+    pruned = weight.float() * mask
+    return Compressed(
+        weight=pruned,
+        mask=mask,
+        meta={"method": "magnitude", "sparsity": 1 - mask.float().mean().item()},
+    )

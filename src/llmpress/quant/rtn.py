@@ -1,0 +1,55 @@
+"""Round-to-nearest (RTN) weight quantization: the baseline every PTQ paper beats.
+
+Each weight is rounded to the nearest point of a per-group integer grid
+(see ``llmpress.primitives`` for the grid conventions, which follow
+compressed-tensors). No calibration data is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..compressed import Compressed
+from ..errors import LlmpressError
+from ..primitives import compute_qparams, dequantize, quantize
+
+
+def check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise LlmpressError(f"bits={bits!r} is out of range: use an integer from 2 to 8")
+
+
+def check_group_size(group_size: int | None) -> None:
+    ok = group_size is None or (isinstance(group_size, int) and not isinstance(group_size, bool)
+                                and (group_size > 0 or group_size == -1))
+    if not ok:
+        raise LlmpressError(f"group_size={group_size!r} is invalid: use a positive integer, or -1 for one group per row")
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    """bits: 2–8; group_size: columns per scale (-1 = per output channel); sym: zero point fixed at 0."""
+
+    bits: int = 4
+    group_size: int = 64
+    sym: bool = True
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+
+
+def rtn(weight: Tensor, cfg: RTNConfig) -> Compressed:
+    """Quantize ``weight`` (out, in) by round-to-nearest; returns codes, scales and the dequantized weight."""
+    group = None if cfg.group_size == -1 else cfg.group_size
+    scale, zero = compute_qparams(weight, cfg.bits, group, cfg.sym)
+    q = quantize(weight, scale, zero, cfg.bits, group)
+    return Compressed(
+        weight=dequantize(q, scale, zero, group),
+        qweight=q,
+        scale=scale,
+        zero=zero,
+        meta={"method": "rtn", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym},
+    )

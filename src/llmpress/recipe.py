@@ -1,0 +1,170 @@
+"""Recipes: which methods to apply, to which layers, with what calibration data.
+
+A recipe is frozen dataclasses that map one to one onto YAML::
+
+    calibration: {data: "austen:calib", samples: 128, seq_len: 512, seed: 0}
+    stages:
+      - {method: magnitude, args: {sparsity: 0.5}}
+      - {method: rtn, ignore: ["*.down_proj"], args: {bits: 4, group_size: 64}}
+
+Unknown keys are rejected with the list of valid ones. ``targets`` and
+``ignore`` are fnmatch patterns on full module names (e.g.
+``model.layers.0.mlp.down_proj``, ``*.self_attn.*``); only the linear
+layers inside decoder blocks are compressed, so lm_head and the embeddings
+are never touched by these methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LlmpressError
+from .registry import get_method
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    data: str = "austen:calib"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LlmpressError(f"calibration {name}={value!r} is invalid: use a positive integer")
+
+
+@dataclass(frozen=True)
+class Stage:
+    method: str
+    config: Any
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def applies_to(self, name: str) -> bool:
+        if self.targets and not any(fnmatch.fnmatchcase(name, p) for p in self.targets):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)
+
+    def to_dict(self) -> dict:
+        out: dict = {"method": self.method, "args": dataclasses.asdict(self.config)}
+        if self.targets:
+            out["targets"] = list(self.targets)
+        if self.ignore:
+            out["ignore"] = list(self.ignore)
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stages: tuple[Stage, ...]
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    name: str | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(get_method(s.method).stats for s in self.stages)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "calibration": dataclasses.asdict(self.calibration),
+                "stages": [s.to_dict() for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, data: Any, name: str | None = None) -> "Recipe":
+        where = f"recipe {name}" if name else "recipe"
+        data = _mapping(data, where, {"name", "calibration", "stages"})
+        stages = data.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise LlmpressError(f"{where} needs a non-empty list 'stages', e.g. stages: [{{method: rtn, args: {{bits: 4}}}}]")
+        calib = _build(CalibrationConfig, data.get("calibration") or {}, f"{where}: calibration")
+        built = tuple(_stage(s, f"{where}: stage {i + 1}") for i, s in enumerate(stages))
+        return cls(stages=built, calibration=calib, name=data.get("name", name))
+
+
+def _mapping(data: Any, where: str, allowed: set[str]) -> dict:
+    if not isinstance(data, dict):
+        raise LlmpressError(f"{where} must be a mapping (key: value), got {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise LlmpressError(f"{where}: unknown key '{unknown[0]}'; valid keys are {', '.join(sorted(allowed))}")
+    return data
+
+
+def _build(config_cls: type, args: Any, where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    args = _mapping(args, where, names)
+    try:
+        return config_cls(**args)
+    except TypeError as exc:
+        raise LlmpressError(f"{where}: {exc}") from None
+
+
+def _patterns(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise LlmpressError(f"{where} must be a list of name patterns, e.g. ['*.mlp.*']")
+    return tuple(value)
+
+
+def _stage(data: Any, where: str) -> Stage:
+    data = _mapping(data, where, {"method", "args", "targets", "ignore"})
+    if "method" not in data:
+        raise LlmpressError(f"{where} has no 'method': name one, e.g. method: rtn")
+    method = get_method(data["method"])
+    config = _build(method.config, data.get("args") or {}, f"{where} ({method.name}) args")
+    return Stage(method.name, config,
+                 _patterns(data.get("targets", []), f"{where} targets"),
+                 _patterns(data.get("ignore", []), f"{where} ignore"))
+
+
+def _rtn(bits: int, group: int, sym: bool = True) -> dict:
+    return {"stages": [{"method": "rtn", "args": {"bits": bits, "group_size": group, "sym": sym}}]}
+
+
+def _magnitude(sparsity: float) -> dict:
+    return {"stages": [{"method": "magnitude", "args": {"sparsity": sparsity}}]}
+
+
+BUILTIN_RECIPES: dict[str, dict] = {
+    "rtn-w4-g64": _rtn(4, 64),
+    "rtn-w4-g64-asym": _rtn(4, 64, sym=False),
+    "rtn-w4-g128": _rtn(4, 128),
+    "rtn-w3-g64": _rtn(3, 64),
+    "rtn-w8": _rtn(8, -1),
+    "magnitude-50": _magnitude(0.5),
+    "magnitude-30": _magnitude(0.3),
+    "magnitude-50+rtn-w4-g64": {"stages": _magnitude(0.5)["stages"] + _rtn(4, 64)["stages"]},
+}
+
+
+def load_recipe(spec: "str | Path | Recipe | dict") -> Recipe:
+    """A Recipe from a built-in name, a YAML file path, a dict, or a Recipe."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, dict):
+        return Recipe.from_dict(spec)
+    text = str(spec)
+    if text in BUILTIN_RECIPES:
+        return Recipe.from_dict(BUILTIN_RECIPES[text], name=text)
+    path = Path(text).expanduser()
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        if not path.is_file():
+            raise LlmpressError(f"recipe file {path} does not exist: check the path, or use a built-in recipe ({', '.join(BUILTIN_RECIPES)})")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            at = f" at line {line + 1}" if line is not None else ""
+            raise LlmpressError(f"recipe {path} is not valid YAML{at}: fix the syntax") from None
+        return Recipe.from_dict(data, name=path.stem)
+    raise LlmpressError(f"unknown recipe '{text}': give a YAML file or a built-in name ({', '.join(BUILTIN_RECIPES)})")

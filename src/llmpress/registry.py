@@ -1,0 +1,40 @@
+"""One table from method name to (config class, pure function, statistics it needs).
+
+A recipe stage names a method; the engine looks it up here, collects the
+statistics it lists (see ``llmpress.stats``) and calls
+``fn(weight, *statistics, config)``. Adding a method = one entry.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import LlmpressError
+from .prune.magnitude import MagnitudeConfig, magnitude
+from .quant.rtn import RTNConfig, rtn
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type
+    fn: Callable
+    stats: tuple[str, ...] = ()
+    kind: str = "quantize"  # "quantize" | "prune"
+
+
+METHODS: dict[str, Method] = {
+    "rtn": Method("rtn", RTNConfig, rtn, (), "quantize"),
+    "magnitude": Method("magnitude", MagnitudeConfig, magnitude, (), "prune"),
+}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; an unknown name lists the valid ones and the closest match."""
+    if name in METHODS:
+        return METHODS[name]
+    close = difflib.get_close_matches(str(name), METHODS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise LlmpressError(f"unknown method '{name}'{hint}: valid methods are {', '.join(sorted(METHODS))}")

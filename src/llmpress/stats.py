@@ -1,0 +1,70 @@
+"""Calibration statistics of a linear layer's input, accumulated batch by batch.
+
+The engine hooks each linear and feeds every calibration batch's input
+``x`` (..., in) to ``add_batch``; methods receive ``result()``. Sums are
+kept in float64 on CPU-sized tensors ((in, in) at most) so the order of
+batches does not change the result beyond rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.detach().reshape(-1, x.shape[-1]).to(dtype)
+
+
+class HessianStats:
+    """H = 2/n · XᵀX over all n calibration tokens (GPTQ, SparseGPT)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+        self.sum: Tensor | None = None
+        self.count = 0
+
+    def add_batch(self, x: Tensor) -> None:
+        X = _rows(x, self.dtype)
+        xtx = X.T @ X
+        self.sum = xtx if self.sum is None else self.sum + xtx
+        self.count += X.shape[0]
+
+    def result(self) -> Tensor:
+        return 2.0 / max(self.count, 1) * self.sum
+
+
+class ColumnNormStats:
+    """‖X_j‖₂ per input channel j over all calibration tokens (Wanda, AWQ)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+        self.sumsq: Tensor | None = None
+        self.count = 0
+
+    def add_batch(self, x: Tensor) -> None:
+        X = _rows(x, self.dtype)
+        s = (X * X).sum(dim=0)
+        self.sumsq = s if self.sumsq is None else self.sumsq + s
+        self.count += X.shape[0]
+
+    def result(self) -> Tensor:
+        return self.sumsq.sqrt()
+
+
+class AbsMaxStats:
+    """max |X_j| per input channel j (SmoothQuant)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+        self.absmax: Tensor | None = None
+
+    def add_batch(self, x: Tensor) -> None:
+        m = _rows(x, self.dtype).abs().amax(dim=0)
+        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+
+    def result(self) -> Tensor:
+        return self.absmax
+
+
+STATS = {"hessian": HessianStats, "col_norm": ColumnNormStats, "absmax": AbsMaxStats}

@@ -1,0 +1,152 @@
+"""The sequential engine: one block on the device at a time, true statistics, same result as whole-model RTN."""
+
+import pytest
+import torch
+
+from llmpress.compressed import Compressed
+from llmpress.engine import Placement, compress_blocks
+from llmpress.models.archs import arch_for, block_linears, get_blocks, linear_weight
+from llmpress.recipe import load_recipe
+from llmpress.registry import METHODS, Method
+from llmpress.quant.rtn import RTNConfig, rtn
+from llmpress.stats import ColumnNormStats, HessianStats
+from tiny_models import TINY_TYPES, random_ids, tiny_model
+
+
+class StorePlacement(Placement):
+    """Offloads a block by stashing its tensors and moving it to the meta device.
+
+    A block on 'meta' has no data: if the engine ran or touched any block but
+    the onloaded one, the forward would fail. The log records every move.
+    """
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"), torch.device("meta"))
+        self.store, self.log = {}, []
+
+    def offload(self, block):
+        self.store[id(block)] = {k: v.clone() for k, v in block.state_dict().items()}
+        block.to("meta")
+        self.log.append(("off", id(block)))
+
+    def onload(self, block):
+        block.to_empty(device="cpu")
+        block.load_state_dict(self.store.pop(id(block)))
+        self.log.append(("on", id(block)))
+
+
+@pytest.fixture
+def stats_method(monkeypatch):
+    """A method that needs statistics and changes nothing: records what the engine handed it."""
+    seen = []
+
+    def identity(weight, hessian, norms, cfg):
+        seen.append((hessian, norms))
+        return Compressed(weight=weight, meta={"method": "identity-stats"})
+
+    monkeypatch.setitem(METHODS, "identity-stats",
+                       Method("identity-stats", RTNConfig, identity, ("hessian", "col_norm"), "quantize"))
+    return seen
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def _reference_stats(model, arch, ids):
+    """Hessian and column norms of every block linear from one plain forward of the whole model."""
+    acc, handles = {}, []
+    for i, block in enumerate(get_blocks(model, arch)):
+        for name, module in block_linears(block, arch).items():
+            acc[(i, name)] = (HessianStats(torch.float64), ColumnNormStats(torch.float64))
+
+            def hook(_m, args, _out, key=(i, name)):
+                for a in acc[key]:
+                    a.add_batch(args[0])
+            handles.append(module.register_forward_hook(hook))
+    _logits(model, ids)
+    for h in handles:
+        h.remove()
+    return {k: (h.result(), n.result()) for k, (h, n) in acc.items()}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+def test_only_one_block_on_device_and_statistics_are_exact(model_type, stats_method):
+    model = tiny_model(model_type, seed=1)
+    arch = arch_for(model)
+    ids = random_ids(6, 16, seed=2)
+    before = _logits(model, ids)
+    reference = _reference_stats(model, arch, ids)
+    blocks = get_blocks(model, arch)
+    placement = StorePlacement()
+    for block in blocks:
+        placement.offload(block)
+    placement.log.clear()
+    checked = []
+
+    def on_block(i, block, all_blocks):
+        devices = [{p.device.type for p in b.parameters()} for b in all_blocks]
+        assert devices[i] == {"cpu"}
+        assert all(d == {"meta"} for j, d in enumerate(devices) if j != i)
+        checked.append(i)
+
+    stage = load_recipe({"stages": [{"method": "identity-stats"}]}).stages[0]
+    compress_blocks(model, arch, [stage], ids, batch_size=4, placement=placement, on_block=on_block)
+    assert checked == list(range(len(blocks)))
+    # strictly alternating on/off: never two blocks onloaded at once
+    assert [kind for kind, _ in placement.log] == ["on", "off"] * len(blocks)
+    for block in blocks:
+        placement.onload(block)
+    assert torch.equal(_logits(model, ids), before)
+    # the engine's statistics equal the ones from a plain whole-model forward (batches of 4 and 2)
+    names = [n for g in arch.groups for n in g]
+    assert len(stats_method) == len(blocks) * len(names)
+    keys = [(i, n) for i in range(len(blocks)) for n in names]
+    for key, (hessian, norms) in zip(keys, stats_method):
+        ref_h, ref_n = reference[key]
+        assert torch.allclose(hessian.double(), ref_h, rtol=1e-4, atol=1e-5), key
+        assert torch.allclose(norms.double(), ref_n, rtol=1e-4, atol=1e-5), key
+
+
+def test_engine_rtn_equals_whole_model_rtn():
+    cfg = RTNConfig(bits=4, group_size=16, sym=False)
+    engine_model, direct_model = tiny_model("llama", seed=3), tiny_model("llama", seed=3)
+    arch = arch_for(engine_model)
+    layers = compress_blocks(engine_model, arch, list(load_recipe(
+        {"stages": [{"method": "rtn", "args": {"bits": 4, "group_size": 16, "sym": False}}]}).stages), None)
+    for block in get_blocks(direct_model, arch):
+        for module in block_linears(block, arch).values():
+            module.weight.data = rtn(module.weight.data, cfg).weight
+    ids = random_ids(2, 16)
+    assert torch.equal(_logits(engine_model, ids), _logits(direct_model, ids))
+    assert len(layers) == 2 * 7
+    meta = layers["model.layers.1.mlp.down_proj"]
+    assert meta["bits"] == 4 and meta["group_size"] == 16 and meta["shape"] == [64, 128]
+
+
+def test_stage_order_targets_and_merged_meta():
+    model = tiny_model("llama", seed=4)
+    arch = arch_for(model)
+    recipe = load_recipe({"stages": [
+        {"method": "magnitude", "args": {"sparsity": 0.5}, "targets": ["*.mlp.*"]},
+        {"method": "rtn", "args": {"bits": 4, "group_size": 32}, "ignore": ["*.down_proj"]},
+    ]})
+    layers = compress_blocks(model, arch, list(recipe.stages), None)
+    up = layers["model.layers.0.mlp.up_proj"]
+    assert up["method"] == "magnitude+rtn" and up["sparsity"] == pytest.approx(0.5) and up["bits"] == 4
+    assert layers["model.layers.0.mlp.down_proj"]["method"] == "magnitude"
+    assert layers["model.layers.0.self_attn.q_proj"]["method"] == "rtn"
+    w = linear_weight(get_blocks(model, arch)[0].mlp.up_proj, arch)
+    assert (w == 0).float().mean() >= 0.5  # pruned zeros survive quantization
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_identity_with_statistics_leaves_logits_unchanged(model_type, stats_method):
+    model = tiny_model(model_type, seed=5)
+    ids = random_ids(3, 16, seed=6)
+    before = _logits(model, ids)
+    stage = load_recipe({"stages": [{"method": "identity-stats"}]}).stages[0]
+    compress_blocks(model, arch_for(model), [stage], ids, batch_size=2)
+    assert torch.equal(_logits(model, ids), before)
+    assert stats_method and all(torch.isfinite(h).all() for h, _ in stats_method)
