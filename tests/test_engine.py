@@ -150,3 +150,34 @@ def test_identity_with_statistics_leaves_logits_unchanged(model_type, stats_meth
     compress_blocks(model, arch_for(model), [stage], ids, batch_size=2)
     assert torch.equal(_logits(model, ids), before)
     assert stats_method and all(torch.isfinite(h).all() for h, _ in stats_method)
+
+
+def test_block_methods_see_calibration_inputs_and_results_are_kept(monkeypatch):
+    """A "block" method gets run(); its hooks see the block's true inputs; results keep codes for export."""
+    seen = {}
+
+    def record(block, arch, modules, run, cfg):
+        handle = modules["self_attn.q_proj"].register_forward_hook(
+            lambda _m, args, _o: seen.setdefault(id(block), []).append(args[0].clone()))
+        run()
+        handle.remove()
+        return {"self_attn.q_proj": {"method": "record"}}
+
+    monkeypatch.setitem(METHODS, "record", Method("record", RTNConfig, record, (), "block"))
+    model = tiny_model("qwen3", seed=9)
+    arch = arch_for(model)
+    ids = random_ids(4, 16, seed=10)
+    reference = _reference_stats(model, arch, ids)
+    recipe = load_recipe({"stages": [{"method": "record"}, {"method": "rtn", "args": {"group_size": 16}}]})
+    assert recipe.needs_calibration
+    kept = {}
+    layers = compress_blocks(model, arch, list(recipe.stages), ids, batch_size=4, results=kept)
+    blocks = get_blocks(model, arch)
+    assert [len(seen[id(b)]) for b in blocks] == [1, 1]  # one batch of 4 through each block
+    x = seen[id(blocks[0])][0].reshape(-1, 64).double()  # block 0 is upstream of any compression
+    assert torch.allclose(x.T @ x * 2 / x.shape[0], reference[(0, "self_attn.q_proj")][0], rtol=1e-4, atol=1e-5)
+    assert layers["model.layers.0.self_attn.q_proj"]["method"] == "record+rtn"
+    q = kept["model.layers.1.mlp.up_proj"]
+    assert q.weight is None and q.qweight.dtype == torch.int8 and q.scale.shape == (128, 4)
+    w = linear_weight(blocks[1].mlp.up_proj, arch)
+    assert torch.equal((q.qweight.float() - q.zero.repeat_interleave(16, 1)) * q.scale.repeat_interleave(16, 1), w)

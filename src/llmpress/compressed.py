@@ -16,7 +16,8 @@ from torch import Tensor
 class Compressed:
     """Result of compressing one (out, in) weight.
 
-    weight: the tensor the model computes with from now on (fp32, (out, in)).
+    weight: the tensor the model computes with from now on (fp32, (out, in));
+        None in the copies the engine keeps for export.
     qweight/scale/zero: integer codes (int8, (out, in)) and per-group scale
         and zero point ((out, groups)) when the weight was quantized.
     mask: bool (out, in), True where a weight was kept, when it was pruned.
@@ -25,7 +26,7 @@ class Compressed:
     loss: the method's own error estimate, when it has one.
     """
 
-    weight: Tensor
+    weight: Tensor | None
     qweight: Tensor | None = None
     scale: Tensor | None = None
     zero: Tensor | None = None

@@ -16,6 +16,7 @@ and global attention, with different masks and rotary tables per layer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -138,10 +139,20 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tenso
     return inputs
 
 
-def _collect(block: nn.Module, modules: dict[str, nn.Module], needs: tuple[str, ...],
+def _collect(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], needs: tuple[str, ...],
              inputs: BlockInputs, index: int) -> dict[str, dict[str, Any]]:
-    """Run all calibration batches through ``block`` and accumulate each module's input statistics."""
-    stats = {name: {s: STATS[s]() for s in needs} for name in modules}
+    """Run all calibration batches through ``block`` and accumulate each module's input statistics.
+
+    Linears of one group share their input, so one hook per group feeds them all.
+    """
+    shared: dict[str, str] = {}
+    for group in arch.groups:
+        members = [n for n in group if n in modules]
+        for n in members:
+            shared[n] = members[0]
+    for n in modules:
+        shared.setdefault(n, n)
+    stats = {rep: {s: STATS[s]() for s in needs} for rep in set(shared.values())}
 
     def hook(name: str):
         def fn(_module, args, _output):
@@ -149,13 +160,14 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], needs: tuple[str, 
                 acc.add_batch(args[0])
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    handles = [modules[rep].register_forward_hook(hook(rep)) for rep in stats]
     try:
         inputs.run(block, index)
     finally:
         for h in handles:
             h.remove()
-    return {n: {s: acc.result() for s, acc in per.items()} for n, per in stats.items()}
+    results = {rep: {s: acc.result() for s, acc in per.items()} for rep, per in stats.items()}
+    return {n: results[rep] for n, rep in shared.items()}
 
 
 def _merge_meta(old: dict | None, new: dict) -> dict:
@@ -171,18 +183,24 @@ def _merge_meta(old: dict | None, new: dict) -> dict:
 def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: torch.Tensor | None,
                     device: torch.device | str = "cpu", batch_size: int = 8,
                     placement: Placement | None = None, progress: bool = False,
-                    on_block: Callable[[int, nn.Module, nn.ModuleList], None] | None = None) -> dict[str, dict]:
+                    on_block: Callable[[int, nn.Module, nn.ModuleList], None] | None = None,
+                    results: dict[str, Compressed] | None = None) -> dict[str, dict]:
     """Apply ``stages`` to every linear in every block, block by block; returns per-layer metadata.
 
-    ``samples`` (n, L) token ids are needed when a stage's method uses statistics.
+    ``samples`` (n, L) token ids are needed when a stage's method uses calibration inputs.
     ``on_block(i, block, blocks)`` is called after block i is compressed, while it is onloaded.
+    ``results``, when given, receives each layer's last :class:`Compressed` (codes, scales, mask;
+    on CPU, without the dense weight) for export.
+    A method of kind "block" (smoothing: AWQ, SmoothQuant) is called as
+    ``fn(block, arch, modules, run, config) -> {name: meta}``, where ``run()`` passes the
+    calibration inputs through the block so that its own hooks can observe them.
     """
     device = torch.device(device)
     blocks = get_blocks(model, arch)
     home = next(blocks[0].parameters()).device
     placement = placement or Placement(device, home)
     methods = [get_method(s.method) for s in stages]
-    calibrated = any(m.stats for m in methods)
+    calibrated = any(m.needs_inputs for m in methods)
     if calibrated and samples is None:
         raise ValueError("this recipe needs calibration samples")
     inputs = capture_inputs(model, blocks, samples, batch_size, device) if calibrated else None
@@ -200,7 +218,12 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
             chosen = {n: m for n, m in modules.items() if stage.applies_to(f"{prefix}{i}.{n}")}
             if not chosen:
                 continue
-            stats = _collect(block, chosen, method.stats, inputs, i) if method.stats else {}
+            if method.kind == "block":
+                done = method.fn(block, arch, chosen, lambda: inputs.run(block, i), stage.config)
+                for name, meta in done.items():
+                    layers[f"{prefix}{i}.{name}"] = _merge_meta(layers.get(f"{prefix}{i}.{name}"), meta)
+                continue
+            stats = _collect(block, arch, chosen, method.stats, inputs, i) if method.stats else {}
             for name, module in chosen.items():
                 full = f"{prefix}{i}.{name}"
                 W = linear_weight(module, arch).detach().float()
@@ -211,6 +234,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                 if result.loss is not None:
                     meta["loss"] = result.loss
                 layers[full] = _merge_meta(layers.get(full), meta)
+                if results is not None:
+                    results[full] = _detached(result)
         if on_block is not None:
             on_block(i, block, blocks)
         if inputs is not None and i + 1 < len(blocks):
@@ -220,6 +245,14 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
         bar.update(1)
     bar.close()
     return layers
+
+
+def _detached(result: Compressed) -> Compressed:
+    def cpu(t):
+        return None if t is None else t.detach().cpu()
+
+    return dataclasses.replace(result, weight=None, qweight=cpu(result.qweight), scale=cpu(result.scale),
+                               zero=cpu(result.zero), mask=cpu(result.mask))
 
 
 def _prefix(model: nn.Module, blocks: nn.ModuleList) -> str:

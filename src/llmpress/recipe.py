@@ -72,7 +72,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(get_method(s.method).stats for s in self.stages)
+        return any(get_method(s.method).needs_inputs for s in self.stages)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "calibration": dataclasses.asdict(self.calibration),

@@ -22,7 +22,12 @@ class Method:
     config: type
     fn: Callable
     stats: tuple[str, ...] = ()
-    kind: str = "quantize"  # "quantize" | "prune"
+    kind: str = "quantize"  # "quantize" | "prune" | "block" (rewrites a whole block: smoothing)
+
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether the engine must run calibration data through the blocks for this method."""
+        return bool(self.stats) or self.kind == "block"
 
 
 METHODS: dict[str, Method] = {

@@ -8,6 +8,7 @@ between samples can be missed.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -19,6 +20,18 @@ import torch
 log = logging.getLogger(__name__)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _return_free_memory() -> None:
+    """Ask glibc to give freed heap pages back to the OS, so RSS reflects live memory.
+
+    Without this, memory freed earlier stays resident and a new allocation that
+    reuses it never shows up as a rise in RSS.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def current_rss() -> int:
@@ -64,6 +77,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
             return self
+        _return_free_memory()
         self.start_bytes = self._peak = current_rss()
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, name="llmpress-peak-memory", daemon=True)
