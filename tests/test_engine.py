@@ -181,3 +181,22 @@ def test_block_methods_see_calibration_inputs_and_results_are_kept(monkeypatch):
     assert q.weight is None and q.qweight.dtype == torch.int8 and q.scale.shape == (128, 4)
     w = linear_weight(blocks[1].mlp.up_proj, arch)
     assert torch.equal((q.qweight.float() - q.zero.repeat_interleave(16, 1)) * q.scale.repeat_interleave(16, 1), w)
+
+
+def test_bfloat16_calibration_keeps_statistics_close_and_weights_fp32(stats_method):
+    model = tiny_model("llama", seed=12)
+    arch = arch_for(model)
+    ids = random_ids(8, 16, seed=13)
+    reference = _reference_stats(model, arch, ids)
+    stage = load_recipe({"stages": [{"method": "identity-stats"}]}).stages[0]
+    compress_blocks(model, arch, [stage], ids, batch_size=4, compute_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    names = [n for g in arch.groups for n in g]
+    keys = [(i, n) for i in range(2) for n in names]
+    for key, (hessian, norms) in zip(keys, stats_method):
+        assert hessian.dtype == torch.float32
+        ref_h, ref_n = reference[key]
+        scale = ref_h.diagonal().abs().max()
+        assert (hessian.double() - ref_h).abs().max() < 2e-2 * scale, key  # bf16 inputs: ~3 significant digits
+        assert not torch.equal(hessian.double(), ref_h)
+        assert torch.allclose(norms.double(), ref_n, rtol=2e-2), key

@@ -16,6 +16,7 @@ and global attention, with different masks and rotary tables per layer.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -60,14 +61,31 @@ class BlockInputs:
     # per block: batch size -> (extra positional args, keyword args)
     kwargs: list[dict[int, tuple[tuple, dict[str, Any]]]] = field(default_factory=list)
 
-    def batches(self, block_index: int):
+    def batches(self, block_index: int, dtype: torch.dtype | None = None):
+        """(hidden, (extra args, kwargs)) per batch, floating tensors cast to ``dtype`` when given."""
+        cast: dict[int, tuple] = {}
         for h in self.hidden:
-            yield h, self.kwargs[block_index][h.shape[0]]
+            size = h.shape[0]
+            if size not in cast:
+                extra, kw = self.kwargs[block_index][size]
+                cast[size] = (extra, kw) if dtype is None else (_cast(extra, dtype), _cast(kw, dtype))
+            yield (h if dtype is None else h.to(dtype)), cast[size]
 
     def run(self, block: nn.Module, block_index: int) -> list[torch.Tensor]:
-        """The block's output for every batch."""
+        """The block's output for every batch, computed in the block's own dtype."""
+        dtype = next(block.parameters()).dtype
         with torch.inference_mode():
-            return [_hidden(block(h, *extra, **kw)) for h, (extra, kw) in self.batches(block_index)]
+            return [_hidden(block(h, *extra, **kw)) for h, (extra, kw) in self.batches(block_index, dtype)]
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
 
 
 def _move(value: Any, device: torch.device) -> Any:
@@ -184,7 +202,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                     device: torch.device | str = "cpu", batch_size: int = 8,
                     placement: Placement | None = None, progress: bool = False,
                     on_block: Callable[[int, nn.Module, nn.ModuleList], None] | None = None,
-                    results: dict[str, Compressed] | None = None) -> dict[str, dict]:
+                    results: dict[str, Compressed] | None = None,
+                    compute_dtype: torch.dtype | None = None) -> dict[str, dict]:
     """Apply ``stages`` to every linear in every block, block by block; returns per-layer metadata.
 
     ``samples`` (n, L) token ids are needed when a stage's method uses calibration inputs.
@@ -194,6 +213,10 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
     A method of kind "block" (smoothing: AWQ, SmoothQuant) is called as
     ``fn(block, arch, modules, run, config) -> {name: meta}``, where ``run()`` passes the
     calibration inputs through the block so that its own hooks can observe them.
+    ``compute_dtype`` (e.g. bfloat16, several times faster on CPUs with AMX): calibration
+    activations are kept, and statistics passes and the propagation to the next block are
+    run, in this dtype on a copy of the block; the weights themselves are always rewritten in
+    their own dtype (fp32) and block-level methods see the block in that dtype.
     """
     device = torch.device(device)
     blocks = get_blocks(model, arch)
@@ -206,6 +229,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
     inputs = capture_inputs(model, blocks, samples, batch_size, device) if calibrated else None
     if inputs is not None:
         inputs.kwargs = [{b: _move(kw, device) for b, kw in per.items()} for per in inputs.kwargs]
+        if compute_dtype is not None:
+            inputs.hidden = [h.to(compute_dtype) for h in inputs.hidden]
 
     prefix = _prefix(model, blocks)
     layers: dict[str, dict] = {}
@@ -214,16 +239,21 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
         start = time.perf_counter()
         placement.onload(block)
         modules = block_linears(block, arch)
+        shadow = _Shadow(block, arch, compute_dtype)
         for stage, method in zip(stages, methods):
             chosen = {n: m for n, m in modules.items() if stage.applies_to(f"{prefix}{i}.{n}")}
             if not chosen:
                 continue
             if method.kind == "block":
                 done = method.fn(block, arch, chosen, lambda: inputs.run(block, i), stage.config)
+                shadow.stale()
                 for name, meta in done.items():
                     layers[f"{prefix}{i}.{name}"] = _merge_meta(layers.get(f"{prefix}{i}.{name}"), meta)
                 continue
-            stats = _collect(block, arch, chosen, method.stats, inputs, i) if method.stats else {}
+            stats = {}
+            if method.stats:
+                calib, calib_modules = shadow.get()
+                stats = _collect(calib, arch, {n: calib_modules[n] for n in chosen}, method.stats, inputs, i)
             for name, module in chosen.items():
                 full = f"{prefix}{i}.{name}"
                 W = linear_weight(module, arch).detach().float()
@@ -236,15 +266,37 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                 layers[full] = _merge_meta(layers.get(full), meta)
                 if results is not None:
                     results[full] = _detached(result)
+            shadow.stale()
         if on_block is not None:
             on_block(i, block, blocks)
         if inputs is not None and i + 1 < len(blocks):
-            inputs.hidden = inputs.run(block, i)
+            inputs.hidden = inputs.run(shadow.get()[0], i)
         placement.offload(block)
         log.debug("block %d compressed in %.2fs", i, time.perf_counter() - start)
         bar.update(1)
     bar.close()
     return layers
+
+
+class _Shadow:
+    """The block as calibration passes run it: itself, or a copy cast to ``compute_dtype``."""
+
+    def __init__(self, block: nn.Module, arch: Arch, dtype: torch.dtype | None) -> None:
+        self.block, self.arch = block, arch
+        self.dtype = None if dtype == next(block.parameters()).dtype else dtype
+        self.copy: tuple[nn.Module, dict[str, nn.Module]] | None = None
+
+    def get(self) -> tuple[nn.Module, dict[str, nn.Module]]:
+        if self.dtype is None:
+            return self.block, block_linears(self.block, self.arch)
+        if self.copy is None:
+            clone = copy.deepcopy(self.block).to(self.dtype)
+            self.copy = (clone, block_linears(clone, self.arch))
+        return self.copy
+
+    def stale(self) -> None:
+        """The real block's weights changed: the next get() makes a fresh copy."""
+        self.copy = None
 
 
 def _detached(result: Compressed) -> Compressed:

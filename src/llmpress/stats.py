@@ -25,8 +25,13 @@ class HessianStats:
         self.count = 0
 
     def add_batch(self, x: Tensor) -> None:
-        X = _rows(x, self.dtype)
-        xtx = X.T @ X
+        if x.dtype in (torch.bfloat16, torch.float16) and self.dtype == torch.float32:
+            # half-precision product (AMX / tensor cores), summed across batches in fp32
+            X = x.detach().reshape(-1, x.shape[-1])
+            xtx = (X.T @ X).float()
+        else:
+            X = _rows(x, self.dtype)
+            xtx = X.T @ X
         self.sum = xtx if self.sum is None else self.sum + xtx
         self.count += X.shape[0]
 

@@ -1,0 +1,72 @@
+"""Shared second-order math of GPTQ and SparseGPT: damped Hessians and inverse Cholesky factors.
+
+Both methods (Frantar et al., GPTQ arXiv:2210.17323; SparseGPT arXiv:2301.00774)
+solve a layer-wise least-squares problem with H = 2/n·XᵀX. They need H to be
+invertible (dead input channels are removed, the diagonal is damped) and then
+only the rows of the upper Cholesky factor U of H⁻¹ = UᵀU: row i of U is,
+up to the factor U_ii, row i of the inverse Hessian of the columns not yet
+processed, which is what the column-by-column error feedback uses.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from .errors import LlmpressError
+
+log = logging.getLogger(__name__)
+
+# Extra damping (relative to mean(diag H)) tried, in order, when the Cholesky factorisation fails.
+RETRY_DAMPING: tuple[float, ...] = (0.01, 0.1, 1.0)
+
+
+def prepare_hessian(H: Tensor, W: Tensor | None, damp: float) -> tuple[Tensor, Tensor]:
+    """Make H safely invertible; returns (a damped copy of H, dead-column mask).
+
+    H: (in, in) Hessian, 2/n·XᵀX. A dead input channel (H_ii == 0: the input was
+    always zero) gets H_ii = 1 and, when W (out, in) is given, its weight column
+    is set to zero **in place** (pass your working copy): the channel never
+    contributes, so zero is exact and keeps the grid's zero point. Then
+    λ = damp·mean(diag H) (dead entries counted as 1, as in the reference
+    GPTQ code) is added to the diagonal. The mask is bool (in,).
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"Hessian must be square (in, in), got {tuple(H.shape)}")
+    if W is not None and W.shape[1] != H.shape[0]:
+        raise ValueError(f"weight {tuple(W.shape)} does not match Hessian {tuple(H.shape)}")
+    H = H.clone()
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    if W is not None:
+        W[:, dead] = 0
+    diag.add_(damp * diag.mean())
+    return H, dead
+
+
+def inverse_cholesky_upper(H: Tensor) -> Tensor:
+    """Upper-triangular U with H⁻¹ = UᵀU (cholesky → cholesky_inverse → upper cholesky).
+
+    H: (in, in) symmetric, already damped (see :func:`prepare_hessian`). If it is
+    not positive definite, more damping (``RETRY_DAMPING`` × mean(diag H)) is
+    tried, with a warning; if that fails too, raises LlmpressError.
+    """
+    if not torch.isfinite(H).all():
+        raise LlmpressError("the Hessian has NaN or infinite entries: check the calibration data "
+                            "and the model's activations (or increase damp)")
+    scale = H.diagonal().mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for extra in (0.0, *RETRY_DAMPING):
+        damped = H + extra * scale * eye if extra else H
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0:
+                if extra:
+                    log.warning("Hessian not positive definite; factorised with extra damping %.2g·mean(diag)", extra)
+                return U
+    raise LlmpressError("the Hessian is not positive definite even with extra damping: "
+                        "increase damp (e.g. damp=0.1) or use more calibration samples")
