@@ -62,6 +62,17 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of calibration forward passes; "auto" picks bfloat16 where the hardware has it natively."""
+    if name == "auto":
+        if device.type == "cuda":
+            fast = torch.cuda.is_bf16_supported()
+        else:  # oneDNN's check for native bf16 (AVX512-BF16 / AMX)
+            fast = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if fast else torch.float32
+    return getattr(torch, name)
+
+
 def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: str | None = None,
              samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
              out: str | Path | None = None, device: str = "cpu", progress: bool = False) -> CompressResult:
@@ -89,9 +100,10 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
         c = recipe.calibration
         ids = calibration_samples(loaded.tokenizer, c.data, c.samples, c.seq_len, c.seed)
     start = time.perf_counter()
+    compute_dtype = calibration_dtype(recipe.calibration.dtype, dev)
     with PeakMemory(dev) as mem:
         layers = compress_blocks(loaded.model, arch, list(recipe.stages), ids, dev,
-                                 recipe.calibration.batch_size, progress=progress)
+                                 recipe.calibration.batch_size, progress=progress, compute_dtype=compute_dtype)
     result = CompressResult(loaded.model, loaded.tokenizer, recipe, layers, time.perf_counter() - start,
                             mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"])
     if out is not None:

@@ -28,6 +28,9 @@ from .errors import LlmpressError
 from .registry import get_method
 
 
+CALIBRATION_DTYPES = ("float32", "bfloat16", "auto")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     data: str = "austen:calib"
@@ -35,8 +38,11 @@ class CalibrationConfig:
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 8
+    dtype: str = "float32"  # calibration forward passes: float32 | bfloat16 | auto
 
     def __post_init__(self) -> None:
+        if self.dtype not in CALIBRATION_DTYPES:
+            raise LlmpressError(f"calibration dtype={self.dtype!r} is invalid: use one of {', '.join(CALIBRATION_DTYPES)}")
         for name in ("samples", "seq_len", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
