@@ -34,6 +34,11 @@ def test_compress_save_reload(model_type, recipe, tmp_path):
         assert torch.equal(saved[key], value), key
     reloaded.model.set_attn_implementation("eager")  # the tiny model was built eager; sdpa rounds differently
     assert torch.equal(_logits(reloaded.model, ids), after)
+    config = json.loads((out / "config.json").read_text())
+    packed = recipe.startswith("rtn") and model_type != "gpt2"  # GPT-2's Conv1D stays dense
+    assert ("quantization_config" in config) == packed
+    if packed:
+        assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     meta = json.loads((out / "llmpress.json").read_text())
     assert meta["recipe"]["name"] == recipe and len(meta["layers"]) == n_linears
     assert reloaded.meta["layers"] == meta["layers"]

@@ -19,7 +19,9 @@ from .errors import LlmpressError
 from .measure import PeakMemory, count_params, flops_per_token, perplexity, size_report, speed
 from .models.archs import arch_for
 from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
+from .quant.kvcache import KVCacheConfig, as_kv_config, kv_bytes_per_token, kv_cache_factory, kv_config_from_meta
 from .recipe import Recipe, load_recipe
+from .export.compressed_tensors import save_compressed_tensors
 from .save import check_output, save_model
 
 log = logging.getLogger(__name__)
@@ -75,10 +77,14 @@ def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: str | None = None,
              samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
-             out: str | Path | None = None, device: str = "cpu", progress: bool = False) -> CompressResult:
+             out: str | Path | None = None, device: str = "cpu", progress: bool = False,
+             format: str = "auto") -> CompressResult:
     """Compress ``model`` with ``recipe`` block by block; save to ``out`` when given.
 
     ``data``/``samples``/``seq_len``/``seed`` override the recipe's calibration settings.
+    ``format``: "compressed-tensors" (packed low-bit weights, loadable by transformers and vLLM),
+    "dense" (a plain folder of dequantized weights), or "auto": compressed-tensors whenever some
+    linear was weight-quantized and can be packed, else dense.
     >>> result = compress("smollm2-135m", "rtn-w4-g64", out="smollm2-w4")  # doctest: +SKIP
     """
     recipe = load_recipe(recipe)
@@ -86,6 +92,8 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
                  if v is not None}
     if overrides:
         recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, **overrides))
+    if format not in FORMATS:
+        raise LlmpressError(f"unknown format '{format}': use one of {', '.join(FORMATS)}")
     if out is not None:
         check_output(out)
     if recipe.needs_calibration:
@@ -101,36 +109,60 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
         ids = calibration_samples(loaded.tokenizer, c.data, c.samples, c.seq_len, c.seed)
     start = time.perf_counter()
     compute_dtype = calibration_dtype(recipe.calibration.dtype, dev)
+    results: dict = {}
     with PeakMemory(dev) as mem:
-        layers = compress_blocks(loaded.model, arch, list(recipe.stages), ids, dev,
-                                 recipe.calibration.batch_size, progress=progress, compute_dtype=compute_dtype)
+        layers = compress_blocks(loaded.model, arch, list(recipe.stages), ids, dev, recipe.calibration.batch_size,
+                                 progress=progress, results=results, compute_dtype=compute_dtype)
     result = CompressResult(loaded.model, loaded.tokenizer, recipe, layers, time.perf_counter() - start,
                             mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"])
     if out is not None:
-        result.out = save_model(loaded.model, loaded.tokenizer, out, result.meta)
+        if _packable(format, arch, layers, results):
+            result.out = save_compressed_tensors(loaded.model, loaded.tokenizer, layers, results, out, result.meta)
+        else:
+            result.out = save_model(loaded.model, loaded.tokenizer, out, result.meta)
     return result
+
+
+FORMATS = ("auto", "compressed-tensors", "dense")
+
+
+def _packable(format: str, arch, layers: dict, results: dict) -> bool:
+    """Whether to write compressed-tensors: asked for, or "auto" and some weight-only quantized nn.Linear."""
+    if format != "auto":
+        return format == "compressed-tensors"
+    weight_only = [n for n, meta in layers.items() if meta.get("bits") and not meta.get("act_bits")]
+    return bool(weight_only) and not arch.transposed and all(
+        results.get(n) is not None and results[n].qweight is not None for n in weight_only)
 
 
 def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, seq_len: int = 1024,
              max_windows: int | None = 16, device: str = "cpu", layers: dict | None = None,
-             measure_speed: bool = True, progress: bool = False, name: str | None = None) -> dict:
+             measure_speed: bool = True, progress: bool = False, name: str | None = None,
+             kv_cache: KVCacheConfig | dict | int | None = None) -> dict:
     """Perplexity, size, FLOPs, speed and memory of ``model`` on consecutive windows of ``data``.
 
     Returns one JSON-able dict; its top-level keys ``perplexity``, ``params``, ``size_bytes``,
     ``bits_per_weight`` and ``compression_ratio`` are a stable interface.
+    ``kv_cache`` (a KVCacheConfig, its fields as a dict, or a bit width; 16 = off) quantizes the
+    KV cache during the perplexity forward; by default the model's own recipe (a ``kv-cache``
+    stage) decides. The report then has a ``kv_cache`` entry (setting and bytes per token).
     """
     description = describe_spec(data)  # a bad spec fails before the model is loaded
+    kv = as_kv_config(kv_cache)
     dev = _device(device)
     if isinstance(model, CompressResult):
         layers = model.layers if layers is None else layers
+        kv = kv or kv_config_from_meta(model.meta)
         model = LoadedModel(model.model, model.tokenizer, "compressed (in memory)", notes=model.notes)
     loaded = _loaded(model, tokenizer)
     if loaded.tokenizer is None:
         raise LlmpressError("the model has no tokenizer, so text cannot be evaluated: pass a tokenizer")
     layers = loaded.meta.get("layers") if layers is None else layers
+    kv = kv or kv_config_from_meta(loaded.meta)
     windows = eval_windows(loaded.tokenizer, data, seq_len, max_windows)
     with PeakMemory(dev) as mem:
-        ppl = perplexity(loaded.model.to(dev), windows, dev, progress=progress)
+        ppl = perplexity(loaded.model.to(dev), windows, dev, progress=progress,
+                         cache_factory=kv_cache_factory(loaded.model, kv))
     size = size_report(loaded.model, layers, loaded.folder)
     flops = flops_per_token(loaded.model.config, seq_len, layers, model=loaded.model)
     report = {
@@ -155,6 +187,8 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
         "peak_memory_bytes": mem.peak_bytes,
         "notes": loaded.notes,
     }
+    if kv is not None:
+        report["kv_cache"] = {**dataclasses.asdict(kv), **kv_bytes_per_token(kv, loaded.model.config)}
     if measure_speed:
         report["speed"] = speed(loaded.model, dev)
     if "compress_time_s" in loaded.meta:

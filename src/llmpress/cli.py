@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--samples", type=int, help="calibration windows, overrides the recipe")
     c.add_argument("--seq-len", type=int, help="calibration window length, overrides the recipe")
     c.add_argument("--seed", type=int, help="calibration sampling seed, overrides the recipe")
+    c.add_argument("--format", default="auto", choices=["auto", "compressed-tensors", "dense"],
+                   help="auto (default): packed compressed-tensors when weights were quantized, else dense")
     _add_common(c)
 
     e = sub.add_parser("eval", help="perplexity, size, FLOPs, speed and memory of a model")
@@ -114,7 +116,8 @@ def cmd_compress(args) -> None:
     from .api import compress
 
     result = compress(args.model, args.recipe, data=args.data, samples=args.samples, seq_len=args.seq_len,
-                      seed=args.seed, out=args.out, device=args.device, progress=not args.quiet)
+                      seed=args.seed, out=args.out, device=args.device, progress=not args.quiet,
+                      format=args.format)
     n = len(result.layers)
     print(f"compressed {n} linear layers with '{result.recipe.name}' in {result.seconds:.1f}s -> {result.out}")
 

@@ -62,6 +62,13 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     return _plain_copy(model).to(dtype), tokenizer
 
 
+def _is_compressed_tensors(config) -> bool:
+    """Whether the config describes a compressed-tensors checkpoint (e.g. written by save_compressed_tensors)."""
+    qconfig = getattr(config, "quantization_config", None)
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else getattr(qconfig, "quant_method", None)
+    return str(getattr(method, "value", method)) == "compressed-tensors"
+
+
 def _load_folder(path: Path, dtype: torch.dtype, hub: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -71,7 +78,12 @@ def _load_folder(path: Path, dtype: torch.dtype, hub: bool = False):
         where = "on the hub (or offline)" if hub else "in this folder"
         raise LlmpressError(f"cannot read a model config {where} for '{path}': {str(exc).splitlines()[0]}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if _is_compressed_tensors(config):
+            from ..export.compressed_tensors import load_compressed_tensors
+
+            model = load_compressed_tensors(path, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise LlmpressError(f"unsupported architecture '{config.model_type}': llmpress compresses decoder-only "

@@ -1,0 +1,301 @@
+"""Save a quantized model in the compressed-tensors ``pack-quantized`` format (transformers, vLLM).
+
+The folder is an ordinary transformers folder whose quantized linears are
+stored as ``<module>.weight_packed`` (int32, see ``llmpress.quant.packing``),
+``weight_scale`` (out, groups) in the model's dtype (fp32 for our default
+model; vLLM casts scales to its activation dtype on load. With fp16/bf16
+scales the reloaded weights are ``(q - zero) * scale`` rounded once more
+than the dense in-memory weights, about 1 in 10 differing by one bf16 ulp;
+fp32 models reload bit-identically), ``weight_shape``
+and, for asymmetric grids, ``weight_zero_point`` (int32, packed along the
+output dim). ``config.json`` carries ``quantization_config`` in
+compressed-tensors' schema (quant_method ``compressed-tensors``, format
+``pack-quantized``, status ``compressed``), with one config group per
+distinct (bits, group size, symmetry) and every other linear (lm_head,
+skipped layers) in ``ignore``. 8-bit weight-only layers are pack-quantized
+too: compressed-tensors' ``int-quantized`` format is for W8A8 schemes that
+also quantize activations.
+
+compressed-tensors 0.20 dequantizes a group only when ``in_features`` is a
+multiple of ``group_size`` (``_process_group`` raises "tensor column shape
+must be divisble by the given group_size"), so when a scheme's group size
+does not divide every width (e.g. 576 columns, group 128) its layers are
+written with group size ``gcd(group_size, widths)`` and repeated scales:
+the same dequantized weights, exactly, for more scale bytes. GPT-2's
+``Conv1D`` layers are left dense (dequantized): compressed-tensors packs
+``nn.Linear`` only.
+
+Loading (transformers 5.23, compressed-tensors 0.20, CPU):
+``AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))``
+gives the dense model exactly when the folder has one config group; with
+several, transformers dequantizes every layer with the first group's
+scheme and fails, so :func:`load_compressed_tensors` (used by
+``llmpress.load_model``) dequantizes such folders itself. The default
+compressed execution works on CPU for symmetric schemes only (for
+asymmetric ones compressed-tensors allocates unpacked zero points and the
+load reports a size mismatch). vLLM serves the folder directly
+(``vllm serve out``; as far as we know its WNA16 kernels take 4 and 8 bits; not tried here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+import re
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..compressed import Compressed
+from ..errors import LlmpressError
+from ..primitives import expand_groups
+from ..quant.qlinear import QuantizedLinear, dequantize_packed
+from ..save import save_model
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pack-quantized"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """One config group: ``group_size`` None means one scale per output channel."""
+
+    bits: int
+    group_size: int | None
+    sym: bool
+
+    def weights(self) -> dict:
+        """compressed-tensors' ``QuantizationArgs`` for the weights, as JSON."""
+        return {"num_bits": self.bits, "type": "int", "symmetric": self.sym,
+                "strategy": "channel" if self.group_size is None else "group",
+                "group_size": self.group_size, "dynamic": False, "observer": "minmax"}
+
+
+def storage_group_size(group_size: int | None, in_features: list[int]) -> int | None:
+    """The group size compressed-tensors can load for layers of these widths (None: per channel).
+
+    ``group_size`` when it divides every width; else ``gcd(group_size, *widths)``, which
+    splits every group, partial last ones included, into equal parts. One size for all
+    layers of a scheme keeps them in one config group (transformers 5.23 dequantizes
+    every layer with the first group's scheme).
+    """
+    if group_size is None or group_size <= 0:
+        return None
+    if all(width % group_size == 0 for width in in_features):
+        return group_size
+    return math.gcd(group_size, *in_features)
+
+
+def regroup(result: Compressed, group_size: int | None, new_group_size: int | None) -> Compressed:
+    """``result`` with scale/zero (out, groups) re-expressed for ``new_group_size``, which divides
+    every group of ``group_size`` and the width; the dequantized weight is unchanged."""
+    in_features = result.qweight.shape[1]
+    old = None if group_size is None or group_size <= 0 else group_size
+    if old == new_group_size:
+        return result
+    if new_group_size is None or (old is not None and old % new_group_size) or in_features % new_group_size:
+        raise LlmpressError(f"cannot regroup group_size {group_size} into {new_group_size} for "
+                            f"{in_features} columns: the new size must divide both")
+
+    def every(per_group: torch.Tensor) -> torch.Tensor:
+        return expand_groups(per_group, in_features, old)[:, ::new_group_size].contiguous()
+
+    zero = None if result.zero is None else every(result.zero)
+    return dataclasses.replace(result, scale=every(result.scale), zero=zero)
+
+
+def _quantized_layers(model: nn.Module, layers: dict, results: dict[str, Compressed]):
+    """{name: (module, result in storage grouping, scheme)} per exportable layer; names of dense Conv1D ones."""
+    for name, meta in layers.items():
+        if meta.get("act_bits"):
+            raise LlmpressError(f"layer {name} also quantizes activations (W8A8); this exporter writes weight-only "
+                                "schemes: save this model with llmpress.save.save_model instead")
+    found, dense = {}, []
+    for name, result in results.items():
+        meta = layers.get(name) or result.meta
+        if result.qweight is None or meta.get("bits") is None:
+            continue
+        module = model.get_submodule(name)
+        if isinstance(module, Conv1D):
+            dense.append(name)
+            continue
+        if not isinstance(module, nn.Linear):
+            raise LlmpressError(f"module {name} is a {type(module).__name__}, not nn.Linear: "
+                                "pass the results computed for this model")
+        found[name] = (module, result, (int(meta["bits"]), meta.get("group_size", -1), bool(meta.get("sym", True))))
+    if dense:
+        log.warning("%d Conv1D layers (GPT-2) are saved dense: compressed-tensors packs nn.Linear only", len(dense))
+    widths: dict[tuple, list[int]] = {}
+    for module, _, key in found.values():
+        widths.setdefault(key, []).append(module.in_features)
+    storage = {key: storage_group_size(key[1], w) for key, w in widths.items()}
+    for (bits, group, sym), size in storage.items():
+        if size is not None and size != group:
+            log.warning("%d-bit group %d does not divide every layer width: stored as group %d (same weights, "
+                        "%dx the scales) so that compressed-tensors can load it", bits, group, size, group // size)
+    chosen = {}
+    for name, (module, result, key) in found.items():
+        scheme = Scheme(key[0], storage[key], key[2])
+        chosen[name] = (module, regroup(result, key[1], scheme.group_size), scheme)
+    return chosen, dense
+
+
+def quantization_config(schemes: dict[Scheme, list[str]], ignore: list[str]) -> dict:
+    """``config.json``'s ``quantization_config`` in compressed-tensors' schema.
+
+    One scheme targets the class ``Linear`` (as llm-compressor writes it) with every
+    other linear in ``ignore``; several schemes each target their modules by name.
+    """
+    groups = {}
+    for i, (scheme, names) in enumerate(sorted(schemes.items(), key=lambda kv: -len(kv[1]))):
+        groups[f"group_{i}"] = {"targets": ["Linear"] if len(schemes) == 1 else sorted(names),
+                                "weights": scheme.weights(), "input_activations": None,
+                                "output_activations": None, "format": FORMAT}
+    return {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+            "config_groups": groups, "ignore": sorted(ignore), "kv_cache_scheme": None,
+            "global_compression_ratio": None}
+
+
+@contextmanager
+def _swapped(model: nn.Module, replacements: dict[str, nn.Module], config: dict):
+    """Temporarily put ``replacements`` into ``model`` and ``config`` into its config."""
+    originals = {}
+    had_config = hasattr(model.config, "quantization_config")
+    old_config = getattr(model.config, "quantization_config", None)
+    try:
+        for name, module in replacements.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            originals[name] = (parent, child, getattr(parent, child))
+            setattr(parent, child, module)
+        model.config.quantization_config = config
+        yield model
+    finally:
+        for parent, child, module in originals.values():
+            setattr(parent, child, module)
+        if had_config:
+            model.config.quantization_config = old_config
+        elif hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+
+def save_compressed_tensors(model: nn.Module, tokenizer, layers: dict[str, dict],
+                            results: dict[str, Compressed], out: str | Path,
+                            extra_meta: dict | None = None) -> Path:
+    """Write ``model`` to ``out`` with the layers in ``results`` packed (see the module docstring).
+
+    ``layers`` is the per-layer meta from ``compress_blocks`` and ``results`` its ``results=``
+    dict (codes, scales, zeros). The model itself is left as it was. ``extra_meta`` (e.g.
+    ``CompressResult.meta``) goes into ``llmpress.json`` with ``layers`` and an ``export``
+    record. Written through a temporary folder renamed into place, like ``save_model``.
+    """
+    if hasattr(model.config, "quantization_config"):
+        raise LlmpressError("this model already carries a quantization_config: export a plain (dequantized) model")
+    chosen, dense = _quantized_layers(model, layers, results)
+    if not chosen and dense:
+        raise LlmpressError("only GPT-2 Conv1D layers are quantized, and compressed-tensors packs nn.Linear "
+                            "only: save this model with llmpress.save.save_model instead")
+    if not chosen:
+        raise LlmpressError("no quantized nn.Linear layers to export: run a quantization method first "
+                            "(e.g. recipe rtn-w4-g64) and pass its results")
+    schemes: dict[Scheme, list[str]] = {}
+    replacements = {}
+    for name, (module, result, scheme) in chosen.items():
+        schemes.setdefault(scheme, []).append(name)
+        meta = {"bits": scheme.bits, "group_size": scheme.group_size or -1, "sym": scheme.sym}
+        replacements[name] = QuantizedLinear.from_compressed(module, result, meta)
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in replacements]
+    config = quantization_config(schemes, ignore)
+    scale_dtype = str(next(iter(replacements.values())).weight_scale.dtype).removeprefix("torch.")
+    meta = {**(extra_meta or {})}
+    meta.setdefault("layers", layers)
+    meta["export"] = {"format": "compressed-tensors", "compression_format": FORMAT, "scale_dtype": scale_dtype,
+                      "packed_layers": len(replacements), "dense_conv1d_layers": dense}
+    with _swapped(model, replacements, config):
+        path = save_model(model, tokenizer, out, meta)
+    log.info("saved %d packed layers (%d schemes) to %s", len(replacements), len(schemes), path)
+    return path
+
+
+def _readable(group: dict, config: dict) -> bool:
+    """Whether :func:`dense_state_dict` can read this config group (weight-only pack-quantized int)."""
+    weights = group.get("weights") or {}
+    return ((group.get("format") or config.get("format")) == FORMAT and weights.get("type", "int") == "int"
+            and weights.get("strategy") in ("group", "channel") and not group.get("input_activations"))
+
+
+def _scheme_for(name: str, groups: dict) -> dict | None:
+    """The config group of module ``name``, by compressed-tensors' precedence: exact name, regex, class."""
+    found: dict[int, dict] = {}
+    for group in groups.values():
+        for target in group.get("targets", []):
+            if target == name:
+                found.setdefault(0, group)
+            elif target.startswith("re:") and re.match(target[3:], name):
+                found.setdefault(1, group)
+            elif target == "Linear":  # a packed weight belongs to a linear
+                found.setdefault(2, group)
+    return found[min(found)] if found else None
+
+
+def dense_state_dict(path: str | Path, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors, packed layers dequantized to ``<module>.weight`` in ``dtype``."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    groups = config.get("config_groups") or {}
+    for key in [k for k in tensors if k.endswith(".weight_packed")]:
+        name = key.removesuffix(".weight_packed")
+        group = _scheme_for(name, groups)
+        if group is None or not _readable(group, config):
+            raise LlmpressError(f"{path}: no readable pack-quantized config group targets {name}: "
+                                "check quantization_config in config.json")
+        weights = group["weights"]
+        parts = {p: tensors.pop(f"{name}.{p}", None) for p in ("weight_packed", "weight_scale",
+                                                                 "weight_zero_point", "weight_shape")}
+        zero = None if weights.get("symmetric", True) else parts["weight_zero_point"]
+        group_size = weights.get("group_size") if weights["strategy"] == "group" else None
+        W = dequantize_packed(parts["weight_packed"], parts["weight_scale"], zero, int(weights["num_bits"]),
+                              group_size, int(parts["weight_shape"][1]))
+        tensors[f"{name}.weight"] = W.to(dtype)
+    return tensors
+
+
+def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A dense causal LM from a compressed-tensors folder, on CPU (weights dequantized to ``dtype``).
+
+    One config group: transformers with ``CompressedTensorsConfig(dequantize=True)``. Several
+    (mixed bits / group sizes), or compressed-tensors not installed: read here with
+    :func:`dense_state_dict`, since transformers 5.23 dequantizes every layer with the first
+    group's scheme.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    qconfig = config.quantization_config
+    qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    groups = qconfig.get("config_groups") or {}
+    ours = Path(path).is_dir() and bool(groups) and all(_readable(g, qconfig) for g in groups.values())
+    installed = importlib.util.find_spec("compressed_tensors") is not None
+    if not ours or (len(groups) == 1 and installed):
+        from transformers import CompressedTensorsConfig
+
+        with warnings.catch_warnings():  # "the model already has a quantization_config": intended
+            warnings.filterwarnings("ignore", message=".*already has a `quantization_config`")
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True))
+    del config.quantization_config
+    state = dense_state_dict(path, qconfig, dtype)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class needs a path; a state dict has none
+    return model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)

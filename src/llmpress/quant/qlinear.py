@@ -1,0 +1,177 @@
+"""A linear layer that keeps its weight as packed low-bit integers and dequantizes on the fly.
+
+``QuantizedLinear`` holds exactly the tensors of compressed-tensors'
+``pack-quantized`` format (``weight_packed`` int32, ``weight_scale``,
+``weight_zero_point`` packed along the output dim when asymmetric,
+``weight_shape``), so its state dict is what the checkpoint stores, and
+its forward computes ``F.linear(x, (q - zero) * scale, bias)`` with the
+same arithmetic as compressed-tensors' ``dequantize`` (codes and zero
+points cast to the scale's dtype, subtract, multiply). With fp32 scales
+the dequantized weight is bit-identical to the dense weight the engine
+wrote into the model (``llmpress.primitives.dequantize``). With
+fp16/bf16 scales it matches what compressed-tensors/vLLM compute, which
+can differ from the dense model by one rounding of the scale.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from ..compressed import Compressed
+from ..errors import LlmpressError
+from ..primitives import expand_groups, group_count
+from .packing import pack_int, packed_width, unpack_int
+
+log = logging.getLogger(__name__)
+
+
+def _group(group_size: int | None) -> int | None:
+    """Our ``group_size`` convention (-1 / None = one group per row) as primitives expects it."""
+    return None if group_size is None or group_size <= 0 else group_size
+
+
+def packed_tensors(result: Compressed, bits: int, group_size: int | None, sym: bool,
+                   dtype: torch.dtype) -> dict[str, Tensor]:
+    """The pack-quantized tensors of one layer: ``weight_packed``, ``weight_scale``, ``weight_shape``
+    and, when asymmetric, ``weight_zero_point`` (int32, packed along the output dim).
+
+    ``result.qweight`` (out, in) int8 codes; ``result.scale``/``result.zero`` (out, groups).
+    Scales are cast to ``dtype`` (the model's dtype).
+    """
+    if result.qweight is None or result.scale is None:
+        raise LlmpressError("this layer has no integer codes to pack: only quantized layers can be packed")
+    out_features, in_features = result.qweight.shape
+    groups = group_count(in_features, _group(group_size))
+    if tuple(result.scale.shape) != (out_features, groups):
+        raise LlmpressError(f"scale shape {tuple(result.scale.shape)} does not match {groups} groups of "
+                            f"{group_size} for a ({out_features}, {in_features}) weight: check group_size")
+    tensors = {
+        "weight_packed": pack_int(result.qweight.to(torch.int8), bits),
+        "weight_scale": result.scale.to(dtype).contiguous(),
+        "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
+    }
+    if not sym:
+        zero = result.zero.round().to(torch.int8)
+        tensors["weight_zero_point"] = pack_int(zero.t().contiguous(), bits).t().contiguous()
+    return tensors
+
+
+def dequantize_packed(packed: Tensor, scale: Tensor, zero_packed: Tensor | None, bits: int,
+                      group_size: int | None, in_features: int) -> Tensor:
+    """(out, in) weight from pack-quantized tensors, in ``scale.dtype``, as compressed-tensors computes it.
+
+    ``packed`` int32 (out, ceil(in*bits/32)); ``scale`` (out, groups); ``zero_packed`` int32
+    (ceil(out*bits/32), groups) or None (symmetric); a partial last group is allowed.
+    """
+    group = _group(group_size)
+    W = unpack_int(packed, bits, in_features).to(scale.dtype)
+    if zero_packed is not None:
+        zero = unpack_int(zero_packed.t().contiguous(), bits, packed.shape[0]).t()
+        W = W - expand_groups(zero.to(scale.dtype), in_features, group)
+    return W * expand_groups(scale, in_features, group)
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W = (q - zero) * scale`` rebuilt from packed codes at every forward.
+
+    Buffers (compressed-tensors names): ``weight_packed`` int32 (out, ceil(in*bits/32)),
+    ``weight_scale`` (out, groups) in the compute dtype, ``weight_zero_point`` int32
+    (ceil(out*bits/32), groups) when ``sym`` is False, ``weight_shape`` int64 [out, in];
+    ``bias`` is a parameter, as in ``nn.Linear``. ``cache_weight=True`` keeps the
+    dequantized weight after the first forward (faster, but as much memory as a dense layer).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = -1,
+                 sym: bool = True, bias: bool = True, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, cache_weight: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.cache_weight = cache_weight
+        groups = group_count(in_features, _group(group_size))
+        self.register_buffer("weight_packed", torch.zeros(out_features, packed_width(in_features, bits),
+                                                          dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device))
+        if not sym:
+            self.register_buffer("weight_zero_point", torch.zeros(packed_width(out_features, bits), groups,
+                                                                  dtype=torch.int32, device=device))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.register_buffer("_weight_cache", None, persistent=False)
+
+    @classmethod
+    def from_compressed(cls, linear: nn.Module, result: Compressed, meta: dict | None = None,
+                        cache_weight: bool = False) -> "QuantizedLinear":
+        """Replace ``linear`` (``nn.Linear``, or GPT-2 ``Conv1D``) quantized as ``result``.
+
+        ``meta`` (the engine's per-layer record; default ``result.meta``) gives ``bits``,
+        ``group_size`` and ``sym``. The bias is shared with ``linear``, not copied.
+        """
+        meta = result.meta if meta is None else meta
+        if result.qweight is None or meta.get("bits") is None:
+            raise LlmpressError("from_compressed needs a quantized layer (integer codes and 'bits' in its meta)")
+        weight = linear.weight
+        out_features, in_features = result.qweight.shape
+        expected = (in_features, out_features) if isinstance(linear, Conv1D) else (out_features, in_features)
+        if tuple(weight.shape) != expected:
+            raise LlmpressError(f"codes of shape {tuple(result.qweight.shape)} do not fit a layer with weight "
+                                f"{tuple(weight.shape)}: pass the result computed for this layer")
+        bits, group_size, sym = int(meta["bits"]), meta.get("group_size", -1), bool(meta.get("sym", True))
+        module = cls(in_features, out_features, bits, group_size, sym, bias=linear.bias is not None,
+                     dtype=weight.dtype, device=weight.device, cache_weight=cache_weight)
+        for name, tensor in packed_tensors(result, bits, group_size, sym, weight.dtype).items():
+            setattr(module, name, tensor.to(weight.device))
+        if linear.bias is not None:
+            module.bias = linear.bias
+        return module
+
+    def dequantized_weight(self) -> Tensor:
+        """The (out, in) weight in the scale's dtype: ``(q - zero) * scale``, group by group."""
+        if self._weight_cache is not None:
+            return self._weight_cache
+        zero = None if self.sym else self.weight_zero_point
+        W = dequantize_packed(self.weight_packed, self.weight_scale, zero, self.bits, self.group_size,
+                              self.in_features)
+        if self.cache_weight:
+            self._weight_cache = W
+        return W
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}")
+
+
+def replace_linears(model: nn.Module, results: dict[str, Compressed], layers: dict[str, dict] | None = None,
+                    cache_weight: bool = False) -> nn.Module:
+    """Swap every quantized linear named in ``results`` for a :class:`QuantizedLinear`, in place.
+
+    ``layers`` is the per-layer meta returned by ``compress_blocks`` (default: each result's own
+    meta). Layers without integer codes (pruned only) are left alone. GPT-2's ``Conv1D`` is
+    converted too: the codes are already (out, in), so the new module computes ``x Wᵀ + b``
+    like ``nn.Linear`` (equal to Conv1D's ``addmm`` up to float summation order).
+    Returns ``model``.
+    """
+    layers = layers or {}
+    replaced = 0
+    for name, result in results.items():
+        meta = layers.get(name, result.meta)
+        if result.qweight is None or meta.get("bits") is None:
+            continue
+        module = model.get_submodule(name)
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            raise LlmpressError(f"module {name} is a {type(module).__name__}, not a linear layer: "
+                                "pass the results computed for this model")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantizedLinear.from_compressed(module, result, meta, cache_weight))
+        replaced += 1
+    log.info("replaced %d linear layers with QuantizedLinear", replaced)
+    return model
