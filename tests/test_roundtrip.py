@@ -52,3 +52,23 @@ def test_compress_save_reload(model_type, recipe, tmp_path):
                 g = w[:, :64] if w.shape[1] >= 64 else w
                 assert max(len(torch.unique(row)) for row in g) <= 16
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+@pytest.mark.parametrize("recipe", ["smoothquant-w8a8", "gptq-w4-g64", "awq+gptq-w4-g64"])
+def test_calibrated_recipes_save_and_reload(recipe, tmp_path):
+    from tiny_models import TOKENIZER_TEXT, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", seed=3, vocab_size=len(tok))
+    text = tmp_path / "calib.txt"
+    text.write_text(TOKENIZER_TEXT * 3)
+    ids = random_ids(2, 16, seed=4)
+    out = tmp_path / "out"
+    result = compress(model, recipe, tokenizer=tok, data=f"text:{text}", samples=4, seq_len=32, out=out)
+    after = _logits(result.model, ids)
+    reloaded = load_model(out)
+    reloaded.model.set_attn_implementation("eager")
+    assert torch.equal(_logits(reloaded.model, ids), after)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert reloaded.meta["recipe"]["name"] == recipe

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help=f"alias ({DEFAULT_MODEL}), model folder, .gguf file or hub id")
     _add_eval_window_args(e)
     e.add_argument("--base", help="also evaluate this base model on the same windows, side by side")
+    e.add_argument("--kv-bits", type=int, choices=[2, 4, 8, 16],
+                   help="quantize the KV cache to this many bits while evaluating (16 = off; default: the model's recipe)")
     e.add_argument("--json", help="write the result (one JSON object) to this file")
     e.add_argument("--report", help="write report.json and report.md to this new folder")
     _add_common(e)
@@ -97,7 +99,7 @@ def _evaluate_rows(args, models: list[tuple[str, object]]) -> list[dict]:
     for name, model in models:
         rows.append(evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows or None,
                              device=args.device, measure_speed=not args.no_speed, progress=not args.quiet,
-                             name=name))
+                             name=name, kv_cache=getattr(args, "kv_bits", None)))
     return rows
 
 

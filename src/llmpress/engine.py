@@ -73,9 +73,14 @@ class BlockInputs:
 
     def run(self, block: nn.Module, block_index: int) -> list[torch.Tensor]:
         """The block's output for every batch, computed in the block's own dtype."""
-        dtype = next(block.parameters()).dtype
+        dtype = _float_dtype(block)
         with torch.inference_mode():
             return [_hidden(block(h, *extra, **kw)) for h, (extra, kw) in self.batches(block_index, dtype)]
+
+
+def _float_dtype(block: nn.Module) -> torch.dtype:
+    """The block's compute dtype: its first floating parameter's (W8A8 layers hold int8 weights)."""
+    return next(p.dtype for p in block.parameters() if p.is_floating_point())
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -244,6 +249,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
             chosen = {n: m for n, m in modules.items() if stage.applies_to(f"{prefix}{i}.{n}")}
             if not chosen:
                 continue
+            if method.kind == "runtime":  # e.g. KV-cache quantization: applied at inference, not to weights
+                continue
             if method.kind == "block":
                 done = method.fn(block, arch, chosen, lambda: inputs.run(block, i), stage.config)
                 shadow.stale()
@@ -283,7 +290,7 @@ class _Shadow:
 
     def __init__(self, block: nn.Module, arch: Arch, dtype: torch.dtype | None) -> None:
         self.block, self.arch = block, arch
-        self.dtype = None if dtype == next(block.parameters()).dtype else dtype
+        self.dtype = None if dtype == _float_dtype(block) else dtype
         self.copy: tuple[nn.Module, dict[str, nn.Module]] | None = None
 
     def get(self) -> tuple[nn.Module, dict[str, nn.Module]]:

@@ -59,6 +59,11 @@ def compute_qparams(W: Tensor, bits: int, group_size: int | None, sym: bool) -> 
     Wg = _grouped(W.float(), group_size)
     lo = Wg.amin(dim=-1).clamp(max=0)
     hi = Wg.amax(dim=-1).clamp(min=0)
+    return qparams_from_range(lo, hi, bits, sym)
+
+
+def qparams_from_range(lo: Tensor, hi: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero point for ranges [lo, hi] (lo <= 0 <= hi, any shape): the grid conventions above."""
     qmin, qmax = qrange(bits)
     levels = qmax - qmin
     if sym:
@@ -93,3 +98,53 @@ def fake_quantize(W: Tensor, bits: int, group_size: int | None, sym: bool) -> Te
     """Round-to-nearest onto the grid and back, in fp32 (no state kept)."""
     scale, zero = compute_qparams(W, bits, group_size, sym)
     return dequantize(quantize(W, scale, zero, bits, group_size), scale, zero, group_size)
+
+
+def search_qparams(W: Tensor, bits: int, group_size: int | None, sym: bool, grid: int = 100,
+                   max_shrink: float = 0.8, norm: float = 2.4) -> tuple[Tensor, Tensor]:
+    """MSE-style clip search: per (row, group), the shrunk range with the lowest Lp rounding error.
+
+    As the GPTQ repository's ``Quantizer(mse=True)``: the range [min, max] of each
+    group is scaled by p = 1 - k/grid for k = 0 … int(max_shrink·grid) - 1 (so p runs
+    from 1 down to about 1 - max_shrink), and the qparams minimising
+    Σ|w − Q(w)|^norm over the group are kept (p = 1, the plain grid, wins ties).
+    W (out, in); returns scale and zero (out, groups), like :func:`compute_qparams`.
+    Vectorised over rows and groups; rows are taken in chunks that stay in cache.
+    """
+    Wg = _grouped(W.float(), group_size)
+    rows = max(1, _SEARCH_CHUNK // (Wg.shape[1] * Wg.shape[2]))
+    found = [_search_rows(Wg[r:r + rows], bits, sym, grid, max_shrink, norm) for r in range(0, Wg.shape[0], rows)]
+    if len(found) == 1:
+        return found[0]
+    return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+
+
+_SEARCH_CHUNK = 2 ** 16  # elements per chunk of rows in search_qparams (measured: ~1.6x faster than one pass)
+
+
+def _search_rows(Wg: Tensor, bits: int, sym: bool, grid: int, max_shrink: float, norm: float) -> tuple[Tensor, Tensor]:
+    """:func:`search_qparams` on grouped rows Wg (rows, groups, g)."""
+    lo = Wg.amin(dim=-1).clamp(max=0)
+    hi = Wg.amax(dim=-1).clamp(min=0)
+    qmin, qmax = qrange(bits)
+    best_scale, best_zero = qparams_from_range(lo, hi, bits, sym)
+    best = _lp_error(Wg, best_scale, best_zero, qmin, qmax, norm)
+    for k in range(1, int(max_shrink * grid)):
+        p = 1 - k / grid
+        scale, zero = qparams_from_range(p * lo, p * hi, bits, sym)
+        err = _lp_error(Wg, scale, zero, qmin, qmax, norm)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _lp_error(Wg: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, norm: float) -> Tensor:
+    """Σ over each group of |w − dequant(quant(w))|^norm; Wg (rows, groups, g), qparams (rows, groups).
+
+    |e|^norm as exp(norm·log|e|): about 3x faster than pow on CPU (log 0 = -inf gives 0).
+    """
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    e = torch.round(Wg / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(Wg).abs_()
+    return e.log_().mul_(norm).exp_().sum(dim=-1)

@@ -150,6 +150,26 @@ BUILTIN_RECIPES: dict[str, dict] = {
     "magnitude-50": _magnitude(0.5),
     "magnitude-30": _magnitude(0.3),
     "magnitude-50+rtn-w4-g64": {"stages": _magnitude(0.5)["stages"] + _rtn(4, 64)["stages"]},
+    # GPTQ (calibrated: uses the default calibration settings); -act: act_order with static groups
+    "gptq-w4-g64": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}]},
+    "gptq-w4-g64-asym": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64, "sym": False}}]},
+    "gptq-w3-g64": {"stages": [{"method": "gptq", "args": {"bits": 3, "group_size": 64}}]},
+    "gptq-w4-g64-act": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64, "act_order": True}}]},
+    "gptq-w4-g64-mse": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64, "act_order": True,
+                                                                "mse": True}}]},
+    "rtn-w4-g64-mse": {"stages": [{"method": "rtn", "args": {"bits": 4, "group_size": 64, "mse": True}}]},
+    # KV-cache quantization (KIVI-style asymmetric groups per head per token), applied at evaluation
+    "kv-int8": {"stages": [{"method": "kv-cache", "args": {"bits": 8, "group_size": 64}}]},
+    "kv-int4": {"stages": [{"method": "kv-cache", "args": {"bits": 4, "group_size": 64}}]},
+    # AWQ scales and clips, then the next stage rounds on the same grid.
+    "awq-w4-g64": {"stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": False}},
+                              *_rtn(4, 64, sym=False)["stages"]]},
+    "awq-w4-g64-sym": {"stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": True}},
+                                  *_rtn(4, 64, sym=True)["stages"]]},
+    "awq+gptq-w4-g64": {"stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": False}},
+                                   {"method": "gptq", "args": {"bits": 4, "group_size": 64, "sym": False}}]},
+    # SmoothQuant: fold activation outliers into the weights, then int8 weights x int8 per-token activations.
+    "smoothquant-w8a8": {"stages": [{"method": "smoothquant", "args": {"alpha": 0.5}}]},
 }
 
 

@@ -13,7 +13,11 @@ from typing import Callable
 
 from .errors import LlmpressError
 from .prune.magnitude import MagnitudeConfig, magnitude
+from .quant.awq import AWQConfig, awq_block
+from .quant.gptq import GPTQConfig, gptq
+from .quant.kvcache import KVCacheConfig, kv_cache_stage
 from .quant.rtn import RTNConfig, rtn
+from .quant.smoothquant import SmoothQuantConfig, smoothquant_block
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class Method:
     fn: Callable
     stats: tuple[str, ...] = ()
     kind: str = "quantize"  # "quantize" | "prune" | "block" (rewrites a whole block: smoothing)
+    #                         | "runtime" (changes inference, not weights: KV-cache quantization)
 
     @property
     def needs_inputs(self) -> bool:
@@ -33,6 +38,11 @@ class Method:
 METHODS: dict[str, Method] = {
     "rtn": Method("rtn", RTNConfig, rtn, (), "quantize"),
     "magnitude": Method("magnitude", MagnitudeConfig, magnitude, (), "prune"),
+    "gptq": Method("gptq", GPTQConfig, gptq, ("hessian",), "quantize"),
+    # a runtime setting: weights untouched, applied by llmpress.evaluate from the recipe
+    "kv-cache": Method("kv-cache", KVCacheConfig, kv_cache_stage, (), "runtime"),
+    "awq": Method("awq", AWQConfig, awq_block, (), "block"),
+    "smoothquant": Method("smoothquant", SmoothQuantConfig, smoothquant_block, (), "block"),
 }
 
 

@@ -38,7 +38,12 @@ def save_model(model, tokenizer, out: str | Path, meta: dict) -> Path:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    from .quant.w8a8 import w8a8_quantization_config
+
+    w8a8 = w8a8_quantization_config(model)  # int8 weight+activation layers: a compressed-tensors W8A8 folder
     try:
+        if w8a8 is not None:
+            model.config.quantization_config = w8a8
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -49,4 +54,7 @@ def save_model(model, tokenizer, out: str | Path, meta: dict) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if w8a8 is not None:
+            del model.config.quantization_config
     return path

@@ -90,13 +90,19 @@ def _density(spec: dict | None, weight: torch.Tensor | None) -> float:
     return int(torch.count_nonzero(weight.detach()).item()) / weight.numel()
 
 
+def _is_int_linear(module) -> bool:
+    """Runtime quantized linears (W8A8Linear) that keep an (out, in) ``weight``."""
+    return hasattr(module, "in_features") and hasattr(module, "out_features") and isinstance(
+        getattr(module, "weight", None), torch.Tensor)
+
+
 def _model_linear_flops(model, layers: dict) -> dict:
     """Dense and zero-discounted FLOPs of every Linear / Conv1D in ``model``."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     out = {"linear": 0, "lm_head": 0, "sparse_linear": 0.0, "sparse_lm_head": 0.0}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)):
+        if not isinstance(module, (nn.Linear, Conv1D)) and not _is_int_linear(module):
             continue
         dense = 2 * module.weight.numel()
         key = "lm_head" if module is head else "linear"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ def perplexity(
     device: str | torch.device = "cpu",
     batch_size: int = 1,
     progress: bool = False,
+    cache_factory: Callable[[], Any] | None = None,
 ) -> dict:
     """Mean next-token cross-entropy and its exponential over ``windows``.
 
@@ -59,6 +61,9 @@ def perplexity(
     independently (no context carried over). The model must already live on
     ``device``; only the inputs are moved. Logits are reduced one window at a
     time so that at most one ``(L, vocab)`` float32 block exists at once.
+
+    ``cache_factory``, when given, makes a fresh KV cache per batch that the forward
+    writes to and attends through (e.g. a quantized KV cache, ``llmpress.quant.kvcache``).
 
     Returns ``{"loss", "perplexity", "tokens", "windows", "seq_len"}`` where
     ``tokens`` is the number of predictions, ``w * (L - 1)``.
@@ -70,7 +75,8 @@ def perplexity(
     with torch.inference_mode():
         for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
             batch = windows[start : start + batch_size].to(device=device, dtype=torch.long)
-            logits = _logits(model(input_ids=batch, use_cache=False))
+            cache = {} if cache_factory is None else {"past_key_values": cache_factory()}
+            logits = _logits(model(input_ids=batch, use_cache=bool(cache), **cache))
             for i in range(batch.shape[0]):
                 total_nll += window_nll(logits[i], batch[i])
             del logits

@@ -80,8 +80,10 @@ def _load_folder(path: Path, dtype: torch.dtype, hub: bool = False):
     try:
         if _is_compressed_tensors(config):
             from ..export.compressed_tensors import load_compressed_tensors
+            from ..quant.w8a8 import is_w8a8_config, load_w8a8_folder
 
-            model = load_compressed_tensors(path, dtype)
+            w8a8 = is_w8a8_config(config.quantization_config)
+            model = load_w8a8_folder(path, dtype) if w8a8 else load_compressed_tensors(path, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except ValueError as exc:

@@ -2,7 +2,9 @@
 
 Each weight is rounded to the nearest point of a per-group integer grid
 (see ``llmpress.primitives`` for the grid conventions, which follow
-compressed-tensors). No calibration data is needed.
+compressed-tensors). No calibration data is needed. With ``mse=True`` each
+group's range is shrunk to the clip that minimises the rounding error (the
+GPTQ repository's MSE search, ``llmpress.primitives.search_qparams``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from torch import Tensor
 
 from ..compressed import Compressed
 from ..errors import LlmpressError
-from ..primitives import compute_qparams, dequantize, quantize
+from ..primitives import compute_qparams, dequantize, quantize, search_qparams
 
 
 def check_bits(bits: int) -> None:
@@ -30,11 +32,13 @@ def check_group_size(group_size: int | None) -> None:
 
 @dataclass(frozen=True)
 class RTNConfig:
-    """bits: 2–8; group_size: columns per scale (-1 = per output channel); sym: zero point fixed at 0."""
+    """bits: 2–8; group_size: columns per scale (-1 = per output channel); sym: zero point fixed at 0;
+    mse: search the clip range per group instead of using the full [min, max]."""
 
     bits: int = 4
     group_size: int = 64
     sym: bool = True
+    mse: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -44,12 +48,16 @@ class RTNConfig:
 def rtn(weight: Tensor, cfg: RTNConfig) -> Compressed:
     """Quantize ``weight`` (out, in) by round-to-nearest; returns codes, scales and the dequantized weight."""
     group = None if cfg.group_size == -1 else cfg.group_size
-    scale, zero = compute_qparams(weight, cfg.bits, group, cfg.sym)
+    qparams = search_qparams if cfg.mse else compute_qparams
+    scale, zero = qparams(weight, cfg.bits, group, cfg.sym)
     q = quantize(weight, scale, zero, cfg.bits, group)
+    meta = {"method": "rtn", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym}
+    if cfg.mse:
+        meta["mse"] = True
     return Compressed(
         weight=dequantize(q, scale, zero, group),
         qweight=q,
         scale=scale,
         zero=zero,
-        meta={"method": "rtn", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym},
+        meta=meta,
     )

@@ -1,0 +1,171 @@
+"""GPTQ: quantize one column at a time and push its rounding error onto the columns not yet quantized.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers" (arXiv:2210.17323),
+Algorithm 1: minimise ‖(W − Ŵ)X‖² with H = 2/n·XᵀX; after column i is
+rounded, the optimal (OBS) update of the remaining columns is
+−(w_i − q_i)/[H⁻¹]_ii · [H⁻¹]_i,>i, taken from the upper Cholesky factor of
+H⁻¹ (``llmpress.linalg``). Updates inside a block of ``block_size`` columns
+are applied one column at a time; the rest of the matrix gets them in one
+matrix product per block ("lazy batch" updates). Grids follow
+``llmpress.primitives`` (compressed-tensors conventions).
+
+Groups. Without ``act_order`` a group's scale/zero are computed when its
+first column is reached, from the weights as error feedback has left them
+(as the reference code does). With ``act_order`` columns are processed in
+order of decreasing diag(H) but the groups are *static*: every group's
+qparams come up front from the original W (after dead-column zeroing) and
+each column keeps its own original group's qparams, so the result needs no
+``g_idx`` and saves in the standard layout. Per-channel grids
+(``group_size=-1``) are static in both modes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..compressed import Compressed
+from ..errors import LlmpressError
+from ..linalg import inverse_cholesky_upper, prepare_hessian, single_threaded
+from ..primitives import compute_qparams, dequantize, expand_groups, qrange, search_qparams
+from .rtn import check_bits, check_group_size
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """bits: 2–8; group_size: columns per scale (-1 = per output channel); sym: zero point 0;
+    act_order: process columns by decreasing diag(H), static groups; damp: λ = damp·mean(diag H);
+    block_size: columns per lazy batch update; mse: clip search per group (``search_qparams``)."""
+
+    bits: int = 4
+    group_size: int = 64
+    sym: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    mse: bool = False
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        for name in ("sym", "act_order", "mse"):
+            if not isinstance(getattr(self, name), bool):
+                raise LlmpressError(f"{name}={getattr(self, name)!r} is invalid: use true or false")
+        damp = self.damp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (0 < damp < math.inf):
+            raise LlmpressError(f"damp={damp!r} is invalid: use a positive number such as 0.01 (the fraction of "
+                                "mean(diag H) added to the diagonal)")
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise LlmpressError(f"block_size={size!r} is invalid: use a positive integer such as 128")
+
+
+def gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
+    """GPTQ (arXiv:2210.17323, Alg. 1) of one linear layer.
+
+    weight (out, in) and hessian (in, in) = 2/n·XᵀX (``llmpress.stats.HessianStats``);
+    the solve runs in float64 when either is float64, else float32. Dead input
+    channels (H_ii = 0) get zero weight columns. Returns ``Compressed`` with the
+    dequantized fp32 weight (out, in) equal to ``dequantize(qweight, scale, zero)``,
+    int8 codes (out, in) and scale/zero (out, groups), all in the original column
+    order, and ``loss`` = Σ (w − q)²/[H_F⁻¹]_qq / 2 over all quantized entries (the
+    reference code's estimate): half of tr(ΔHΔᵀ), Δ = W − Ŵ, for the damped H.
+    Runs on one torch thread (see ``llmpress.linalg.single_threaded``).
+    """
+    with single_threaded():
+        return _gptq(weight, hessian, cfg)
+
+
+def _gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"weight (out, in) and hessian (in, in) expected, got {tuple(weight.shape)} "
+                         f"and {tuple(hessian.shape)}")
+    dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
+    W = weight.detach().to(dtype=dtype, copy=True)
+    H, _dead = prepare_hessian(hessian.detach().to(dtype), W, cfg.damp)
+    group = None if cfg.group_size == -1 else cfg.group_size
+    qparams = search_qparams if cfg.mse else compute_qparams
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        H = H[perm][:, perm]
+    U = inverse_cholesky_upper(H)
+    Wt = (W.T if perm is None else W.T[perm]).contiguous()  # row c = the c-th column processed
+    if cfg.act_order or group is None:  # static groups
+        scale, zero = qparams(W, cfg.bits, group, cfg.sym)
+        S, Z = (expand_groups(t.to(dtype), W.shape[1], group).T for t in (scale, zero))
+        if perm is not None:
+            S, Z = S[perm], Z[perm]
+        codes_t, loss = _solve(Wt, U, cfg.bits, cfg.block_size, per_column=(S.contiguous(), Z.contiguous()))
+    else:
+        groups = _CurrentGroups(lambda Wg: qparams(Wg, cfg.bits, None, cfg.sym), group, W.shape[0],
+                                math.ceil(W.shape[1] / group))
+        codes_t, loss = _solve(Wt, U, cfg.bits, cfg.block_size, groups=groups)
+        scale, zero = groups.scale, groups.zero
+    codes = codes_t if perm is None else codes_t[torch.argsort(perm)]
+    qweight = codes.T.to(torch.int8).contiguous()
+    meta = {"method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+            "act_order": cfg.act_order, "mse": cfg.mse}
+    return Compressed(weight=dequantize(qweight, scale, zero, group), qweight=qweight, scale=scale,
+                      zero=zero, meta=meta, loss=loss)
+
+
+class _CurrentGroups:
+    """Dynamic groups: qparams from the current weights at each group's first column, recorded as they come."""
+
+    def __init__(self, fn: Callable[[Tensor], tuple[Tensor, Tensor]], size: int, rows: int, groups: int) -> None:
+        self.fn, self.size = fn, size
+        self.scale = torch.empty(rows, groups)
+        self.zero = torch.empty(rows, groups)
+
+    def at(self, Wt: Tensor, E1: Tensor, U: Tensor, i1: int, c: int, i2: int) -> tuple[Tensor, Tensor]:
+        """Scale and zero (out,) of the group starting at column c, the current block being [i1, i2).
+
+        The group's columns inside the block are up to date; those past i2 still
+        lack the block's pending lazy update from columns [i1, c), applied here to a copy.
+        """
+        end = min(c + self.size, Wt.shape[0])
+        current = Wt[c:end]
+        if end > i2:
+            tail = torch.addmm(Wt[i2:end], U[i1:c, i2:end].T, E1[:c - i1], alpha=-1)
+            current = torch.cat([Wt[c:i2], tail])
+        s, z = self.fn(current.T)
+        self.scale[:, c // self.size], self.zero[:, c // self.size] = s[:, 0], z[:, 0]
+        return s[:, 0].to(Wt.dtype), z[:, 0].to(Wt.dtype)
+
+
+def _solve(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: tuple[Tensor, Tensor] | None = None,
+           groups: _CurrentGroups | None = None) -> tuple[Tensor, float]:
+    """The blocked GPTQ loop on Wt = Wᵀ (in, out), rows in processing order; returns float codes (in, out), loss.
+
+    Working on Wᵀ keeps each column a contiguous row. Qparams come either from
+    ``per_column`` (S, Z) (in, out), one row per processed column, or from ``groups``.
+    Wt is overwritten (it holds the error-updated weights at the end).
+    """
+    columns = Wt.shape[0]
+    qmin, qmax = qrange(bits)
+    Q = torch.empty_like(Wt)
+    E = torch.empty_like(Wt)  # scaled errors (w - q) / U_cc, one row per column
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1, E1, U1 = Wt[i1:i2], E[i1:i2], U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            if groups is None:
+                s, z = per_column[0][c], per_column[1][c]
+            elif c % groups.size == 0:
+                s, z = groups.at(Wt, E1, U, i1, c, i2)
+            w = W1[i]
+            q = torch.clamp_(torch.round(w / s).add_(z), qmin, qmax)
+            Q[c] = q
+            err = torch.sub(w, (q - z).mul_(s), out=E1[i]).div_(U1[i, i])
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+        if i2 < columns:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
+    return Q, float(E.pow(2).sum()) / 2
