@@ -82,3 +82,14 @@ def test_speed_is_measured(setup):
     report = evaluate(str(base), data, seq_len=32, max_windows=1)
     assert report["speed"]["decode_tokens_per_s"] > 0 and report["speed"]["prefill_latency_s"] > 0
     assert torch.get_num_threads() == report["speed"]["threads"]
+
+
+def test_cli_kv_bits_quantizes_the_cache(setup, tmp_path):
+    root, base, data, tok = setup
+    common = [str(base), "--data", data, "--seq-len", "32", "--max-windows", "2", "--no-speed", "--quiet"]
+    plain, kv4 = tmp_path / "plain.json", tmp_path / "kv4.json"
+    assert main(["eval", *common, "--json", str(plain)]) == 0
+    assert main(["eval", *common, "--kv-bits", "4", "--json", str(kv4)]) == 0
+    a, b = json.loads(plain.read_text()), json.loads(kv4.read_text())
+    assert "kv_cache" not in a and b["kv_cache"]["bits"] == 4
+    assert b["perplexity"] != a["perplexity"] and b["tokens"] == a["tokens"]
