@@ -15,9 +15,9 @@ RECIPES = ["rtn-w4-g64", "rtn-w4-g64-asym", "gptq-w4-g64", "gptq-w4-g64-asym", "
 PEERS = {
     "rtn-w4-g64": {"kind": "rtn", "bits": 4, "group_size": 64, "sym": True},
     "rtn-w4-g64-asym": {"kind": "rtn", "bits": 4, "group_size": 64, "sym": False},
-    "gptq-w4-g64": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": True},
-    "gptq-w4-g64-asym": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": False},
-    "gptq-w3-g64": {"kind": "gptq", "bits": 3, "group_size": 64, "sym": True},
+    "gptq-w4-g64": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": True, "actorder": None},
+    "gptq-w4-g64-asym": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": False, "actorder": None},
+    "gptq-w3-g64": {"kind": "gptq", "bits": 3, "group_size": 64, "sym": True, "actorder": None},
     "gptq-w4-g64-act": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": True, "actorder": "static"},
     "awq-w4-g64": {"kind": "awq", "bits": 4, "group_size": 64, "sym": False},
     "smoothquant-w8a8": {"kind": "smoothquant", "alpha": 0.5},

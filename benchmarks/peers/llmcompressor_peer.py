@@ -30,8 +30,10 @@ def modifiers(spec):
     if kind == "rtn":
         return [QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     if kind == "gptq":
+        # llm-compressor's own default act-order ("static") unless the spec names one
+        extra = {"actorder": spec["actorder"]} if "actorder" in spec else {}
         return [GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=spec.get("damp", 0.01),
-                             block_size=128, actorder=spec.get("actorder"))]
+                             block_size=128, **extra)]
     if kind == "awq":
         from llmcompressor.modifiers.awq import AWQModifier
 
