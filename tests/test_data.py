@@ -8,7 +8,6 @@ SmolLM2 GGUF tokenizer.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import lzma
 import random

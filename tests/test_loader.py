@@ -10,7 +10,7 @@ import torch
 
 from llmpress.errors import LlmpressError
 from llmpress.models.loader import load_model
-from tiny_models import random_ids, tiny_model
+from tiny_models import tiny_model
 
 HUB_ID = "llmpress-test/tiny-llama"
 

@@ -16,7 +16,7 @@ import torch
 from .data import calibration_samples, describe_spec, eval_windows
 from .engine import compress_blocks
 from .errors import LlmpressError
-from .measure import PeakMemory, count_params, flops_per_token, perplexity, size_report, speed
+from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
 from .models.archs import arch_for
 from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
 from .quant.kvcache import KVCacheConfig, as_kv_config, kv_bytes_per_token, kv_cache_factory, kv_config_from_meta

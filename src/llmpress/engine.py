@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .compressed import Compressed
-from .models.archs import Arch, block_linears, get_blocks, linear_weight, set_linear_weight
+from .models.archs import Arch, block_linears, get_blocks, input_representatives, linear_weight, set_linear_weight
 from .recipe import Stage
 from .registry import get_method
 from .stats import STATS
@@ -168,13 +168,7 @@ def _collect(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], needs:
 
     Linears of one group share their input, so one hook per group feeds them all.
     """
-    shared: dict[str, str] = {}
-    for group in arch.groups:
-        members = [n for n in group if n in modules]
-        for n in members:
-            shared[n] = members[0]
-    for n in modules:
-        shared.setdefault(n, n)
+    shared = input_representatives(arch, modules)
     stats = {rep: {s: STATS[s]() for s in needs} for rep in set(shared.values())}
 
     def hook(name: str):

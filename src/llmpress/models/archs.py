@@ -278,6 +278,18 @@ def _is_transposed(module: nn.Module, arch: Arch) -> bool:
     return arch.transposed
 
 
+def input_representatives(arch: Arch, names) -> dict[str, str]:
+    """Each linear name -> the first of ``names`` in its group: the one to hook for their shared input."""
+    shared: dict[str, str] = {}
+    for group in arch.groups:
+        members = [n for n in group if n in names]
+        for n in members:
+            shared[n] = members[0]
+    for n in names:
+        shared.setdefault(n, n)
+    return shared
+
+
 def linear_weight(module: nn.Module, arch: Arch) -> torch.Tensor:
     """The weight as ``(out, in)``; for Conv1D a transposed view (writes go through)."""
     weight = module.weight.data

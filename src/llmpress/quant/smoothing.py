@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..models.archs import Arch, linear_weight, set_linear_weight
+from ..models.archs import Arch, input_representatives, linear_weight, set_linear_weight
 
 Feed = tuple[str, tuple[str, ...]]
 
@@ -129,13 +129,7 @@ def sample_inputs(arch: Arch, modules: dict[str, nn.Module], run: Callable[[], o
     One hook per shared-input group (``arch.groups``) during one ``run()``; linears of a
     group map to the same tensor.
     """
-    shared: dict[str, str] = {}
-    for group in arch.groups:
-        members = [n for n in group if n in modules]
-        for n in members:
-            shared[n] = members[0]
-    for n in modules:
-        shared.setdefault(n, n)
+    shared = input_representatives(arch, modules)
     samplers = {rep: TokenSample(max_tokens, seed) for rep in dict.fromkeys(shared.values())}
 
     def hook(rep: str):
