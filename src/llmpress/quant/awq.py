@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..errors import LlmpressError
 from ..models.archs import Arch, linear_weight, set_linear_weight
 from ..primitives import expand_groups, qparams_from_range, qrange
-from .rtn import check_bits, check_group_size
+from .rtn import check_bits, check_flags, check_group_size
 from .smoothing import fold_scales, foldable_feeds, sample_inputs
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,7 @@ class AWQConfig:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_group_size(self.group_size)
-        for name in ("sym", "duo_scaling", "clip"):
-            if not isinstance(getattr(self, name), bool):
-                raise LlmpressError(f"awq {name}={getattr(self, name)!r} is invalid: use true or false")
+        check_flags(self, ("sym", "duo_scaling", "clip"), "awq")
         _positive_int("n_grid", self.n_grid)
         _positive_int("clip_grid", self.clip_grid)
         _positive_int("max_tokens", self.max_tokens, 16)

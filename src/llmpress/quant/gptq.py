@@ -33,7 +33,7 @@ from ..compressed import Compressed
 from ..errors import LlmpressError
 from ..linalg import inverse_cholesky_upper, prepare_hessian, single_threaded
 from ..primitives import compute_qparams, dequantize, expand_groups, qrange, search_qparams
-from .rtn import check_bits, check_group_size
+from .rtn import check_bits, check_flags, check_group_size
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,7 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_group_size(self.group_size)
-        for name in ("sym", "act_order", "mse"):
-            if not isinstance(getattr(self, name), bool):
-                raise LlmpressError(f"{name}={getattr(self, name)!r} is invalid: use true or false")
+        check_flags(self, ("sym", "act_order", "mse"))
         damp = self.damp
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (0 < damp < math.inf):
             raise LlmpressError(f"damp={damp!r} is invalid: use a positive number such as 0.01 (the fraction of "

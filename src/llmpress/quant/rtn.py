@@ -30,6 +30,15 @@ def check_group_size(group_size: int | None) -> None:
         raise LlmpressError(f"group_size={group_size!r} is invalid: use a positive integer, or -1 for one group per row")
 
 
+def check_flags(config: object, names: tuple[str, ...], method: str = "") -> None:
+    """Each named field of ``config`` must be a real bool (YAML true/false), not 0/1 or a string."""
+    prefix = f"{method} " if method else ""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise LlmpressError(f"{prefix}{name}={value!r} is invalid: use true or false")
+
+
 @dataclass(frozen=True)
 class RTNConfig:
     """bits: 2–8; group_size: columns per scale (-1 = per output channel); sym: zero point fixed at 0;

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..errors import LlmpressError
 from ..models.archs import Arch, linear_weight
 from ..stats import AbsMaxStats
+from .rtn import check_flags
 from .smoothing import fold_scales, foldable_feeds
 from .w8a8 import PATHS, W8A8Linear
 
@@ -52,9 +53,7 @@ class SmoothQuantConfig:
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
             raise LlmpressError(f"smoothquant alpha={a!r} is out of range: use a number from 0 to 1 (0.5 is typical)")
-        for name in ("smooth", "quantize"):
-            if not isinstance(getattr(self, name), bool):
-                raise LlmpressError(f"smoothquant {name}={getattr(self, name)!r} is invalid: use true or false")
+        check_flags(self, ("smooth", "quantize"), "smoothquant")
         if not (self.smooth or self.quantize):
             raise LlmpressError("smoothquant with smooth=false and quantize=false does nothing: enable one of them")
         if self.path not in PATHS:
