@@ -93,3 +93,28 @@ def test_cli_kv_bits_quantizes_the_cache(setup, tmp_path):
     a, b = json.loads(plain.read_text()), json.loads(kv4.read_text())
     assert "kv_cache" not in a and b["kv_cache"]["bits"] == 4
     assert b["perplexity"] != a["perplexity"] and b["tokens"] == a["tokens"]
+
+
+def test_model_level_stages_run_in_order_between_block_segments(setup, monkeypatch):
+    """A "model" method sees the whole model once, after the block stages before it and before those after it."""
+    from llmpress.quant.rtn import RTNConfig
+    from llmpress.registry import METHODS, Method
+
+    calls = []
+
+    def whole_model(model, arch, samples, cfg, *, device, batch_size, progress):
+        weight = model.model.layers[0].self_attn.q_proj.weight
+        calls.append((samples is None, weight.unique().numel()))
+        return {"model.layers.0.self_attn.q_proj": {"whole": True}}
+
+    monkeypatch.setitem(METHODS, "whole", Method("whole", RTNConfig, whole_model, (), "model", calibrated=False))
+    _root, base, _data, tok = setup
+    model = tiny_model("llama", vocab_size=len(tok), hidden_size=128, intermediate_size=256, head_dim=32)
+    recipe = {"stages": [{"method": "rtn", "args": {"bits": 2, "group_size": -1}}, {"method": "whole"},
+                         {"method": "rtn", "args": {"bits": 8, "group_size": -1}}]}
+    result = compress(model, recipe, tokenizer=tok)
+    # it ran once, with no calibration samples, after the 2-bit stage (at most 4 levels per row x rows)
+    assert len(calls) == 1 and calls[0][0]
+    assert calls[0][1] <= 4 * model.model.layers[0].self_attn.q_proj.weight.shape[0]
+    meta = result.layers["model.layers.0.self_attn.q_proj"]
+    assert meta["whole"] is True and meta["bits"] == 8

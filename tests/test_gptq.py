@@ -223,9 +223,10 @@ def test_config_rejects_bad_values(kwargs, needle):
 def test_registry_and_builtin_recipes():
     assert get_method("gptq").stats == ("hessian",)
     cfg = load_recipe("gptq-w4-g64-mse").stages[0].config
-    assert cfg == GPTQConfig(bits=4, group_size=64, act_order=True, mse=True)
+    assert cfg == GPTQConfig(bits=4, group_size=64, act_order=True, mse=True, true_sequential=True)
+    assert load_recipe("gptq-w4-g64").calibration.dtype == "auto"
     assert load_recipe("rtn-w4-g64-mse").stages[0].config == RTNConfig(bits=4, group_size=64, mse=True)
-    for name in ("gptq-w4-g64", "gptq-w4-g64-asym", "gptq-w3-g64", "gptq-w4-g64-act"):
+    for name in ("gptq-w4-g64", "gptq-w4-g64-asym", "gptq-w3-g64", "gptq-w4-g64-classic"):
         assert load_recipe(name).needs_calibration
 
 

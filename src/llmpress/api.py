@@ -21,7 +21,10 @@ from .models.archs import arch_for
 from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
 from .quant.kvcache import KVCacheConfig, as_kv_config, kv_bytes_per_token, kv_cache_factory, kv_config_from_meta
 from .recipe import Recipe, load_recipe
+from .registry import get_method
 from .export.compressed_tensors import save_compressed_tensors
+from .export.sparse import save_sparse
+from .lowrank.module import lowrank_modules, save_factorized
 from .save import check_output, save_model
 
 log = logging.getLogger(__name__)
@@ -84,7 +87,9 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     ``data``/``samples``/``seq_len``/``seed`` override the recipe's calibration settings.
     ``format``: "compressed-tensors" (packed low-bit weights, loadable by transformers and vLLM),
     "dense" (a plain folder of dequantized weights), or "auto": compressed-tensors whenever some
-    linear was weight-quantized and can be packed, else dense.
+    linear was weight-quantized and can be packed, else dense. A pruned, unquantized model asked for
+    as "compressed-tensors" is written sparse-bitmask / sparse-24-bitmask (``llmpress.export.sparse``:
+    real bytes; ``llmpress.load_model`` reads it, transformers 5.x no longer can).
     >>> result = compress("smollm2-135m", "rtn-w4-g64", out="smollm2-w4")  # doctest: +SKIP
     """
     recipe = load_recipe(recipe)
@@ -111,12 +116,26 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     compute_dtype = calibration_dtype(recipe.calibration.dtype, dev)
     results: dict = {}
     with PeakMemory(dev) as mem:
-        layers = compress_blocks(loaded.model, arch, list(recipe.stages), ids, dev, recipe.calibration.batch_size,
-                                 progress=progress, results=results, compute_dtype=compute_dtype)
+        layers: dict[str, dict] = {}
+        for model_stage, stages in _segments(recipe.stages):
+            if model_stage:
+                method = get_method(stages[0].method)
+                done = method.fn(loaded.model, arch, ids, stages[0].config, device=dev,
+                                 batch_size=recipe.calibration.batch_size, progress=progress)
+            else:
+                done = compress_blocks(loaded.model, arch, stages, ids, dev, recipe.calibration.batch_size,
+                                       progress=progress, results=results, compute_dtype=compute_dtype)
+                arch = arch_for(loaded.model)  # the stage may have changed the structure
+            for name, meta in done.items():
+                layers[name] = {**layers.get(name, {}), **meta}
     result = CompressResult(loaded.model, loaded.tokenizer, recipe, layers, time.perf_counter() - start,
                             mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"])
     if out is not None:
-        if _packable(format, arch, layers, results):
+        if lowrank_modules(loaded.model):  # factorized layers: llmpress safetensors + config entry, or dense U·V
+            result.out = save_factorized(loaded.model, loaded.tokenizer, out, result.meta, format)
+        elif format == "compressed-tensors" and _sparse_only(layers):
+            result.out = save_sparse(loaded.model, loaded.tokenizer, layers, results, out, result.meta)
+        elif _packable(format, arch, layers, results):
             result.out = save_compressed_tensors(loaded.model, loaded.tokenizer, layers, results, out, result.meta)
         else:
             result.out = save_model(loaded.model, loaded.tokenizer, out, result.meta)
@@ -124,6 +143,30 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
 
 
 FORMATS = ("auto", "compressed-tensors", "dense")
+
+
+def _segments(stages) -> list[tuple[bool, list]]:
+    """Split recipe stages into runs for the block engine and single model-level stages, in order.
+
+    A method of kind "model" (depth pruning, globally allocated factorization) sees the whole
+    model at once: ``fn(model, arch, samples, config, device=, batch_size=, progress=) ->
+    {layer name: meta}``; the stages around it go through :func:`compress_blocks` as usual.
+    """
+    segments: list[tuple[bool, list]] = []
+    for stage in stages:
+        if get_method(stage.method).kind == "model":
+            segments.append((True, [stage]))
+        elif segments and not segments[-1][0]:
+            segments[-1][1].append(stage)
+        else:
+            segments.append((False, [stage]))
+    return segments
+
+
+def _sparse_only(layers: dict) -> bool:
+    """Some layer pruned and none quantized: saved as compressed-tensors sparse-bitmask when asked (format
+    "compressed-tensors"); "auto" keeps such models dense, which plain transformers 5.x loads."""
+    return any(m.get("sparsity") for m in layers.values()) and not any(m.get("bits") for m in layers.values())
 
 
 def _packable(format: str, arch, layers: dict, results: dict) -> bool:

@@ -71,11 +71,20 @@ class BlockInputs:
                 cast[size] = (extra, kw) if dtype is None else (_cast(extra, dtype), _cast(kw, dtype))
             yield (h if dtype is None else h.to(dtype)), cast[size]
 
-    def run(self, block: nn.Module, block_index: int) -> list[torch.Tensor]:
-        """The block's output for every batch, computed in the block's own dtype."""
+    def run(self, block: nn.Module, block_index: int, stop: type[Exception] | None = None) -> list[torch.Tensor]:
+        """The block's output for every batch, computed in the block's own dtype.
+
+        ``stop``: an exception a hook raises to end a batch's forward early (no output then).
+        """
         dtype = _float_dtype(block)
+        outputs = []
         with torch.inference_mode():
-            return [_hidden(block(h, *extra, **kw)) for h, (extra, kw) in self.batches(block_index, dtype)]
+            for h, (extra, kw) in self.batches(block_index, dtype):
+                try:
+                    outputs.append(_hidden(block(h, *extra, **kw)))
+                except stop or ():
+                    pass
+        return outputs
 
 
 def _float_dtype(block: nn.Module) -> torch.dtype:
@@ -162,24 +171,36 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tenso
     return inputs
 
 
+def _input_groups(arch: Arch, modules: dict[str, nn.Module]) -> list[dict[str, nn.Module]]:
+    """``modules`` split into groups sharing one input, in forward order (true-sequential calibration)."""
+    shared = input_representatives(arch, modules)
+    groups: dict[str, dict[str, nn.Module]] = {}
+    for name, module in modules.items():
+        groups.setdefault(shared[name], {})[name] = module
+    return list(groups.values())
+
+
 def _collect(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], needs: tuple[str, ...],
-             inputs: BlockInputs, index: int) -> dict[str, dict[str, Any]]:
+             inputs: BlockInputs, index: int, stop_early: bool = False) -> dict[str, dict[str, Any]]:
     """Run all calibration batches through ``block`` and accumulate each module's input statistics.
 
-    Linears of one group share their input, so one hook per group feeds them all.
+    Linears of one group share their input, so one hook per group feeds them all. With
+    ``stop_early`` (one input group) each batch's forward ends as soon as the group's input is seen.
     """
     shared = input_representatives(arch, modules)
     stats = {rep: {s: STATS[s]() for s in needs} for rep in set(shared.values())}
 
     def hook(name: str):
-        def fn(_module, args, _output):
+        def fn(_module, args):
             for acc in stats[name].values():
                 acc.add_batch(args[0])
+            if stop_early:
+                raise _StopForward
         return fn
 
-    handles = [modules[rep].register_forward_hook(hook(rep)) for rep in stats]
+    handles = [modules[rep].register_forward_pre_hook(hook(rep)) for rep in stats]
     try:
-        inputs.run(block, index)
+        inputs.run(block, index, stop=_StopForward if stop_early else None)
     finally:
         for h in handles:
             h.remove()
@@ -251,23 +272,26 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                 for name, meta in done.items():
                     layers[f"{prefix}{i}.{name}"] = _merge_meta(layers.get(f"{prefix}{i}.{name}"), meta)
                 continue
-            stats = {}
-            if method.stats:
-                calib, calib_modules = shadow.get()
-                stats = _collect(calib, arch, {n: calib_modules[n] for n in chosen}, method.stats, inputs, i)
-            for name, module in chosen.items():
-                full = f"{prefix}{i}.{name}"
-                W = linear_weight(module, arch).detach().float()
-                args = [stats[name][s] for s in method.stats]
-                result: Compressed = method.fn(W, *args, stage.config)
-                set_linear_weight(module, arch, result.weight)
-                meta = dict(result.meta, shape=list(W.shape))
-                if result.loss is not None:
-                    meta["loss"] = result.loss
-                layers[full] = _merge_meta(layers.get(full), meta)
-                if results is not None:
-                    results[full] = _detached(result)
-            shadow.stale()
+            sequential = bool(method.stats) and getattr(stage.config, "true_sequential", False)
+            for part in (_input_groups(arch, chosen) if sequential else [chosen]):
+                stats = {}
+                if method.stats:
+                    calib, calib_modules = shadow.get()
+                    stats = _collect(calib, arch, {n: calib_modules[n] for n in part}, method.stats, inputs, i,
+                                     stop_early=sequential)
+                for name, module in part.items():
+                    full = f"{prefix}{i}.{name}"
+                    W = linear_weight(module, arch).detach().float()
+                    args = [stats[name][s] for s in method.stats]
+                    result: Compressed = method.fn(W, *args, stage.config)
+                    set_linear_weight(module, arch, result.weight)
+                    meta = dict(result.meta, shape=list(W.shape))
+                    if result.loss is not None:
+                        meta["loss"] = result.loss
+                    layers[full] = _merge_meta(layers.get(full), meta)
+                    if results is not None:
+                        results[full] = _detached(result)
+                shadow.stale()
         if on_block is not None:
             on_block(i, block, blocks)
         if inputs is not None and i + 1 < len(blocks):

@@ -40,7 +40,9 @@ from .rtn import check_bits, check_flags, check_group_size
 class GPTQConfig:
     """bits: 2–8; group_size: columns per scale (-1 = per output channel); sym: zero point 0;
     act_order: process columns by decreasing diag(H), static groups; damp: λ = damp·mean(diag H);
-    block_size: columns per lazy batch update; mse: clip search per group (``search_qparams``)."""
+    block_size: columns per lazy batch update; mse: clip search per group (``search_qparams``);
+    true_sequential: the engine quantizes a block's linears group by group in forward order, each
+    group's Hessian taken with the groups before it already quantized (GPTQ's ``--true-sequential``)."""
 
     bits: int = 4
     group_size: int = 64
@@ -49,11 +51,12 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     mse: bool = False
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_group_size(self.group_size)
-        check_flags(self, ("sym", "act_order", "mse"))
+        check_flags(self, ("sym", "act_order", "mse", "true_sequential"))
         damp = self.damp
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (0 < damp < math.inf):
             raise LlmpressError(f"damp={damp!r} is invalid: use a positive number such as 0.01 (the fraction of "
