@@ -10,15 +10,17 @@ of times and the perplexity difference.
 
 from _common import main
 
-RECIPES = ["rtn-w4-g64", "rtn-w4-g64-asym", "gptq-w4-g64", "gptq-w4-g64-asym", "gptq-w3-g64", "gptq-w4-g64-act",
+RECIPES = ["rtn-w4-g64", "rtn-w4-g64-asym", "gptq-w4-g64", "gptq-w4-g64-asym", "gptq-w3-g64", "gptq-w4-g64-classic",
            "gptq-w4-g64-mse", "awq-w4-g64", "awq+gptq-w4-g64", "smoothquant-w8a8"]
+# llm-compressor with the same settings; its GPTQModifier defaults to static act-order (no "actorder" key = default),
+# which our GPTQ recipes use too; -classic (no act-order) is compared with actorder=None.
 PEERS = {
     "rtn-w4-g64": {"kind": "rtn", "bits": 4, "group_size": 64, "sym": True},
     "rtn-w4-g64-asym": {"kind": "rtn", "bits": 4, "group_size": 64, "sym": False},
-    "gptq-w4-g64": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": True, "actorder": None},
-    "gptq-w4-g64-asym": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": False, "actorder": None},
-    "gptq-w3-g64": {"kind": "gptq", "bits": 3, "group_size": 64, "sym": True, "actorder": None},
-    "gptq-w4-g64-act": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": True, "actorder": "static"},
+    "gptq-w4-g64": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": True},
+    "gptq-w4-g64-asym": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": False},
+    "gptq-w3-g64": {"kind": "gptq", "bits": 3, "group_size": 64, "sym": True},
+    "gptq-w4-g64-classic": {"kind": "gptq", "bits": 4, "group_size": 64, "sym": True, "actorder": None},
     "awq-w4-g64": {"kind": "awq", "bits": 4, "group_size": 64, "sym": False},
     "smoothquant-w8a8": {"kind": "smoothquant", "alpha": 0.5},
 }

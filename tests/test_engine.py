@@ -236,3 +236,13 @@ def test_true_sequential_gptq_equals_group_by_group_whole_model_reference(model_
     one_pass = load_recipe({"stages": [{"method": "gptq", "args": {"bits": 3, "group_size": 16}}]}).stages[0]
     compress_blocks(plain, arch_for(plain), [one_pass], ids, batch_size=4)
     assert not torch.allclose(_logits(plain, ids), _logits(model, ids))
+
+
+@pytest.mark.parametrize("width", [1, 5, 64, 97])
+def test_blocked_gram_equals_full_product(width):
+    from llmpress.stats import add_gram_
+
+    X = torch.randn(50, width, dtype=torch.float64)
+    start = torch.randn(width, width, dtype=torch.float64)
+    got = add_gram_(start.clone(), X)
+    assert torch.allclose(got, start + X.T @ X, rtol=0, atol=1e-12)

@@ -137,6 +137,12 @@ def _rtn(bits: int, group: int, sym: bool = True) -> dict:
     return {"stages": [{"method": "rtn", "args": {"bits": bits, "group_size": group, "sym": sym}}]}
 
 
+def _gptq(bits: int, group_size: int = 64, **args) -> dict:
+    stage = {"method": "gptq", "args": {"bits": bits, "group_size": group_size, "act_order": True,
+                                        "true_sequential": True, **args}}
+    return {"calibration": {"dtype": "auto"}, "stages": [stage]}
+
+
 def _magnitude(sparsity: float) -> dict:
     return {"stages": [{"method": "magnitude", "args": {"sparsity": sparsity}}]}
 
@@ -150,13 +156,32 @@ BUILTIN_RECIPES: dict[str, dict] = {
     "magnitude-50": _magnitude(0.5),
     "magnitude-30": _magnitude(0.3),
     "magnitude-50+rtn-w4-g64": {"stages": _magnitude(0.5)["stages"] + _rtn(4, 64)["stages"]},
-    # GPTQ (calibrated: uses the default calibration settings); -act: act_order with static groups
-    "gptq-w4-g64": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}]},
-    "gptq-w4-g64-asym": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64, "sym": False}}]},
-    "gptq-w3-g64": {"stages": [{"method": "gptq", "args": {"bits": 3, "group_size": 64}}]},
-    "gptq-w4-g64-act": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64, "act_order": True}}]},
-    "gptq-w4-g64-mse": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64, "act_order": True,
-                                                                "mse": True}}]},
+    # pruning (issue 4): magnitude / Wanda / SparseGPT at 50% unstructured, 2:4 and 4:8; OWL layer ratios;
+    # SparseGPT 50% + int4 (group 64) jointly in one pass, or one after the other (-w4 vs +gptq-w4 / +rtn-w4-g64)
+    "magnitude-24": {"stages": [{"method": "magnitude", "args": {"sparsity": 0.5, "pattern": "2:4"}}]},
+    "magnitude-48": {"stages": [{"method": "magnitude", "args": {"sparsity": 0.5, "pattern": "4:8"}}]},
+    "wanda-50": {"stages": [{"method": "wanda", "args": {"sparsity": 0.5}}]},
+    "wanda-24": {"stages": [{"method": "wanda", "args": {"pattern": "2:4"}}]},
+    "wanda-48": {"stages": [{"method": "wanda", "args": {"pattern": "4:8"}}]},
+    "sparsegpt-50": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5}}]},
+    "sparsegpt-24": {"stages": [{"method": "sparsegpt", "args": {"pattern": "2:4"}}]},
+    "sparsegpt-48": {"stages": [{"method": "sparsegpt", "args": {"pattern": "4:8"}}]},
+    "sparsegpt-50-w4": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5, "bits": 4, "group_size": 64}}]},
+    "sparsegpt-24-w4": {"stages": [{"method": "sparsegpt", "args": {"pattern": "2:4", "bits": 4, "group_size": 64}}]},
+    "sparsegpt-50+gptq-w4": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5}},
+                                        {"method": "sparsegpt", "args": {"sparsity": 0.0, "keep_zeros": True,
+                                                                         "bits": 4, "group_size": 64}}]},
+    "sparsegpt-50+rtn-w4-g64": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5}},
+                                           *_rtn(4, 64)["stages"]]},
+    "owl-wanda-50": {"stages": [{"method": "owl", "args": {"sparsity": 0.5, "pruner": "wanda"}}]},
+    "owl-sparsegpt-50": {"stages": [{"method": "owl", "args": {"sparsity": 0.5, "pruner": "sparsegpt"}}]},
+    # GPTQ: act-order (static groups) and true-sequential by default, calibration forwards in bfloat16 where the
+    # CPU/GPU runs it natively (Hessians stay fp32); -classic: the reference algorithm (no act-order, one pass)
+    "gptq-w4-g64": _gptq(4),
+    "gptq-w4-g64-asym": _gptq(4, sym=False),
+    "gptq-w3-g64": _gptq(3),
+    "gptq-w4-g64-mse": _gptq(4, mse=True),
+    "gptq-w4-g64-classic": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}]},
     "rtn-w4-g64-mse": {"stages": [{"method": "rtn", "args": {"bits": 4, "group_size": 64, "mse": True}}]},
     # KV-cache quantization (KIVI-style asymmetric groups per head per token), applied at evaluation
     "kv-int8": {"stages": [{"method": "kv-cache", "args": {"bits": 8, "group_size": 64}}]},
@@ -166,10 +191,20 @@ BUILTIN_RECIPES: dict[str, dict] = {
                               *_rtn(4, 64, sym=False)["stages"]]},
     "awq-w4-g64-sym": {"stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": True}},
                                   *_rtn(4, 64, sym=True)["stages"]]},
-    "awq+gptq-w4-g64": {"stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": False}},
-                                   {"method": "gptq", "args": {"bits": 4, "group_size": 64, "sym": False}}]},
+    "awq+gptq-w4-g64": {"calibration": {"dtype": "auto"},
+                        "stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": False}},
+                                   *_gptq(4, sym=False)["stages"]]},
     # SmoothQuant: fold activation outliers into the weights, then int8 weights x int8 per-token activations.
     "smoothquant-w8a8": {"stages": [{"method": "smoothquant", "args": {"alpha": 0.5}}]},
+    # structured pruning of 20% of all parameters: shrunk matrices (FLAP fluctuation + bias compensation /
+    # LLM-Pruner Taylor), or whole blocks (ShortGPT block influence)
+    "width-20": {"stages": [{"method": "width", "args": {"target": 0.2, "bias": True}}]},
+    "width-20-taylor": {"stages": [{"method": "width", "args": {"target": 0.2, "metric": "taylor"}}]},
+    "depth-20": {"stages": [{"method": "depth", "args": {"target": 0.2}}]},
+    # Low-rank factorization, ranks allocated globally; NN = % of the whole model's parameters and FLOPs kept.
+    **{f"{m}-{k}": {"stages": [{"method": m, "args": {"keep": k / 100}}]}
+       for m in ("svd", "asvd", "svd-llm") for k in (90, 80, 70)},
+    "svd-llm-80+rtn-w8": {"stages": [{"method": "svd-llm", "args": {"keep": 0.8}}, *_rtn(8, -1)["stages"]]},
 }
 
 

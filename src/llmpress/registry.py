@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import LlmpressError
+from .lowrank.stage import ASVDConfig, SVDConfig, SVDLLMConfig, asvd_stage, svd_llm_stage, svd_stage
 from .prune.magnitude import MagnitudeConfig, magnitude
+from .prune.depth import DepthConfig, depth_prune
+from .prune.structured import WidthConfig, width_prune
+from .prune.owl import OWLConfig, owl
+from .prune.sparsegpt import SparseGPTConfig, sparsegpt
+from .prune.wanda import WandaConfig, wanda
 from .quant.awq import AWQConfig, awq_block
 from .quant.gptq import GPTQConfig, gptq
 from .quant.kvcache import KVCacheConfig, kv_cache_stage
@@ -28,21 +34,36 @@ class Method:
     stats: tuple[str, ...] = ()
     kind: str = "quantize"  # "quantize" | "prune" | "block" (rewrites a whole block: smoothing)
     #                         | "runtime" (changes inference, not weights: KV-cache quantization)
+    #                         | "model" (sees the whole model: depth pruning, global rank allocation)
+    calibrated: bool | None = None  # whether it needs calibration data; None = decided by stats/kind
 
     @property
     def needs_inputs(self) -> bool:
         """Whether the engine must run calibration data through the blocks for this method."""
+        if self.calibrated is not None:
+            return self.calibrated
         return bool(self.stats) or self.kind == "block"
 
 
 METHODS: dict[str, Method] = {
     "rtn": Method("rtn", RTNConfig, rtn, (), "quantize"),
     "magnitude": Method("magnitude", MagnitudeConfig, magnitude, (), "prune"),
+    "wanda": Method("wanda", WandaConfig, wanda, ("col_norm",), "prune"),
+    "sparsegpt": Method("sparsegpt", SparseGPTConfig, sparsegpt, ("hessian",), "prune"),
+    # non-uniform sparsity: all blocks' outlier ratios first, then Wanda/SparseGPT block by block
+    "owl": Method("owl", OWLConfig, owl, (), "model", calibrated=True),
+    # structured pruning: the matrices (width) or the block list (depth) really shrink
+    "width": Method("width", WidthConfig, width_prune, (), "model", calibrated=True),
+    "depth": Method("depth", DepthConfig, depth_prune, (), "model", calibrated=True),
     "gptq": Method("gptq", GPTQConfig, gptq, ("hessian",), "quantize"),
     # a runtime setting: weights untouched, applied by llmpress.evaluate from the recipe
     "kv-cache": Method("kv-cache", KVCacheConfig, kv_cache_stage, (), "runtime"),
     "awq": Method("awq", AWQConfig, awq_block, (), "block"),
     "smoothquant": Method("smoothquant", SmoothQuantConfig, smoothquant_block, (), "block"),
+    # low-rank factorization: all layers' loss curves first, then one global rank allocation
+    "svd": Method("svd", SVDConfig, svd_stage, (), "model", calibrated=False),
+    "asvd": Method("asvd", ASVDConfig, asvd_stage, (), "model", calibrated=True),
+    "svd-llm": Method("svd-llm", SVDLLMConfig, svd_llm_stage, (), "model", calibrated=True),
 }
 
 

@@ -16,6 +16,20 @@ def _rows(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.detach().reshape(-1, x.shape[-1]).to(dtype)
 
 
+def add_gram_(out: Tensor, X: Tensor, blocks: int = 4) -> Tensor:
+    """``out += XᵀX`` computing only the upper block triangle (XᵀX is symmetric): about 10/16 of the FLOPs."""
+    d = X.shape[1]
+    edges = [d * i // blocks for i in range(blocks + 1)]
+    for lo, hi in zip(edges, edges[1:]):
+        if hi == lo:
+            continue
+        strip = X[:, lo:hi].T @ X[:, lo:]  # rows lo:hi, columns lo:
+        out[lo:hi, lo:] += strip
+        if hi < d:
+            out[hi:, lo:hi] += strip[:, hi - lo:].T
+    return out
+
+
 class HessianStats:
     """H = 2/n · XᵀX over all n calibration tokens (GPTQ, SparseGPT)."""
 
@@ -28,8 +42,9 @@ class HessianStats:
         # Half-precision activations are upcast: a bf16 product would round every entry of XᵀX to
         # 8 bits, and GPTQ's solve amplifies that error on outlier channels (perplexity measured worse).
         X = _rows(x, self.dtype)
-        xtx = X.T @ X
-        self.sum = xtx if self.sum is None else self.sum + xtx
+        if self.sum is None:
+            self.sum = torch.zeros(X.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
+        add_gram_(self.sum, X)
         self.count += X.shape[0]
 
     def result(self) -> Tensor:

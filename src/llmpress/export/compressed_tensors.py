@@ -57,6 +57,7 @@ from ..errors import LlmpressError
 from ..primitives import expand_groups
 from ..quant.qlinear import QuantizedLinear, dequantize_packed
 from ..save import save_model
+from .sparse import is_sparse_config, load_sparse
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,8 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     config = AutoConfig.from_pretrained(path)
     qconfig = config.quantization_config
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    if is_sparse_config(qconfig):  # pruned weights as bitmask + values (export/sparse.py)
+        return load_sparse(path, config, dtype)
     groups = qconfig.get("config_groups") or {}
     ours = Path(path).is_dir() and bool(groups) and all(_readable(g, qconfig) for g in groups.values())
     installed = importlib.util.find_spec("compressed_tensors") is not None

@@ -118,6 +118,8 @@ def _layer_weights(model, layers: dict[str, dict]) -> dict[int, dict]:
         except AttributeError as exc:
             raise LlmpressError(f"size_report: model has no module named {name!r}") from exc
         weight = getattr(module, "weight", None)
+        if weight is None and getattr(module, "linear_children", None):
+            continue  # factorized (LowRankLinear): its two linears are counted as themselves
         if not isinstance(weight, torch.Tensor):
             raise LlmpressError(f"size_report: module {name!r} has no weight tensor")
         spec = dict(spec)
@@ -165,9 +167,9 @@ def size_report(
     * everything else (embeddings, norms, biases, untouched layers) at ``d``
       bits; tied tensors are counted once.
 
-    Returns ``size_bytes``, ``dense_bytes`` (all at ``d`` bits),
-    ``compression_ratio``, ``bits_per_weight`` (over all parameters),
-    ``linear_bits_per_weight`` (over the listed layers, or None),
+    Returns ``size_bytes``, ``dense_bytes`` (all at ``d`` bits; those of the
+    original model when a record has ``base_params``), ``compression_ratio``,
+    ``bits_per_weight`` (over all parameters), ``linear_bits_per_weight`` (over the listed layers, or None),
     ``disk_bytes`` (files under ``folder``, or None) and ``params``.
     """
     if not isinstance(dense_bits, int) or dense_bits < 1:
@@ -183,7 +185,10 @@ def size_report(
         listed_bytes += layer_bytes(spec, dense_bits)
         listed_numel += spec["shape"][0] * spec["shape"][1]
     size = _bytes(rest_numel * dense_bits) + listed_bytes
-    dense = _bytes(params["total"] * dense_bits)
+    # Structured pruning shrinks the model itself: a record's "base_params" (the parameter count
+    # before compression) makes dense_bytes, and so the ratio, those of the original model.
+    base_params = max((int(spec.get("base_params") or 0) for spec in (layers or {}).values()), default=0)
+    dense = _bytes(max(params["total"], base_params) * dense_bits)
     report = {
         "size_bytes": size,
         "dense_bytes": dense,

@@ -257,15 +257,25 @@ def get_blocks(model: nn.Module, arch: Arch) -> nn.ModuleList:
 
 
 def block_linears(block: nn.Module, arch: Arch) -> dict[str, nn.Module]:
-    """Relative name -> linear module of one block, in group order."""
+    """Relative name -> linear module of one block, in group order.
+
+    A factorized layer (``llmpress.lowrank.LowRankLinear``, which names its two plain
+    linears in ``linear_children``) is listed as those linears, ``<name>.down`` and
+    ``<name>.up``, so per-linear stages (RTN, GPTQ) quantize its factors.
+    """
     found: dict[str, nn.Module] = {}
     for name in arch.linear_names:
         try:
-            found[name] = block.get_submodule(name)
+            module = block.get_submodule(name)
         except AttributeError as err:
             raise RuntimeError(
                 f"arch '{arch.name}': block {type(block).__name__} has no linear '{name}'"
             ) from err
+        children = getattr(module, "linear_children", None)
+        if children:
+            found.update({f"{name}.{child}": module.get_submodule(child) for child in children})
+        else:
+            found[name] = module
     return found
 
 

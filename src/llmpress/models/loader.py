@@ -84,6 +84,10 @@ def _load_folder(path: Path, dtype: torch.dtype, hub: bool = False):
 
             w8a8 = is_w8a8_config(config.quantization_config)
             model = load_w8a8_folder(path, dtype) if w8a8 else load_compressed_tensors(path, dtype)
+        elif isinstance(getattr(config, "llmpress", None), dict) and config.llmpress.get("lowrank"):
+            from ..lowrank.module import load_lowrank_folder  # factorized layers (U, V) named in config.json
+
+            model = load_lowrank_folder(path, config, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except ValueError as exc:

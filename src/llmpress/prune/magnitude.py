@@ -2,7 +2,9 @@
 
 Zero the weights of smallest |w|, either over the whole layer or within each
 output row. Exactly ``floor(sparsity · n)`` weights go in each comparison
-group, ties broken by position, so the sparsity is exact.
+group, ties broken by position, so the sparsity is exact. With ``pattern``
+"N:M" (e.g. "2:4") the N largest of every M consecutive weights of a row are
+kept instead (``llmpress.prune.masks``).
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from torch import Tensor
 
 from ..compressed import Compressed
 from ..errors import LlmpressError
+from .masks import mask_meta, nm_mask, parse_pattern
 
 
 @dataclass(frozen=True)
 class MagnitudeConfig:
-    """sparsity: fraction of weights removed, in [0, 1); scope: "layer" or "row"."""
+    """sparsity: fraction of weights removed, in [0, 1); scope: "layer" or "row";
+    pattern: "unstructured" or "N:M" (then sparsity must be 1 − N/M, e.g. 0.5 for "2:4")."""
 
     sparsity: float = 0.5
     scope: str = "layer"
+    pattern: str = "unstructured"
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -29,6 +34,10 @@ class MagnitudeConfig:
             raise LlmpressError(f"sparsity={s!r} is out of range: use a fraction in [0, 1), e.g. 0.5")
         if self.scope not in ("layer", "row"):
             raise LlmpressError(f"scope={self.scope!r} is invalid: use 'layer' or 'row'")
+        nm = parse_pattern(self.pattern)
+        if nm is not None and abs(s - (1 - nm[0] / nm[1])) > 1e-9:
+            raise LlmpressError(f"sparsity={s!r} contradicts pattern {self.pattern!r}: set sparsity to "
+                                f"{1 - nm[0] / nm[1]:g}")
 
 
 def prune_lowest(scores: Tensor, sparsity: float, scope: str) -> Tensor:
@@ -43,11 +52,8 @@ def prune_lowest(scores: Tensor, sparsity: float, scope: str) -> Tensor:
 
 
 def magnitude(weight: Tensor, cfg: MagnitudeConfig) -> Compressed:
-    """Prune ``weight`` (out, in) by |w|; returns the pruned weight and its keep-mask."""
-    mask = prune_lowest(weight.abs(), cfg.sparsity, cfg.scope)
+    """Prune ``weight`` (out, in) by |w|; returns the pruned weight and its keep-mask (bool, (out, in))."""
+    nm = parse_pattern(cfg.pattern)
+    mask = prune_lowest(weight.abs(), cfg.sparsity, cfg.scope) if nm is None else nm_mask(weight.abs(), *nm)
     pruned = weight.float() * mask
-    return Compressed(
-        weight=pruned,
-        mask=mask,
-        meta={"method": "magnitude", "sparsity": 1 - mask.float().mean().item()},
-    )
+    return Compressed(weight=pruned, mask=mask, meta={"method": "magnitude", **mask_meta(mask, nm)})

@@ -76,10 +76,10 @@ def gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
     int8 codes (out, in) and scale/zero (out, groups), all in the original column
     order, and ``loss`` = Σ (w − q)²/[H_F⁻¹]_qq / 2 over all quantized entries (the
     reference code's estimate): half of tr(ΔHΔᵀ), Δ = W − Ŵ, for the damped H.
-    Runs on one torch thread (see ``llmpress.linalg.single_threaded``).
+    The column loop runs on one torch thread (see ``llmpress.linalg.single_threaded``); the
+    factorizations use all of them.
     """
-    with single_threaded():
-        return _gptq(weight, hessian, cfg)
+    return _gptq(weight, hessian, cfg)
 
 
 def _gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
@@ -140,8 +140,13 @@ class _CurrentGroups:
         return s[:, 0].to(Wt.dtype), z[:, 0].to(Wt.dtype)
 
 
-def _solve(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: tuple[Tensor, Tensor] | None = None,
-           groups: _CurrentGroups | None = None) -> tuple[Tensor, float]:
+def _solve(*args, **kwargs) -> tuple[Tensor, float]:
+    with single_threaded():
+        return _solve_loop(*args, **kwargs)
+
+
+def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: tuple[Tensor, Tensor] | None = None,
+                groups: _CurrentGroups | None = None) -> tuple[Tensor, float]:
     """The blocked GPTQ loop on Wt = Wᵀ (in, out), rows in processing order; returns float codes (in, out), loss.
 
     Working on Wᵀ keeps each column a contiguous row. Qparams come either from

@@ -1,0 +1,118 @@
+"""Pruning benchmark: magnitude / Wanda / SparseGPT / OWL / structured pruning on SmolLM2-135M, llm-compressor beside it.
+
+    python benchmarks/pruning.py [--recipes a,b] [--peer-python /path/to/python-with-llmcompressor]
+
+Same calibration (128 x 512, austen:calib, seed 0) and evaluation windows (austen:eval, 16 x 1024) as the
+quantization benchmark. Prints one Markdown table (perplexity, bits per weight of the compressed linears and
+the compressed size as ``llmpress.measure.size_report`` counts it, compression wall time, peak memory; and,
+where llm-compressor is installed, its WandaPruningModifier / SparseGPTModifier with the same settings on the
+same windows), then a second table with what each model really takes on disk when saved
+(``compressed-tensors``: sparse-bitmask / sparse-24-bitmask for pruned models, pack-quantized for quantized
+ones; structured pruning saves smaller dense matrices). Folders are written in the model's dtype (fp32 here).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import Bench, parser, peer_python, table
+
+import llmpress
+from llmpress.measure import perplexity, size_report
+from llmpress.measure.size import folder_bytes
+from llmpress.models.loader import LoadedModel
+from llmpress.recipe import load_recipe
+from llmpress.registry import METHODS
+
+RECIPES = ["magnitude-50", "magnitude-24", "magnitude-48", "wanda-50", "wanda-24", "wanda-48",
+           "sparsegpt-50", "sparsegpt-24", "sparsegpt-48", "sparsegpt-50-w4", "sparsegpt-50+gptq-w4",
+           "sparsegpt-50+rtn-w4-g64", "owl-wanda-50", "owl-sparsegpt-50", "width-20", "depth-20"]
+PEERS = {
+    "wanda-50": {"kind": "wanda", "sparsity": 0.5, "mask_structure": "0:0"},
+    "wanda-24": {"kind": "wanda", "sparsity": 0.5, "mask_structure": "2:4"},
+    "wanda-48": {"kind": "wanda", "sparsity": 0.5, "mask_structure": "4:8"},
+    "sparsegpt-50": {"kind": "sparsegpt", "sparsity": 0.5, "mask_structure": "0:0"},
+    "sparsegpt-24": {"kind": "sparsegpt", "sparsity": 0.5, "mask_structure": "2:4"},
+    "sparsegpt-48": {"kind": "sparsegpt", "sparsity": 0.5, "mask_structure": "4:8"},
+}
+# methods whose results the compressed-tensors exporter stores (sparse or packed); others are saved as they are
+_STORABLE = {"magnitude", "wanda", "sparsegpt", "owl", "rtn", "gptq"}
+
+
+class PruningBench(Bench):
+    """Bench, plus each compressed model saved once to measure its real size on disk."""
+
+    def run(self, name: str) -> dict:
+        recipe = load_recipe(name)
+        missing = [s.method for s in recipe.stages if s.method not in METHODS]
+        if missing:
+            return {"recipe": name, "error": f"method {missing[0]} not available"}
+        fresh = LoadedModel(copy.deepcopy(self.base.model), self.base.tokenizer, self.base.source)
+        storable = all(s.method in _STORABLE for s in recipe.stages)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp, "model")
+            start = time.perf_counter()
+            result = llmpress.compress(fresh, recipe, samples=self.args.samples, seq_len=self.args.seq_len,
+                                       progress=not self.args.quiet, out=out,
+                                       format="compressed-tensors" if storable else "auto")
+            wall = time.perf_counter() - start
+            disk = folder_bytes(out)
+            saved_as = json.loads((out / "llmpress.json").read_text()).get("export", {}).get(
+                "compression_format", "dense")
+        ppl = perplexity(result.model, self.eval)["perplexity"]
+        size = size_report(result.model, result.layers)
+        layers = result.layers.values()
+        numel = sum(m["shape"][0] * m["shape"][1] for m in layers if m.get("shape"))
+        zeros = sum(m.get("sparsity", 0) * m["shape"][0] * m["shape"][1] for m in layers if m.get("shape"))
+        return {"recipe": name, "perplexity": ppl, "seconds": result.seconds, "save_seconds": wall - result.seconds,
+                "peak_bytes": result.peak_memory_bytes, "bits_per_weight": size["linear_bits_per_weight"],
+                "size_bytes": size["size_bytes"], "compression_ratio": size["compression_ratio"],
+                "params": size["params"]["total"], "disk_bytes": disk, "saved_as": saved_as,
+                "linear_sparsity": zeros / numel if numel else None}
+
+
+def disk_table(rows: list[dict], base_disk: int, base_params: int) -> str:
+    lines = ["| recipe | saved as | params | sparsity of pruned linears | disk MB (fp32 values) | vs base |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("error"):
+            continue
+        sparsity = "–" if r["linear_sparsity"] is None else f"{r['linear_sparsity']:.4f}"
+        lines.append(f"| {r['recipe']} | {r['saved_as']} | {r['params'] / 1e6:.1f}M | {sparsity} | "
+                     f"{r['disk_bytes'] / 1e6:,.1f} | {r['disk_bytes'] / base_disk:.3f} |")
+    lines.append(f"| base | dense | {base_params / 1e6:.1f}M | – | {base_disk / 1e6:,.1f} | 1.000 |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0], RECIPES).parse_args()
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    python = peer_python(args.peer_python)
+    bench = PruningBench(args)
+    rows = []
+    for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+        row = bench.run(name)
+        if python and name in PEERS and not row.get("error"):
+            row["peer"] = bench.run_peer(python, PEERS[name])
+        rows.append(row)
+        print(f"done {name}: {json.dumps(row)}", file=sys.stderr)
+    print(f"threads={torch.get_num_threads()}  calibration {args.samples}x{args.seq_len} austen:calib seed 0; "
+          f"evaluation {args.eval_windows}x{args.eval_seq_len} austen:eval")
+    print(table(rows, bench.base_ppl, python is not None))
+    base_disk = folder_bytes(bench.base.folder)
+    print()
+    print(disk_table(rows, base_disk, sum(p.numel() for p in bench.base.model.parameters())))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"base_perplexity": bench.base_ppl, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

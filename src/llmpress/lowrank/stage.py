@@ -1,0 +1,263 @@
+"""The model-level low-rank stages ``svd``, ``asvd`` and ``svd-llm``: statistics, global rank allocation, factorization.
+
+Each is a Method of kind "model" (see ``llmpress.api._segments``): it needs every
+layer's loss curve before choosing any rank, so it
+
+1. runs the calibration windows through the *uncompressed* model block by block
+   (``engine.capture_inputs`` / ``BlockInputs.run``), with hooks that accumulate each
+   linear's input statistics (XᵀX for SVD-LLM; mean |X_j| and XᵀX for ASVD, whose
+   factorization uses mean |X_j| only but whose loss curve is the exact output error;
+   plain SVD needs none, and its curve is the weight error); the statistics of every
+   block come from unfactorized activations, in one pass;
+2. computes each linear's loss curve (``llmpress.lowrank.factorize``) and the parameter
+   budget (:class:`SVDConfig`), and allocates ranks globally (``llmpress.lowrank.allocate``);
+3. replaces each linear that got a rank by a ``LowRankLinear``; the others stay dense.
+
+The per-layer metadata reports the rank chosen (None: left dense), the parameters and
+the relative loss of the truncation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LlmpressError
+from ..linalg import single_threaded
+from ..measure import count_params, flops_per_token
+from ..models.archs import Arch, block_linears, get_blocks, input_representatives, linear_weight
+from .allocate import allocate_ranks, layer_params
+from .factorize import (asvd_curve, asvd_factorize, svd_curve, svd_factorize, svd_llm_curve, svd_llm_factorize)
+from .module import LowRankLinear, replace_with_factors
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("model", "linears")
+
+
+@dataclass(frozen=True)
+class SVDConfig:
+    """Budget of a low-rank stage.
+
+    keep: the fraction to keep, 0 < keep < 1 (0.8 = "keep 80% of the parameters").
+    scope: "model" (default): the whole model's parameter count *and* its FLOPs per token
+    (at ``flops_seq_len`` tokens of context) end at ≤ keep × the original's. Embeddings,
+    norms, the LM head and attention products are not factorized, so the block linears
+    shrink by more than 1 − keep (SmolLM2-135M: its tied 28M-parameter embedding stays).
+    "linears": only the factorized linears' own parameters are held to keep × their dense count.
+    min_rank: the smallest rank a factorized layer may get.
+    """
+
+    keep: float = 0.8
+    scope: str = "model"
+    min_rank: int = 1
+    flops_seq_len: int = 1024
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep < 1:
+            raise LlmpressError(f"keep={self.keep!r} is out of range: use a fraction between 0 and 1, e.g. 0.8")
+        if self.scope not in SCOPES:
+            raise LlmpressError(f"scope={self.scope!r} is invalid: use one of {', '.join(SCOPES)}")
+        for name in ("min_rank", "flops_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LlmpressError(f"{name}={value!r} is invalid: use a positive integer")
+
+
+@dataclass(frozen=True)
+class ASVDConfig(SVDConfig):
+    """SVDConfig plus alpha: the exponent of the activation scale S_jj = mean|X_j|^alpha (ASVD: 0.5)."""
+
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 2:
+            raise LlmpressError(f"alpha={self.alpha!r} is out of range: use a number from 0 to 2 (ASVD uses 0.5)")
+
+
+@dataclass(frozen=True)
+class SVDLLMConfig(SVDConfig):
+    """SVDConfig plus update_u: re-solve U by least squares given V after truncation."""
+
+    update_u: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.update_u, bool):
+            raise LlmpressError(f"update_u={self.update_u!r} is invalid: use true or false")
+
+
+class _InputStats:
+    """Σ xxᵀ and Σ|x| over the rows of every batch a linear sees (float64 sums)."""
+
+    def __init__(self, xtx: bool, absmean: bool) -> None:
+        self.want_xtx, self.want_abs = xtx, absmean
+        self.xtx: Tensor | None = None
+        self.abs: Tensor | None = None
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        X = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.want_xtx:
+            p = (X.T @ X).double()
+            self.xtx = p if self.xtx is None else self.xtx + p
+        if self.want_abs:
+            a = X.abs().sum(0).double()
+            self.abs = a if self.abs is None else self.abs + a
+        self.count += X.shape[0]
+
+    def result(self) -> dict[str, Tensor]:
+        out = {}
+        if self.want_xtx:
+            out["xtx"] = (self.xtx / self.count).float().cpu()
+        if self.want_abs:
+            out["absmean"] = (self.abs / self.count).float().cpu()
+        return out
+
+
+def collect_input_stats(model: nn.Module, arch: Arch, samples: Tensor, *, xtx: bool, absmean: bool,
+                        device: torch.device | str = "cpu", batch_size: int = 8,
+                        progress: bool = False) -> dict[str, dict[str, Tensor]]:
+    """Full layer name -> {"xtx": mean xxᵀ (n×n), "absmean": mean |x_j| (n,)} of every block linear's input.
+
+    One pass, block by block, propagating the *unfactorized* blocks' outputs; linears that
+    share an input (q/k/v, gate/up) share one accumulation (the same tensors).
+    """
+    from tqdm.auto import tqdm
+
+    from ..engine import capture_inputs  # here: the engine imports the registry, which imports this module
+
+    device = torch.device(device)
+    blocks = get_blocks(model, arch)
+    prefix = _prefix(model, blocks)
+    inputs = capture_inputs(model, blocks, samples, batch_size, device)
+    stats: dict[str, dict[str, Tensor]] = {}
+    for i, block in enumerate(tqdm(blocks, desc="low-rank statistics", disable=not progress, leave=False)):
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = block_linears(block, arch)
+        shared = input_representatives(arch, linears)
+        accs = {rep: _InputStats(xtx, absmean) for rep in set(shared.values())}
+        handles = [linears[rep].register_forward_hook(lambda _m, args, _o, acc=acc: acc.add(args[0]))
+                   for rep, acc in accs.items()]
+        try:
+            inputs.hidden = inputs.run(block, i)
+        finally:
+            for h in handles:
+                h.remove()
+        results = {rep: acc.result() for rep, acc in accs.items()}
+        stats.update({f"{prefix}{i}.{n}": results[rep] for n, rep in shared.items()})
+        block.to(home)
+    return stats
+
+
+def _prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
+    return next(f"{name}." for name, module in model.named_modules() if module is blocks)
+
+
+def _layers(model: nn.Module, arch: Arch) -> dict[str, nn.Module]:
+    blocks = get_blocks(model, arch)
+    prefix = _prefix(model, blocks)
+    found = {f"{prefix}{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b, arch).items()}
+    if any(isinstance(model.get_submodule(n.rsplit(".", 1)[0]), LowRankLinear) for n in found):
+        raise LlmpressError("the model is already factorized: use one low-rank stage (svd, asvd or svd-llm) per recipe")
+    return found
+
+
+def linear_budget(model: nn.Module, shapes: list[tuple[int, int]], cfg: SVDConfig) -> int:
+    """How many parameters the factorizable linears may keep in total under ``cfg`` (see :class:`SVDConfig`)."""
+    dense = sum(m * n for m, n in shapes)
+    if cfg.scope == "linears":
+        return math.floor(cfg.keep * dense)
+    total = count_params(model)["total"]
+    flops = flops_per_token(model.config, cfg.flops_seq_len, model=model)["flops_per_token"]
+    by_params = cfg.keep * total - (total - dense)
+    by_flops = (cfg.keep * flops - (flops - 2 * dense)) / 2  # 2 FLOPs per weight per token
+    return math.floor(min(by_params, by_flops))
+
+
+def _curve(method: str, W: Tensor, stats: dict, cfg) -> tuple[Tensor, dict]:
+    if method == "svd":
+        return svd_curve(W), {}
+    if method == "asvd":
+        return asvd_curve(W, stats["absmean"], cfg.alpha, stats.get("xtx")), {}
+    curve, damp = svd_llm_curve(W, stats["xtx"])
+    return curve, {"damp": damp}
+
+
+def _factorize(method: str, W: Tensor, stats: dict, rank: int, cfg):
+    if method == "svd":
+        return svd_factorize(W, rank)
+    if method == "asvd":
+        return asvd_factorize(W, stats["absmean"], rank, cfg.alpha)
+    return svd_llm_factorize(W, stats["xtx"], rank, cfg.update_u)
+
+
+def lowrank_model(method: str, model: nn.Module, arch: Arch, samples: Tensor | None, cfg: SVDConfig, *,
+                  device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = False,
+                  stats: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Factorize every block linear of ``model`` in place with ``method`` ("svd" | "asvd" | "svd-llm").
+
+    Returns {full layer name: meta} with the rank chosen (None = left dense). ``stats``: the
+    output of :func:`collect_input_stats` (xtx and absmean) to reuse, e.g. across budgets;
+    by default they are collected here. ASVD factorizes with mean |X_j| only, but allocates
+    ranks by its exact output error, which needs XᵀX too (see ``asvd_curve``).
+    """
+    layers = _layers(model, arch)
+    before = count_params(model)["total"]
+    if stats is None and method == "svd":
+        stats = {n: {} for n in layers}
+    if stats is None:
+        if samples is None:
+            raise LlmpressError(f"{method} needs calibration samples: give the recipe calibration data")
+        stats = collect_input_stats(model, arch, samples, xtx=True, absmean=method == "asvd",
+                                    device=device, batch_size=batch_size, progress=progress)
+    weights = {n: linear_weight(m, arch).detach().float().cpu() for n, m in layers.items()}
+    curves, extra = {}, {}
+    with single_threaded():  # small dense factorizations: one thread stalls less on shared cores
+        for n, W in weights.items():
+            curves[n], extra[n] = _curve(method, W, stats[n], cfg)
+    shapes = [tuple(W.shape) for W in weights.values()]
+    budget = linear_budget(model, shapes, cfg)
+    ranks = dict(zip(weights, allocate_ranks(shapes, list(curves.values()), budget, cfg.min_rank)))
+    meta: dict[str, dict] = {}
+    for n, W in weights.items():
+        rank, curve = ranks[n], curves[n]
+        rel = 0.0 if rank is None or float(curve[0]) == 0 else float(curve[rank] / curve[0])
+        meta[n] = {"method": method, "rank": rank, "shape": list(W.shape), "params": layer_params(W.shape, rank),
+                   "dense_params": W.numel(), "relative_loss": rel, **extra[n]}
+        if rank is not None:
+            with single_threaded():
+                done = _factorize(method, W, stats[n], rank, cfg)
+            replace_with_factors(model, n, done.U, done.V)
+    _log_summary(method, meta, budget, before, count_params(model)["total"])
+    return meta
+
+
+def _log_summary(method: str, meta: dict[str, dict], budget: int, before: int, after: int) -> None:
+    kept = sum(m["params"] for m in meta.values())
+    dense = sum(m["dense_params"] for m in meta.values())
+    factorized = sum(m["rank"] is not None for m in meta.values())
+    log.info("%s: %d of %d linears factorized; linears keep %d of %d parameters (%.1f%%; budget %d); "
+             "the model keeps %d of %d (%.1f%%)", method, factorized, len(meta), kept, dense,
+             100 * kept / max(dense, 1), budget, after, before, 100 * after / max(before, 1))
+
+
+def svd_stage(model, arch, samples, cfg: SVDConfig, **kw) -> dict[str, dict]:
+    """Plain truncated SVD with globally allocated ranks (no calibration)."""
+    return lowrank_model("svd", model, arch, samples, cfg, **kw)
+
+
+def asvd_stage(model, arch, samples, cfg: ASVDConfig, **kw) -> dict[str, dict]:
+    """ASVD (arXiv:2312.05821) with globally allocated ranks."""
+    return lowrank_model("asvd", model, arch, samples, cfg, **kw)
+
+
+def svd_llm_stage(model, arch, samples, cfg: SVDLLMConfig, **kw) -> dict[str, dict]:
+    """SVD-LLM (arXiv:2403.07378) with globally allocated ranks."""
+    return lowrank_model("svd-llm", model, arch, samples, cfg, **kw)

@@ -1,0 +1,142 @@
+"""OWL: non-uniform layer sparsity from outlier ratios, with the same overall budget.
+
+Yin et al., "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce
+for Pruning LLMs to High Sparsity" (arXiv:2310.05175). A block's outlier
+ratio D_l is the fraction of its Wanda scores |W_ij|·‖X_j‖₂ (over all its
+linears together) above M times their mean. Blocks with more outliers are
+pruned less: with D normalised to [0, 2λ], block l's sparsity is
+``target − (D̂_l − mean D̂)``, the mean weighted by parameter count so that
+the model's overall sparsity is exactly the target. The ratios need every
+block's statistics before any pruning, so OWL is a model-level method: one
+calibration pass through the dense model measures D_l, then each block is
+pruned through the sequential engine (Wanda or SparseGPT) at its own ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LlmpressError
+from ..models.archs import (
+    Arch,
+    block_linears,
+    get_blocks,
+    input_representatives,
+    linear_weight,
+)
+from ..stats import ColumnNormStats
+from .wanda import wanda_scores
+
+log = logging.getLogger(__name__)
+
+PRUNERS = ("wanda", "sparsegpt")
+
+
+@dataclass(frozen=True)
+class OWLConfig:
+    """sparsity: overall fraction removed; pruner: "wanda" or "sparsegpt" (each block at its own ratio);
+    outlier_factor: M, a score is an outlier above M·mean (5 in the paper); max_deviation: λ, block
+    sparsities spread over [target − 2λ, target + 2λ] at most, over 2λ in all (0.08 in the paper)."""
+
+    sparsity: float = 0.5
+    pruner: str = "wanda"
+    outlier_factor: float = 5.0
+    max_deviation: float = 0.08
+
+    def __post_init__(self) -> None:
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
+            raise LlmpressError(f"sparsity={s!r} is out of range: use a fraction in [0, 1), e.g. 0.5")
+        if self.pruner not in PRUNERS:
+            raise LlmpressError(f"pruner={self.pruner!r} is invalid: use one of {', '.join(PRUNERS)}")
+        for name in ("outlier_factor", "max_deviation"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise LlmpressError(f"{name}={v!r} is invalid: use a non-negative number")
+        if 2 * self.max_deviation > s or s + 2 * self.max_deviation >= 1:
+            raise LlmpressError(f"max_deviation={self.max_deviation} could push a block's sparsity out of [0, 1) "
+                                f"at sparsity {s}: use less than {min(s, 1 - s) / 2:g}")
+
+
+def outlier_ratio(scores: list[Tensor], factor: float) -> float:
+    """Fraction of all entries of ``scores`` (one tensor per linear of a block) above ``factor`` × their mean."""
+    total = sum(s.numel() for s in scores)
+    mean = sum(float(s.sum(dtype=torch.float64)) for s in scores) / total
+    return sum(int((s > factor * mean).sum()) for s in scores) / total
+
+
+def owl_sparsities(ratios: Tensor, params: Tensor, sparsity: float, max_deviation: float) -> Tensor:
+    """Per-block sparsity from outlier ratios (L,) and parameter counts (L,): target − (D̂ − mean D̂).
+
+    D̂ = (D − min D)/(max D − min D) · 2λ; the mean is weighted by ``params``, so
+    Σ params·result = sparsity · Σ params (up to rounding). Equal ratios give the target everywhere.
+    """
+    ratios, params = ratios.double(), params.double()
+    spread = ratios.max() - ratios.min()
+    if spread <= 0:
+        return torch.full_like(ratios, sparsity)
+    scaled = (ratios - ratios.min()) / spread * (2 * max_deviation)
+    return sparsity - (scaled - (scaled * params).sum() / params.sum())
+
+
+def _block_ratio(block: nn.Module, index: int, arch: Arch, inputs, factor: float) -> tuple[float, int, list[Tensor]]:
+    """(outlier ratio, parameter count, outputs) of block ``index`` from its calibration ``inputs`` (BlockInputs)."""
+    modules = block_linears(block, arch)
+    shared = input_representatives(arch, modules)
+    stats = {rep: ColumnNormStats() for rep in set(shared.values())}
+    handles = [modules[rep].register_forward_hook(lambda _m, args, _o, acc=acc: acc.add_batch(args[0]))
+               for rep, acc in stats.items()]
+    try:
+        outputs = inputs.run(block, index)
+    finally:
+        for h in handles:
+            h.remove()
+    scores = [wanda_scores(linear_weight(m, arch).float(), stats[shared[n]].result()) for n, m in modules.items()]
+    return outlier_ratio(scores, factor), sum(s.numel() for s in scores), outputs
+
+
+def owl(model: nn.Module, arch: Arch, samples: Tensor, cfg: OWLConfig, *, device: torch.device,
+        batch_size: int = 8, progress: bool = False) -> dict[str, dict]:
+    """OWL (arXiv:2310.05175) on the whole model: measure every block's outlier ratio on the dense
+    model, then prune block l at its own sparsity with ``cfg.pruner``; returns per-layer meta
+    (with ``owl_sparsity``, the block's allotted ratio)."""
+    # imported here: the engine imports the registry, which imports this module
+    from ..engine import capture_inputs, compress_blocks
+    from ..recipe import Stage
+
+    if samples is None:
+        raise LlmpressError("OWL needs calibration samples: give the recipe calibration data")
+    blocks = get_blocks(model, arch)
+    inputs = capture_inputs(model, blocks, samples, batch_size, device)
+    ratios, params = [], []
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        ratio, count, inputs.hidden = _block_ratio(block, i, arch, inputs, cfg.outlier_factor)
+        block.to(home)
+        ratios.append(ratio)
+        params.append(count)
+    inputs = None  # free the calibration activations before pruning captures its own
+    per_block = owl_sparsities(torch.tensor(ratios), torch.tensor(params), cfg.sparsity, cfg.max_deviation)
+    log.info("OWL outlier ratios %s -> sparsities %s", [round(r, 4) for r in ratios],
+             [round(float(s), 4) for s in per_block])
+    prefix = next(f"{name}." for name, m in model.named_modules() if m is blocks)
+    stages = [Stage(cfg.pruner, _pruner_config(cfg.pruner, float(s)), targets=(f"{prefix}{i}.*",))
+              for i, s in enumerate(per_block)]
+    layers = compress_blocks(model, arch, stages, samples, device, batch_size, progress=progress)
+    for name, meta in layers.items():
+        block = int(name[len(prefix):].split(".")[0])
+        meta.update(method=f"owl-{meta['method']}", owl_sparsity=float(per_block[block]),
+                    owl_outlier_ratio=ratios[block])
+    return layers
+
+
+def _pruner_config(pruner: str, sparsity: float):
+    from .sparsegpt import SparseGPTConfig
+    from .wanda import WandaConfig
+
+    return WandaConfig(sparsity=sparsity) if pruner == "wanda" else SparseGPTConfig(sparsity=sparsity)
