@@ -63,12 +63,18 @@ class Bench:
         self.eval = eval_windows(tok, "austen:eval", args.eval_seq_len, args.eval_windows)
         self.base_ppl = perplexity(self.base.model, self.eval)["perplexity"]
 
-    def run(self, name: str) -> dict:
+    def prepare(self, name: str):
+        """(recipe, a fresh copy of the base) for ``name``, or (None, an error row) when a method is missing."""
         recipe = load_recipe(name)
         missing = [s.method for s in recipe.stages if s.method not in METHODS]
         if missing:
-            return {"recipe": name, "error": f"method {missing[0]} not available"}
-        fresh = LoadedModel(copy.deepcopy(self.base.model), self.base.tokenizer, self.base.source)
+            return None, {"recipe": name, "error": f"method {missing[0]} not available"}
+        return recipe, LoadedModel(copy.deepcopy(self.base.model), self.base.tokenizer, self.base.source)
+
+    def run(self, name: str) -> dict:
+        recipe, fresh = self.prepare(name)
+        if recipe is None:
+            return fresh
         with PeakMemory() as mem:
             start = time.perf_counter()
             result = llmpress.compress(fresh, recipe, samples=self.args.samples, seq_len=self.args.seq_len,
@@ -122,12 +128,15 @@ def _f(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
-def main(description: str, recipes: list[str], peer_specs: dict[str, dict]) -> None:
+def main(description: str, recipes: list[str], peer_specs: dict[str, dict], bench_class: type = Bench,
+         extra_table=None) -> None:
+    """Run each recipe (and its peer) with ``bench_class``, print the table; ``extra_table(rows, bench)``
+    returns a second Markdown table printed after it."""
     args = parser(description, recipes).parse_args()
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
     python = peer_python(args.peer_python)
-    bench = Bench(args)
+    bench = bench_class(args)
     rows = []
     for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         row = bench.run(name)
@@ -138,5 +147,8 @@ def main(description: str, recipes: list[str], peer_specs: dict[str, dict]) -> N
     print(f"threads={torch.get_num_threads()}  calibration {args.samples}x{args.seq_len} austen:calib seed 0; "
           f"evaluation {args.eval_windows}x{args.eval_seq_len} austen:eval")
     print(table(rows, bench.base_ppl, python is not None))
+    if extra_table is not None:
+        print()
+        print(extra_table(rows, bench))
     if args.json:
         Path(args.json).write_text(json.dumps({"base_perplexity": bench.base_ppl, "rows": rows}, indent=2))

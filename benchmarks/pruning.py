@@ -13,23 +13,16 @@ ones; structured pruning saves smaller dense matrices). Folders are written in t
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from _common import Bench, parser, peer_python, table
+from _common import Bench, main
 
 import llmpress
 from llmpress.measure import perplexity, size_report
 from llmpress.measure.size import folder_bytes
-from llmpress.models.loader import LoadedModel
-from llmpress.recipe import load_recipe
-from llmpress.registry import METHODS
 
 RECIPES = ["magnitude-50", "magnitude-24", "magnitude-48", "wanda-50", "wanda-24", "wanda-48",
            "sparsegpt-50", "sparsegpt-24", "sparsegpt-48", "sparsegpt-50-w4", "sparsegpt-50+gptq-w4",
@@ -50,11 +43,9 @@ class PruningBench(Bench):
     """Bench, plus each compressed model saved once to measure its real size on disk."""
 
     def run(self, name: str) -> dict:
-        recipe = load_recipe(name)
-        missing = [s.method for s in recipe.stages if s.method not in METHODS]
-        if missing:
-            return {"recipe": name, "error": f"method {missing[0]} not available"}
-        fresh = LoadedModel(copy.deepcopy(self.base.model), self.base.tokenizer, self.base.source)
+        recipe, fresh = self.prepare(name)
+        if recipe is None:
+            return fresh
         storable = all(s.method in _STORABLE for s in recipe.stages)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp, "model")
@@ -91,28 +82,11 @@ def disk_table(rows: list[dict], base_disk: int, base_params: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0], RECIPES).parse_args()
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
-    python = peer_python(args.peer_python)
-    bench = PruningBench(args)
-    rows = []
-    for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-        row = bench.run(name)
-        if python and name in PEERS and not row.get("error"):
-            row["peer"] = bench.run_peer(python, PEERS[name])
-        rows.append(row)
-        print(f"done {name}: {json.dumps(row)}", file=sys.stderr)
-    print(f"threads={torch.get_num_threads()}  calibration {args.samples}x{args.seq_len} austen:calib seed 0; "
-          f"evaluation {args.eval_windows}x{args.eval_seq_len} austen:eval")
-    print(table(rows, bench.base_ppl, python is not None))
-    base_disk = folder_bytes(bench.base.folder)
-    print()
-    print(disk_table(rows, base_disk, sum(p.numel() for p in bench.base.model.parameters())))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"base_perplexity": bench.base_ppl, "rows": rows}, indent=2))
+def disk_sizes(rows: list[dict], bench: PruningBench) -> str:
+    """The on-disk table, against the base folder."""
+    base_params = sum(p.numel() for p in bench.base.model.parameters())
+    return disk_table(rows, folder_bytes(bench.base.folder), base_params)
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__.splitlines()[0], RECIPES, PEERS, PruningBench, disk_sizes)

@@ -17,7 +17,7 @@ from llmpress.lowrank.allocate import layer_params
 from llmpress.lowrank.factorize import least_squares_u, tail_curve
 from llmpress.measure import count_params, flops_per_token, size_report
 from llmpress.models.loader import load_model
-from tiny_models import TOKENIZER_TEXT, random_ids, tiny_model, tiny_tokenizer
+from tiny_models import random_ids, tiny_model
 
 
 def _data(m=48, n=32, tokens=400, seed=0):
@@ -148,14 +148,6 @@ def test_lowrank_linear_forward():
     layer = LowRankLinear.from_factors(U, V, b)
     torch.testing.assert_close(layer(x), (x @ V.T) @ U.T + b)
     torch.testing.assert_close(layer.dense_weight(), U @ V)
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    tok = tiny_tokenizer()
-    text = tmp_path_factory.mktemp("calib") / "calib.txt"
-    text.write_text(TOKENIZER_TEXT * 3)
-    return tok, f"text:{text}"
 
 
 def _logits(model, ids):

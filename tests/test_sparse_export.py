@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import TOKENIZER_TEXT, random_ids, tiny_model, tiny_tokenizer
+from tiny_models import random_ids, tiny_model
 
 import llmpress
 from llmpress.errors import LlmpressError
@@ -50,14 +50,6 @@ def test_layer_tensors_round_trip_and_keep_masked_zeros(layout):
         assert t["row_offsets"].tolist() == (torch.cumsum(mask.sum(1), 0) - mask.sum(1)).tolist()
     with pytest.raises(LlmpressError, match="exactly 2 of every 4"):
         sparse_tensors(W, torch.ones_like(mask), "sparse-24-bitmask")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    tok = tiny_tokenizer()
-    text = tmp_path_factory.mktemp("calib") / "calib.txt"
-    text.write_text(TOKENIZER_TEXT * 3)
-    return tok, f"text:{text}"
 
 
 @pytest.mark.parametrize("recipe, layout", [("wanda-50", "sparse-bitmask"), ("wanda-24", "sparse-24-bitmask"),

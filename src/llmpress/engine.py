@@ -180,12 +180,14 @@ def _input_groups(arch: Arch, modules: dict[str, nn.Module]) -> list[dict[str, n
     return list(groups.values())
 
 
-def _collect(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], needs: tuple[str, ...],
-             inputs: BlockInputs, index: int, stop_early: bool = False) -> dict[str, dict[str, Any]]:
-    """Run all calibration batches through ``block`` and accumulate each module's input statistics.
+def collect_stats(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], needs: tuple[str, ...],
+                  inputs: BlockInputs, index: int,
+                  stop_early: bool = False) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
+    """Run all calibration batches through ``block``; each module's input statistics, and the block's outputs.
 
-    Linears of one group share their input, so one hook per group feeds them all. With
-    ``stop_early`` (one input group) each batch's forward ends as soon as the group's input is seen.
+    ``needs`` names entries of ``llmpress.stats.STATS``. Linears of one group share their input, so
+    one hook per group feeds them all. With ``stop_early`` (one input group) each batch's forward
+    ends as soon as the group's input is seen (and no outputs come back).
     """
     shared = input_representatives(arch, modules)
     stats = {rep: {s: STATS[s]() for s in needs} for rep in set(shared.values())}
@@ -200,12 +202,12 @@ def _collect(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], needs:
 
     handles = [modules[rep].register_forward_pre_hook(hook(rep)) for rep in stats]
     try:
-        inputs.run(block, index, stop=_StopForward if stop_early else None)
+        outputs = inputs.run(block, index, stop=_StopForward if stop_early else None)
     finally:
         for h in handles:
             h.remove()
     results = {rep: {s: acc.result() for s, acc in per.items()} for rep, per in stats.items()}
-    return {n: results[rep] for n, rep in shared.items()}
+    return {n: results[rep] for n, rep in shared.items()}, outputs
 
 
 def _merge_meta(old: dict | None, new: dict) -> dict:
@@ -277,8 +279,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                 stats = {}
                 if method.stats:
                     calib, calib_modules = shadow.get()
-                    stats = _collect(calib, arch, {n: calib_modules[n] for n in part}, method.stats, inputs, i,
-                                     stop_early=sequential)
+                    stats, _ = collect_stats(calib, arch, {n: calib_modules[n] for n in part}, method.stats,
+                                             inputs, i, stop_early=sequential)
                 for name, module in part.items():
                     full = f"{prefix}{i}.{name}"
                     W = linear_weight(module, arch).detach().float()

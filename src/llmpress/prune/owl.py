@@ -21,14 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LlmpressError
-from ..models.archs import (
-    Arch,
-    block_linears,
-    get_blocks,
-    input_representatives,
-    linear_weight,
-)
-from ..stats import ColumnNormStats
+from ..models.archs import Arch, block_linears, get_blocks, linear_weight
 from .wanda import wanda_scores
 
 log = logging.getLogger(__name__)
@@ -85,17 +78,11 @@ def owl_sparsities(ratios: Tensor, params: Tensor, sparsity: float, max_deviatio
 
 def _block_ratio(block: nn.Module, index: int, arch: Arch, inputs, factor: float) -> tuple[float, int, list[Tensor]]:
     """(outlier ratio, parameter count, outputs) of block ``index`` from its calibration ``inputs`` (BlockInputs)."""
+    from ..engine import collect_stats  # the engine imports the registry, which imports this module
+
     modules = block_linears(block, arch)
-    shared = input_representatives(arch, modules)
-    stats = {rep: ColumnNormStats() for rep in set(shared.values())}
-    handles = [modules[rep].register_forward_hook(lambda _m, args, _o, acc=acc: acc.add_batch(args[0]))
-               for rep, acc in stats.items()]
-    try:
-        outputs = inputs.run(block, index)
-    finally:
-        for h in handles:
-            h.remove()
-    scores = [wanda_scores(linear_weight(m, arch).float(), stats[shared[n]].result()) for n, m in modules.items()]
+    stats, outputs = collect_stats(block, arch, modules, ("col_norm",), inputs, index)
+    scores = [wanda_scores(linear_weight(m, arch).float(), stats[n]["col_norm"]) for n, m in modules.items()]
     return outlier_ratio(scores, factor), sum(s.numel() for s in scores), outputs
 
 
