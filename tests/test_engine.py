@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from llmpress.compressed import Compressed
 from llmpress.engine import Placement, compress_blocks
@@ -246,3 +247,68 @@ def test_blocked_gram_equals_full_product(width):
     start = torch.randn(width, width, dtype=torch.float64)
     got = add_gram_(start.clone(), X)
     assert torch.allclose(got, start + X.T @ X, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_type,dtype", [(t, None) for t in TINY_TYPES] + [("llama", torch.bfloat16)])
+def test_settled_sub_modules_are_reused_and_change_nothing(model_type, dtype, monkeypatch):
+    """True-sequential passes skip settled attention/MLP forwards; the weights equal recomputing them."""
+    from llmpress import settled
+
+    stage = load_recipe({"stages": [{"method": "gptq", "args": {"bits": 3, "group_size": 16,
+                                                                 "true_sequential": True}}]}).stages[0]
+    ids = random_ids(8, 16, seed=4)
+    hits, memo_hits = [], []
+    clear = settled.SettledOutputs.clear
+
+    def counting_clear(self):
+        hits.append(sum(r.hits for r in self.records))
+        memo_hits.append(sum(m.hits for m in self.memos.values()))
+        clear(self)
+
+    monkeypatch.setattr(settled.SettledOutputs, "clear", counting_clear)
+    fast = tiny_model(model_type, seed=3)
+    compress_blocks(fast, arch_for(fast), [stage], ids, batch_size=4, compute_dtype=dtype)
+    if model_type == "llama":  # 2 batches; block 0: attention reused in the gate/up, down and final passes,
+        # the MLP in the final pass; block 1 (the last) has no final pass
+        assert sum(hits) == 2 * (3 + 1) + 2 * 2
+    assert sum(hits) > 0 and sum(memo_hits) > 0  # and the norms are memoized
+    monkeypatch.setattr(settled.SettledOutputs, "candidate", lambda *a: None)
+    monkeypatch.setattr(settled.SettledOutputs, "_memoized", staticmethod(lambda memo, child: child.forward))
+    slow = tiny_model(model_type, seed=3)
+    compress_blocks(slow, arch_for(slow), [stage], ids, batch_size=4, compute_dtype=dtype)
+    for a, b in zip(fast.parameters(), slow.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_settled_output_falls_back_when_the_input_changed():
+    from llmpress.settled import SettledOutputs
+
+    block = nn.Sequential()
+    block.add_module("mlp", nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)))
+    outputs = SettledOutputs(["mlp.0", "mlp.2"])
+    x = torch.randn(3, 4)
+    with outputs.recording(block, ["mlp.2"], later=set()) as child:
+        assert child is block.mlp
+        block(x)
+    block.mlp[2].weight.data.mul_(2)  # "quantized"
+    outputs.install(block)
+    assert torch.equal(block(x), block.mlp[2](block.mlp[1](block.mlp[0](x))))
+    assert outputs.hits == 1
+    other = torch.randn(3, 4)
+    assert torch.equal(block(other), block.mlp[2](block.mlp[1](block.mlp[0](other))))
+    assert outputs.hits == 1  # a different input: computed for real
+    outputs.clear()
+    assert "forward" not in block.mlp.__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_bitwise_same(dtype):
+    from llmpress.settled import same
+
+    a = (torch.randn(3, 5) * 100).to(dtype)
+    b = a.clone()
+    assert same(a, b)
+    b[1, 2] += 1
+    assert not same(a, b)
+    assert not same(a, a[:2]) and not same(a, a.double())
+    assert same(a.t(), a.clone().t())  # non-contiguous: falls back to torch.equal

@@ -131,33 +131,33 @@ FAKE_LAYERS = {
     "model.layers.0.self_attn.k_proj": {"shape": [32, 64], "bits": 4, "group_size": 32, "sym": False, "sparsity": 0, "n:m": None},
     # 8-bit per-channel symmetric: 128*64 + 128 scales * 2 B
     "model.layers.0.mlp.gate_proj": {"shape": [128, 64], "bits": 8, "group_size": None, "sym": True, "sparsity": 0, "n:m": None},
-    # 50 % unstructured sparse, not quantized: bitmask 128*64/8 + 4096 values * 2 B
+    # 50 % unstructured sparse, not quantized: bitmask 128*64/8 + 4096 values * 2 B + 128 int64 row offsets
     "model.layers.0.mlp.up_proj": {"shape": [128, 64], "bits": None, "group_size": None, "sym": True, "sparsity": 0.5, "n:m": None},
     # 2:4: 8192/2 kept values * 2 B + bitmask 64*128/8
     "model.layers.1.mlp.down_proj": {"shape": [64, 128], "bits": None, "group_size": None, "sym": True, "sparsity": 0.5, "n:m": [2, 4]},
-    # 50 % sparse and 4-bit g64 sym: 4096 kept * 4/8 + 128 scales * 2 B + bitmask 128*64/8
+    # 50 % sparse and 4-bit g64 sym: stored pack-quantized, zeros included: 8192 * 4/8 + 128 scales * 2 B
     "model.layers.1.mlp.up_proj": {"shape": [128, 64], "bits": 4, "group_size": 64, "sym": True, "sparsity": 0.5, "n:m": None},
 }
 LAYER_BYTES = [
     64 * 64 * 4 // 8 + 64 * 2,
     32 * 64 * 4 // 8 + 32 * 2 * 2 + 32 * 2 * 4 // 8,
     128 * 64 + 128 * 2,
-    128 * 64 // 8 + 4096 * 2,
+    128 * 64 // 8 + 4096 * 2 + 128 * 8,
     4096 * 2 + 64 * 128 // 8,
-    4096 * 4 // 8 + 128 * 2 + 128 * 64 // 8,
+    8192 * 4 // 8 + 128 * 2,
 ]
 LISTED_NUMEL = 64 * 64 + 32 * 64 + 3 * 128 * 64 + 64 * 128
 
 
 def test_size_report_hand_counted_bytes(tmp_path):
     model = tiny_llama(tied=True)
-    assert LAYER_BYTES == [2176, 1184, 8448, 9216, 9216, 3328]
+    assert LAYER_BYTES == [2176, 1184, 8448, 10240, 9216, 4352]
     report = size_report(model, FAKE_LAYERS)
     dense_rest = (TOTAL_TIED - LISTED_NUMEL) * 2
-    assert report["size_bytes"] == dense_rest + sum(LAYER_BYTES) == 136608
+    assert report["size_bytes"] == dense_rest + sum(LAYER_BYTES) == 138656
     assert report["dense_bytes"] == TOTAL_TIED * 2
     assert report["compression_ratio"] == pytest.approx(report["dense_bytes"] / report["size_bytes"])
-    assert report["bits_per_weight"] == pytest.approx(8 * 136608 / TOTAL_TIED)
+    assert report["bits_per_weight"] == pytest.approx(8 * 138656 / TOTAL_TIED)
     assert report["linear_bits_per_weight"] == pytest.approx(8 * sum(LAYER_BYTES) / LISTED_NUMEL)
     assert report["disk_bytes"] is None
     assert report["params"]["total"] == TOTAL_TIED

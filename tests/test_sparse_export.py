@@ -86,8 +86,11 @@ def test_stored_bytes_are_what_size_report_counts(recipe, offsets, tmp_path):
         parts = {k: v for k, v in stored.items() if k.startswith(f"{name}.") and not k.endswith(".bias")}
         assert stored[f"{name}.compressed"].dtype == torch.bfloat16
         real = sum(v.numel() * v.element_size() for v in parts.values())
-        shape_bytes = 2 * 8
-        assert real == layer_bytes(meta, 16) + shape_bytes + (8 * rows if offsets else 0)
+        shape_bytes = 2 * 8  # the int64 (rows, cols) record; row offsets are counted by layer_bytes
+        assert real == layer_bytes(meta, 16) + shape_bytes
+        assert (f"{name}.row_offsets" in stored) == offsets
+        if offsets:
+            assert stored[f"{name}.row_offsets"].shape == (rows,)
 
 
 def test_joint_sparse_int4_saves_pack_quantized_with_exact_zeros(calib, tmp_path):

@@ -5,6 +5,7 @@ The CLI is a thin layer over these two functions.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .data import calibration_samples, describe_spec, eval_windows
-from .engine import compress_blocks
+from .engine import compress_blocks, merge_meta
 from .errors import LlmpressError
 from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
 from .models.archs import arch_for
@@ -40,6 +41,7 @@ class CompressResult:
     peak_memory_bytes: int | None = None
     out: Path | None = None
     notes: list[str] = field(default_factory=list)
+    results: dict = field(default_factory=dict)  # layer name -> Compressed (codes, scales, mask) for export
 
     @property
     def meta(self) -> dict:
@@ -115,21 +117,26 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     start = time.perf_counter()
     compute_dtype = calibration_dtype(recipe.calibration.dtype, dev)
     results: dict = {}
+    teacher = _teacher(loaded.model, recipe)
     with PeakMemory(dev) as mem:
         layers: dict[str, dict] = {}
         for model_stage, stages in _segments(recipe.stages):
             if model_stage:
                 method = get_method(stages[0].method)
+                extra = {"teacher": teacher, "tokenizer": loaded.tokenizer, "layers": layers, "results": results}
                 done = method.fn(loaded.model, arch, ids, stages[0].config, device=dev,
-                                 batch_size=recipe.calibration.batch_size, progress=progress)
+                                 batch_size=recipe.calibration.batch_size, progress=progress,
+                                 **{k: extra[k] for k in method.inputs})
             else:
                 done = compress_blocks(loaded.model, arch, stages, ids, dev, recipe.calibration.batch_size,
                                        progress=progress, results=results, compute_dtype=compute_dtype)
                 arch = arch_for(loaded.model)  # the stage may have changed the structure
             for name, meta in done.items():
-                layers[name] = {**layers.get(name, {}), **meta}
+                layers[name] = merge_meta(layers.get(name), meta)
+    del teacher
     result = CompressResult(loaded.model, loaded.tokenizer, recipe, layers, time.perf_counter() - start,
-                            mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"])
+                            mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"],
+                            results=results)
     if out is not None:
         if lowrank_modules(loaded.model):  # factorized layers: llmpress safetensors + config entry, or dense U·V
             result.out = save_factorized(loaded.model, loaded.tokenizer, out, result.meta, format)
@@ -145,12 +152,23 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
 FORMATS = ("auto", "compressed-tensors", "dense")
 
 
+def _teacher(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module | None:
+    """A frozen copy of the model before any stage, when some stage asks for one (distillation)."""
+    if not any("teacher" in get_method(s.method).inputs for s in recipe.stages):
+        return None
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
 def _segments(stages) -> list[tuple[bool, list]]:
     """Split recipe stages into runs for the block engine and single model-level stages, in order.
 
     A method of kind "model" (depth pruning, globally allocated factorization) sees the whole
     model at once: ``fn(model, arch, samples, config, device=, batch_size=, progress=) ->
-    {layer name: meta}``; the stages around it go through :func:`compress_blocks` as usual.
+    {layer name: meta}``, plus the keyword inputs its ``Method.inputs`` names (teacher, tokenizer,
+    layers, results: see ``llmpress.registry.Method``); the stages around it go through
+    :func:`compress_blocks` as usual.
     """
     segments: list[tuple[bool, list]] = []
     for stage in stages:

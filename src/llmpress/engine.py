@@ -30,6 +30,7 @@ from .compressed import Compressed
 from .models.archs import Arch, block_linears, get_blocks, input_representatives, linear_weight, set_linear_weight
 from .recipe import Stage
 from .registry import get_method
+from .settled import SettledOutputs
 from .stats import STATS
 
 log = logging.getLogger(__name__)
@@ -181,13 +182,14 @@ def _input_groups(arch: Arch, modules: dict[str, nn.Module]) -> list[dict[str, n
 
 
 def collect_stats(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], needs: tuple[str, ...],
-                  inputs: BlockInputs, index: int,
-                  stop_early: bool = False) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
+                  inputs: BlockInputs, index: int, stop_early: bool = False,
+                  stop_after: nn.Module | None = None) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
     """Run all calibration batches through ``block``; each module's input statistics, and the block's outputs.
 
     ``needs`` names entries of ``llmpress.stats.STATS``. Linears of one group share their input, so
     one hook per group feeds them all. With ``stop_early`` (one input group) each batch's forward
-    ends as soon as the group's input is seen (and no outputs come back).
+    ends as soon as the group's input is seen (and no outputs come back); with ``stop_after``, as
+    soon as that sub-module has returned instead.
     """
     shared = input_representatives(arch, modules)
     stats = {rep: {s: STATS[s]() for s in needs} for rep in set(shared.values())}
@@ -196,11 +198,16 @@ def collect_stats(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], n
         def fn(_module, args):
             for acc in stats[name].values():
                 acc.add_batch(args[0])
-            if stop_early:
+            if stop_early and stop_after is None:
                 raise _StopForward
         return fn
 
+    def stop(*_):
+        raise _StopForward
+
     handles = [modules[rep].register_forward_pre_hook(hook(rep)) for rep in stats]
+    if stop_early and stop_after is not None:
+        handles.append(stop_after.register_forward_hook(stop))
     try:
         outputs = inputs.run(block, index, stop=_StopForward if stop_early else None)
     finally:
@@ -210,11 +217,14 @@ def collect_stats(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], n
     return {n: results[rep] for n, rep in shared.items()}, outputs
 
 
-def _merge_meta(old: dict | None, new: dict) -> dict:
+def merge_meta(old: dict | None, new: dict) -> dict:
+    """One layer's record after a further stage: fields updated, methods chained ("sparsegpt+gptq"),
+    an earlier sparsity kept."""
     if not old:
         return dict(new)
     merged = {**old, **new}
-    merged["method"] = f"{old['method']}+{new['method']}"
+    if old.get("method") and new.get("method"):
+        merged["method"] = f"{old['method']}+{new['method']}"
     if "sparsity" in old:
         merged["sparsity"] = old["sparsity"]
     return merged
@@ -261,8 +271,10 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
         start = time.perf_counter()
         placement.onload(block)
         modules = block_linears(block, arch)
-        shadow = _Shadow(block, arch, compute_dtype)
+        settled = SettledOutputs(list(modules), len(inputs.hidden) if inputs is not None else 0)
+        shadow = _Shadow(block, arch, compute_dtype, settled)
         for stage, method in zip(stages, methods):
+            settled.clear()
             chosen = {n: m for n, m in modules.items() if stage.applies_to(f"{prefix}{i}.{n}")}
             if not chosen:
                 continue
@@ -272,15 +284,18 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                 done = method.fn(block, arch, chosen, lambda: inputs.run(block, i), stage.config)
                 shadow.stale()
                 for name, meta in done.items():
-                    layers[f"{prefix}{i}.{name}"] = _merge_meta(layers.get(f"{prefix}{i}.{name}"), meta)
+                    layers[f"{prefix}{i}.{name}"] = merge_meta(layers.get(f"{prefix}{i}.{name}"), meta)
                 continue
             sequential = bool(method.stats) and getattr(stage.config, "true_sequential", False)
-            for part in (_input_groups(arch, chosen) if sequential else [chosen]):
+            parts = _input_groups(arch, chosen) if sequential else [chosen]
+            for j, part in enumerate(parts):
                 stats = {}
                 if method.stats:
                     calib, calib_modules = shadow.get()
-                    stats, _ = collect_stats(calib, arch, {n: calib_modules[n] for n in part}, method.stats,
-                                             inputs, i, stop_early=sequential)
+                    later = {n for p in parts[j + 1:] for n in p} if sequential else set(modules)
+                    with settled.recording(calib, list(part), later) as child:
+                        stats, _ = collect_stats(calib, arch, {n: calib_modules[n] for n in part}, method.stats,
+                                                 inputs, i, stop_early=sequential, stop_after=child)
                 for name, module in part.items():
                     full = f"{prefix}{i}.{name}"
                     W = linear_weight(module, arch).detach().float()
@@ -290,7 +305,7 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                     meta = dict(result.meta, shape=list(W.shape))
                     if result.loss is not None:
                         meta["loss"] = result.loss
-                    layers[full] = _merge_meta(layers.get(full), meta)
+                    layers[full] = merge_meta(layers.get(full), meta)
                     if results is not None:
                         results[full] = _detached(result)
                 shadow.stale()
@@ -298,6 +313,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
             on_block(i, block, blocks)
         if inputs is not None and i + 1 < len(blocks):
             inputs.hidden = inputs.run(shadow.get()[0], i)
+        log.debug("block %d: %d settled sub-module outputs reused", i, settled.hits)
+        settled.clear()
         placement.offload(block)
         log.debug("block %d compressed in %.2fs", i, time.perf_counter() - start)
         bar.update(1)
@@ -308,17 +325,20 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
 class _Shadow:
     """The block as calibration passes run it: itself, or a copy cast to ``compute_dtype``."""
 
-    def __init__(self, block: nn.Module, arch: Arch, dtype: torch.dtype | None) -> None:
-        self.block, self.arch = block, arch
+    def __init__(self, block: nn.Module, arch: Arch, dtype: torch.dtype | None,
+                 settled: SettledOutputs | None = None) -> None:
+        self.block, self.arch, self.settled = block, arch, settled
         self.dtype = None if dtype == _float_dtype(block) else dtype
         self.copy: tuple[nn.Module, dict[str, nn.Module]] | None = None
 
     def get(self) -> tuple[nn.Module, dict[str, nn.Module]]:
         if self.dtype is None:
-            return self.block, block_linears(self.block, self.arch)
-        if self.copy is None:
+            self.copy = (self.block, block_linears(self.block, self.arch))
+        elif self.copy is None:
             clone = copy.deepcopy(self.block).to(self.dtype)
             self.copy = (clone, block_linears(clone, self.arch))
+        if self.settled is not None:
+            self.settled.install(self.copy[0])
         return self.copy
 
     def stale(self) -> None:

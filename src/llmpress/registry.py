@@ -11,6 +11,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable
 
+from .distill.stage import DistillConfig, distill_stage
 from .errors import LlmpressError
 from .lowrank.stage import ASVDConfig, SVDConfig, SVDLLMConfig, asvd_stage, svd_llm_stage, svd_stage
 from .prune.magnitude import MagnitudeConfig, magnitude
@@ -36,6 +37,10 @@ class Method:
     #                         | "runtime" (changes inference, not weights: KV-cache quantization)
     #                         | "model" (sees the whole model: depth pruning, global rank allocation)
     calibrated: bool | None = None  # whether it needs calibration data; None = decided by stats/kind
+    # extra keyword inputs a "model" method wants from llmpress.api.compress: "teacher" (a copy of the model
+    # taken before the first stage), "tokenizer", "layers" (per-layer meta so far), "results" (the engine's
+    # Compressed per layer, which the method may rewrite)
+    inputs: tuple[str, ...] = ()
 
     @property
     def needs_inputs(self) -> bool:
@@ -64,6 +69,9 @@ METHODS: dict[str, Method] = {
     "svd": Method("svd", SVDConfig, svd_stage, (), "model", calibrated=False),
     "asvd": Method("asvd", ASVDConfig, asvd_stage, (), "model", calibrated=True),
     "svd-llm": Method("svd-llm", SVDLLMConfig, svd_llm_stage, (), "model", calibrated=True),
+    # recovery: the model before the first stage teaches the compressed one (KD, QAT on the grid, LoRA/QLoRA)
+    "distill": Method("distill", DistillConfig, distill_stage, (), "model", calibrated=False,
+                      inputs=("teacher", "tokenizer", "layers", "results")),
 }
 
 

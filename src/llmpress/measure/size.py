@@ -19,6 +19,7 @@ from llmpress.errors import LlmpressError
 
 log = logging.getLogger(__name__)
 
+ROW_OFFSET_BYTES = 8  # sparse-bitmask's int64 row_offsets
 SCALE_BYTES = 2  # one fp16 scale per group per output row
 
 
@@ -101,12 +102,14 @@ def layer_bytes(spec: dict, dense_bits: int = 16) -> int:
     else:
         kept = round(numel * (1.0 - sparsity))
     sparse = nm is not None or sparsity > 0
-    mask = rows * _bytes(cols) if sparse else 0
     if bits is None:
-        return (_bytes(kept * dense_bits) if sparse else _bytes(numel * dense_bits)) + mask
+        if not sparse:
+            return _bytes(numel * dense_bits)
+        offsets = 0 if nm is not None else rows * ROW_OFFSET_BYTES
+        return _bytes(kept * dense_bits) + rows * _bytes(cols) + offsets
     groups = rows * _groups_per_row(cols, spec.get("group_size"))
     zeros = 0 if spec.get("sym", True) else _bytes(groups * bits)
-    return _bytes(kept * bits) + groups * SCALE_BYTES + zeros + mask
+    return _bytes(numel * bits) + groups * SCALE_BYTES + zeros
 
 
 def _layer_weights(model, layers: dict[str, dict]) -> dict[int, dict]:
@@ -156,14 +159,17 @@ def size_report(
 
     * quantized: ``out*in*b/8`` packed values + ``out*g*2`` fp16 scales +,
       if asymmetric, ``out*g*b/8`` packed zero points;
-    * sparse only (``sparsity > 0``): bitmask of ``out*ceil(in/8)`` bytes
-      (one bit per element, rows padded to bytes) + the ``round(out*in*(1-s))``
-      kept values at ``d`` bits;
+    * sparse only (``sparsity > 0``), as compressed-tensors' ``sparse-bitmask``:
+      bitmask of ``out*ceil(in/8)`` bytes (one bit per element, rows padded to
+      bytes) + the ``round(out*in*(1-s))`` kept values at ``d`` bits + one
+      int64 row offset per row;
     * n:m only (e.g. 2:4): like compressed-tensors' ``sparse-24-bitmask``:
       the ``out*in*n/m`` kept values at ``d`` bits + the same per-element
       bitmask (for 2:4 this equals 2 bits of index metadata per kept value);
-    * sparse (either kind) and quantized: the kept values packed at ``b`` bits
-      + scales + zero points as above + the bitmask;
+    * sparse (either kind) and quantized: stored as an ordinary quantized
+      layer (``pack-quantized``, the pruned weights as the zero point's code),
+      so counted like one: sparsity saves no bytes there (compressed-tensors
+      has no packed-and-sparse CPU format);
     * everything else (embeddings, norms, biases, untouched layers) at ``d``
       bits; tied tensors are counted once.
 

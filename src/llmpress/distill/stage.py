@@ -1,0 +1,198 @@
+"""The ``distill`` recipe stage: recover what the stages before it lost, with the base model as teacher.
+
+A Method of kind "model" (``llmpress.api.compress`` runs it between block-engine segments) that
+declares the extra inputs it wants (``Method.inputs``): the teacher (a copy of the model taken
+before the first stage), the tokenizer, the per-layer meta so far and the engine's ``results``.
+It builds the student from the compressed model (``prepare_student``: pruned weights keep their
+masks; quantized ones train on their own grid, i.e. quantization-aware training with a
+straight-through estimator, or carry LoRA / QLoRA adapters), trains it (``trainer.train``) on
+windows of a data spec, or on text the teacher generated from prompts of that spec or from
+nothing (``blackbox``), and folds the training wrappers back: the model keeps its format, and
+``results`` gets the trained codes so the compressed-tensors export writes them.
+
+Recipe: ``{method: distill, args: {loss: forward_kl, train: all, steps: 200, lr: 1e-4}}``;
+see :class:`DistillConfig`. The training modules are imported on first use, so the registry
+(imported by every command) stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..data.sources import parse_spec
+from ..errors import LlmpressError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("data", "generated", "data-free")
+TRAIN_CHOICES = ("all", "lora", "norms")  # llmpress.distill.trainable.TRAINABLE
+_LOSS_FIELDS = {"loss": "kind", "temperature": "temperature", "beta": "beta", "hidden_weight": "hidden_weight",
+                "ce_weight": "ce_weight"}
+_TRAIN_FIELDS = ("steps", "lr", "batch_size", "grad_accum", "warmup", "weight_decay", "max_grad_norm", "seed",
+                 "max_seconds", "dtype", "schedule", "checkpoint_every", "log_every")
+_GENERATE_FIELDS = {"prompts": "prompts", "prompt_len": "prompt_len", "new_tokens": "new_tokens",
+                    "gen_temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                    "greedy_first": "greedy_first", "gen_batch_size": "batch_size", "seed": "seed"}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """One distillation run. What trains: ``train`` all | lora | norms (``lora_rank``, ``lora_alpha``).
+    Loss (``llmpress.distill.losses.LossConfig``): ``loss`` forward_kl | reverse_kl | jsd | ce,
+    ``temperature``, ``beta`` (jsd), ``hidden_weight``, ``ce_weight``. Optimisation (``TrainConfig``):
+    ``steps`` … ``log_every``; ``checkpoint_dir`` + ``resume`` continue an interrupted run. Data: ``source``
+    data (windows of ``data``) | generated (the teacher continues prompts from ``data``) | data-free
+    (the teacher writes from a random first token); ``samples`` windows of ``seq_len`` tokens are drawn
+    (seeded) from that text. Generation: ``prompts``, ``prompt_len``, ``new_tokens``, ``gen_temperature``,
+    ``top_k``, ``top_p``, ``greedy_first``, ``gen_batch_size``; ``generated_path`` keeps the JSON-lines file.
+    """
+
+    train: str = "all"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    hidden_weight: float = 0.0
+    ce_weight: float = 0.0
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    max_seconds: float | None = None
+    dtype: str = "auto"
+    schedule: str = "cosine"
+    checkpoint_every: int = 0
+    log_every: int = 10
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    source: str = "data"
+    data: str = "austen:calib"
+    samples: int = 256
+    seq_len: int = 512
+    prompts: int = 64
+    prompt_len: int = 32
+    new_tokens: int = 256
+    gen_temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    greedy_first: int = 0
+    gen_batch_size: int = 8
+    generated_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.train not in TRAIN_CHOICES:
+            raise LlmpressError(f"distill train={self.train!r} is invalid: use one of {', '.join(TRAIN_CHOICES)}")
+        if self.source not in SOURCES:
+            raise LlmpressError(f"distill source={self.source!r} is invalid: use one of {', '.join(SOURCES)}")
+        for name in ("lora_rank", "samples", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "seq_len" else 1):
+                raise LlmpressError(f"distill {name}={value!r} is invalid: use a positive integer")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise LlmpressError(f"distill lora_alpha={self.lora_alpha!r} is invalid: use a positive number, e.g. 32")
+        if not isinstance(self.resume, bool):
+            raise LlmpressError(f"distill resume={self.resume!r} is invalid: use true or false")
+        if self.resume and not self.checkpoint_dir:
+            raise LlmpressError("distill resume needs checkpoint_dir: name the folder of the interrupted run")
+        if self.source != "data-free":
+            parse_spec(self.data)  # a malformed spec fails when the recipe is read
+        self.loss_config(), self.train_config()
+        if self.source != "data":
+            self.generate_config()
+
+    def loss_config(self):
+        from .losses import LossConfig
+
+        return LossConfig(**{dst: getattr(self, src) for src, dst in _LOSS_FIELDS.items()})
+
+    def train_config(self):
+        from .trainer import TrainConfig
+
+        return TrainConfig(**{name: getattr(self, name) for name in _TRAIN_FIELDS})
+
+    def generate_config(self):
+        from .blackbox import GenerateConfig
+
+        args = {dst: getattr(self, src) for src, dst in _GENERATE_FIELDS.items()}
+        return GenerateConfig(data=None if self.source == "data-free" else self.data, **args)
+
+
+def training_ids(cfg: DistillConfig, tokenizer, teacher: nn.Module | None, folder: Path, *,
+                 device: torch.device, progress: bool = False) -> Tensor:
+    """(cfg.samples, cfg.seq_len) training windows: from ``cfg.data``, or from text the teacher writes first."""
+    from ..data import calibration_samples
+    from .blackbox import dataset_spec, generate_dataset
+
+    if tokenizer is None:
+        raise LlmpressError("distillation needs the model's tokenizer to read its training text: pass one")
+    spec = cfg.data
+    if cfg.source != "data":
+        if teacher is None:
+            raise LlmpressError(f"distill source={cfg.source} needs a teacher to generate text: run it through "
+                                "llmpress.compress, or pass teacher=")
+        path = Path(cfg.generated_path) if cfg.generated_path else folder / "generated.jsonl"
+        spec = dataset_spec(generate_dataset(teacher, tokenizer, cfg.generate_config(), path, device=device,
+                                             progress=progress))
+    return calibration_samples(tokenizer, spec, cfg.samples, cfg.seq_len, cfg.seed)
+
+
+def distill_model(model: nn.Module, arch, cfg: DistillConfig, *, teacher: nn.Module | None, tokenizer,
+                  layers: dict[str, dict] | None, results: dict | None, device: str | torch.device = "cpu",
+                  progress: bool = False, ids: Tensor | None = None) -> tuple[dict[str, dict], dict]:
+    """Distill ``model`` in place from ``teacher``; (per-layer meta updates, training history).
+
+    ``ids``: training windows to use instead of drawing them from ``cfg`` (e.g. shared across runs).
+    ``results`` (layer name -> Compressed) is updated in place with the trained codes of QAT layers.
+    """
+    from .trainable import prepare_student
+    from .trainer import train
+
+    device = torch.device(device)
+    layers = layers or {}
+    with tempfile.TemporaryDirectory(prefix="llmpress-distill-") as tmp:
+        if ids is None:
+            ids = training_ids(cfg, tokenizer, teacher, Path(tmp), device=device, progress=progress)
+    student = prepare_student(model, arch, layers, results, cfg.train, lora_rank=cfg.lora_rank,
+                              lora_alpha=cfg.lora_alpha)
+    history = train(student, teacher, ids, cfg.loss_config(), cfg.train_config(), checkpoint_dir=cfg.checkpoint_dir,
+                    resume=cfg.resume, progress=progress, device=device)
+    updates = student.finalize(results)
+    model.eval()
+    log.info("distilled (%s, %s, source %s): %d steps, %d tokens in %.1fs (%.0f tokens/s), last loss %s",
+             cfg.train, cfg.loss, cfg.source, history["steps"], history["tokens"], history["seconds"],
+             history["tokens_per_s"], history["loss"])
+    summary = {"distill_steps": history["steps"], "distill_tokens": history["tokens"]}
+    # only layers some stage compressed are reported: listing untouched dense ones would change size accounting
+    meta = {name: {**update, **summary} for name, update in updates.items() if name in layers}
+    return meta, history
+
+
+def distill_stage(model: nn.Module, arch, samples: Tensor | None, cfg: DistillConfig, *,
+                  device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = False,
+                  teacher: nn.Module | None = None, tokenizer=None, layers: dict[str, dict] | None = None,
+                  results: dict | None = None) -> dict[str, dict]:
+    """The registry's ``distill`` method (kind "model"): :func:`distill_model`, returning the meta updates.
+
+    ``samples`` (the recipe's calibration windows) and ``batch_size`` are not used: the stage draws
+    its own training windows (``cfg.data``, ``cfg.samples`` × ``cfg.seq_len``) and batches (``cfg.batch_size``).
+    """
+    from .losses import needs_teacher
+
+    if teacher is None and (needs_teacher(cfg.loss_config()) or cfg.source != "data"):
+        raise LlmpressError("the distill stage needs a teacher (the model before compression): run it through "
+                            "llmpress.compress, which passes one")
+    meta, _history = distill_model(model, arch, cfg, teacher=teacher, tokenizer=tokenizer, layers=layers,
+                                   results=results, device=device, progress=progress)
+    return meta
+

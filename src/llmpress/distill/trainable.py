@@ -1,0 +1,207 @@
+"""What trains during distillation: the student's trainable parameters, masks and QAT/LoRA wrappers.
+
+Three choices, all restricted to the decoder blocks (embeddings, the tied
+lm_head and the final norm stay frozen):
+
+- "all": every block linear's weight and bias and every norm. Pruned layers
+  keep their zeros (``Student.after_step`` re-applies the masks after each
+  optimizer step); quantized layers train on their fixed grid as
+  :class:`~llmpress.distill.qat.QATLinear` (quantization-aware training).
+- "lora": rank-r adapters on every block linear, bases frozen (Hu et al. 2021);
+  a quantized layer's base becomes a packed ``QuantizedLinear`` (QLoRA,
+  Dettmers et al. 2023) and its merged weight is rounded back on its grid;
+  a pruned layer's update is masked.
+- "norms": only the norm weights (and linear biases, where there are any):
+  a few hundred thousand parameters, nothing to re-round or re-mask.
+
+:meth:`Student.finalize` undoes the wrappers in place and leaves the model
+as the engine does: nn.Linear layers holding dequantized weights, with the
+integer codes in ``results[name]`` for the compressed-tensors export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from ..compressed import Compressed
+from ..errors import LlmpressError
+from ..models.archs import Arch, block_linears, get_blocks
+from ..quant.qlinear import QuantizedLinear
+from .lora import LoRALinear, merged_result
+from .qat import QATLinear
+
+log = logging.getLogger(__name__)
+
+TRAINABLE = ("all", "lora", "norms")
+
+
+@dataclass
+class Student:
+    """The model being trained and what the optimizer may touch (see the module docstring).
+
+    ``params``: every parameter with requires_grad True, in a fixed order. ``masks``: linear
+    name -> bool (out, in) keep-mask of pruned layers. ``qat``/``lora``: the wrappers in the
+    model, by linear name.
+    """
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    masks: dict[str, Tensor]
+    qat: dict[str, QATLinear]
+    lora: dict[str, LoRALinear] = field(default_factory=dict)
+    train: str = "all"
+    layer_names: list[str] = field(default_factory=list)  # every block linear, for finalize's meta
+    _masked: list[tuple[Tensor, Tensor]] = field(default_factory=list, repr=False)  # (weight, mask in its layout)
+    _requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)  # to restore at finalize
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Call after every optimizer step: re-zero pruned weights, keep QAT weights in their grid's range."""
+        for i, (weight, mask) in enumerate(self._masked):
+            if mask.device != weight.device:  # the model moved (trainer onto its device): move the mask once
+                mask = mask.to(weight.device)
+                self._masked[i] = (weight, mask)
+            weight.mul_(mask)
+        for module in self.qat.values():
+            module.clamp_to_grid_()
+
+    @torch.no_grad()
+    def finalize(self, results: dict[str, Compressed] | None = None) -> dict[str, dict]:
+        """Undo the training wrappers in place; returns per-layer meta updates ({"distilled": how}).
+
+        QATLinear -> nn.Linear on the grid, and ``results[name]`` replaced by the trained codes
+        (same scale/zero); LoRA merged (rounded on the grid and ``results`` updated for a QLoRA
+        base). Parameters get back the requires_grad flags they had before prepare_student.
+        """
+        self.after_step()
+        updates = {name: {"distilled": "norms" if self.train == "norms" else "full"} for name in self.layer_names}
+        for name, module in self.qat.items():
+            plain, result = module.finalize()
+            _replace(self.model, name, plain)
+            if results is not None:
+                results[name] = result
+            updates[name] = {"distilled": "qat"}
+        for name, module in self.lora.items():
+            quantized = isinstance(module.base, QuantizedLinear)
+            if quantized and results is not None:
+                old = results.get(name)
+                results[name] = dataclasses.replace(merged_result(module, old.meta if old else None),
+                                                    mask=old.mask if old else None)
+            _replace(self.model, name, module.merged("dense"))
+            updates[name] = {"distilled": "qlora" if quantized else "lora"}
+        self.qat, self.lora, self._masked, self.params = {}, {}, [], []
+        for pname, param in self.model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(pname, True))
+        return updates
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
+    for name, module in model.named_modules():
+        if module is blocks:
+            return f"{name}."
+    raise RuntimeError("block list not found in model")
+
+
+def _norms(block: nn.Module) -> list[nn.Module]:
+    """The block's normalisation layers (RMSNorm, LayerNorm, QK-norms), found by class name."""
+    return [m for m in block.modules() if "norm" in type(m).__name__.lower() and next(m.parameters(recurse=False), None) is not None]
+
+
+def _mask_of(name: str, module: nn.Module, result: Compressed | None) -> Tensor:
+    """(out, in) keep-mask of a pruned layer: the method's own mask, else the nonzero weights."""
+    if result is not None and result.mask is not None:
+        return result.mask.to(module.weight.device, torch.bool)
+    weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
+    return weight.detach() != 0
+
+
+def _quantized(name: str, meta: dict, results: dict[str, Compressed] | None) -> Compressed | None:
+    """The layer's engine result when the layer is weight-quantized, else None."""
+    if meta.get("bits") is None or meta.get("act_bits"):
+        return None
+    result = (results or {}).get(name)
+    if result is None or result.qweight is None:
+        raise LlmpressError(f"layer {name} is quantized but no integer codes were given for it: pass the "
+                            "engine's results (compress_blocks(..., results=...)) to prepare_student")
+    return result
+
+
+def prepare_student(model: nn.Module, arch: Arch, layers: dict[str, dict],
+                    results: dict[str, Compressed] | None, train: str = "all", *, lora_rank: int = 16,
+                    lora_alpha: float = 32.0, qlora_cache: bool = True) -> Student:
+    """Freeze ``model`` except what ``train`` names, wrapping layers in place (see the module docstring).
+
+    ``layers``: per-layer meta from compress ("sparsity" => pruned, "bits" => quantized, with the
+    codes in ``results[name]``). ``qlora_cache``: QLoRA bases keep their dequantized weight after
+    the first forward (faster; as much memory as a dense layer). Returns the :class:`Student`.
+    """
+    if train not in TRAINABLE:
+        raise LlmpressError(f"unknown trainable set '{train}': use one of {', '.join(TRAINABLE)}")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    blocks = get_blocks(model, arch)
+    prefix = _prefix(model, blocks)
+    student = Student(model, [], {}, {}, train=train, _requires_grad=flags)
+    for i, block in enumerate(blocks):
+        for rel, module in block_linears(block, arch).items():
+            name = f"{prefix}{i}.{rel}"
+            if not isinstance(module, (nn.Linear, Conv1D)):
+                log.warning("layer %s is a %s: left frozen", name, type(module).__name__)
+                continue
+            student.layer_names.append(name)
+            _prepare_linear(student, name, module, layers.get(name, {}), results, lora_rank, lora_alpha,
+                            qlora_cache)
+        if train in ("all", "norms"):
+            for norm in _norms(block):
+                norm.requires_grad_(True)
+    seen: set[int] = set()
+    for param in model.parameters():
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            student.params.append(param)
+    log.info("student '%s': %d trainable tensors, %d parameters (%d QAT layers, %d LoRA, %d masked)", train,
+             len(student.params), sum(p.numel() for p in student.params), len(student.qat), len(student.lora),
+             len(student.masks))
+    return student
+
+
+def _prepare_linear(student: Student, name: str, module: nn.Module, meta: dict,
+                    results: dict[str, Compressed] | None, rank: int, alpha: float, qlora_cache: bool) -> None:
+    """Set up one block linear for ``student.train``."""
+    result = _quantized(name, meta, results)
+    mask = _mask_of(name, module, (results or {}).get(name)) if meta.get("sparsity") else None
+    if mask is not None:
+        student.masks[name] = mask
+    if student.train == "norms":
+        if module.bias is not None:
+            module.bias.requires_grad_(True)
+        return
+    if student.train == "lora":
+        base = QuantizedLinear.from_compressed(module, result, meta, cache_weight=qlora_cache) \
+            if result is not None else module
+        wrapped = LoRALinear(base, rank, alpha, mask=mask)
+        _replace(student.model, name, wrapped)
+        student.lora[name] = wrapped
+        return
+    if result is not None:
+        wrapped = QATLinear.from_linear(module, result, meta)
+        _replace(student.model, name, wrapped)
+        student.qat[name] = wrapped
+        module = wrapped
+    module.weight.requires_grad_(True)
+    if module.bias is not None:
+        module.bias.requires_grad_(True)
+    if mask is not None:
+        layout = mask.t() if isinstance(module, Conv1D) else mask
+        student._masked.append((module.weight, layout))
