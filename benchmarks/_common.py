@@ -34,6 +34,7 @@ def parser(description: str, recipes: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--recipes", default=",".join(recipes), help="comma-separated recipe names")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="calibration seed (windows at seeded random offsets)")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=1024)
     p.add_argument("--peer-python", default="auto",
@@ -59,7 +60,8 @@ class Bench:
         self.args = args
         self.base = load_model(args.model)
         tok = self.base.tokenizer
-        self.calib = calibration_samples(tok, "austen:calib", args.samples, args.seq_len, seed=0)
+        self.seed = getattr(args, "seed", 0)
+        self.calib = calibration_samples(tok, "austen:calib", args.samples, args.seq_len, seed=self.seed)
         self.eval = eval_windows(tok, "austen:eval", args.eval_seq_len, args.eval_windows)
         self.base_ppl = perplexity(self.base.model, self.eval)["perplexity"]
 
@@ -78,7 +80,7 @@ class Bench:
         with PeakMemory() as mem:
             start = time.perf_counter()
             result = llmpress.compress(fresh, recipe, samples=self.args.samples, seq_len=self.args.seq_len,
-                                       progress=not self.args.quiet)
+                                       seed=self.seed, progress=not self.args.quiet)
             seconds = time.perf_counter() - start
         ppl = perplexity(result.model, self.eval)["perplexity"]
         size = size_report(result.model, result.layers)
@@ -144,7 +146,7 @@ def main(description: str, recipes: list[str], peer_specs: dict[str, dict], benc
             row["peer"] = bench.run_peer(python, peer_specs[name])
         rows.append(row)
         print(f"done {name}: {json.dumps({k: v for k, v in row.items() if k != 'peer'})}", file=sys.stderr)
-    print(f"threads={torch.get_num_threads()}  calibration {args.samples}x{args.seq_len} austen:calib seed 0; "
+    print(f"threads={torch.get_num_threads()}  calibration {args.samples}x{args.seq_len} austen:calib seed {args.seed}; "
           f"evaluation {args.eval_windows}x{args.eval_seq_len} austen:eval")
     print(table(rows, bench.base_ppl, python is not None))
     if extra_table is not None:

@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--starts", default=",".join(STARTS), help="built-in recipes to recover from")
     p.add_argument("--losses", default=",".join(LOSSES), help="forward_kl, reverse_kl, jsd, ce")
     p.add_argument("--trainable", default=",".join(TRAINABLE), help="all, lora, norms")
+    p.add_argument("--pairs", help="TRAINABLE:LOSS pairs instead of the product of --trainable and --losses")
     p.add_argument("--budget-seconds", type=float, default=20.0, help="training time per variant")
     p.add_argument("--max-steps", type=int, default=100_000, help="upper bound on optimizer steps")
     p.add_argument("--seq-len", type=int, default=512, help="training window length")
@@ -74,6 +75,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args()
+
+
+def _variants(args) -> list[tuple[str, str]]:
+    """(trainable, loss) pairs: ``--pairs all:jsd,lora:forward_kl`` as given, else every trainable × every loss."""
+    if args.pairs:
+        pairs = [tuple(p.split(":", 1)) for p in _names(args.pairs)]
+        if any(len(p) != 2 for p in pairs):
+            raise SystemExit("--pairs: write TRAINABLE:LOSS pairs, e.g. all:jsd,lora:forward_kl")
+        return pairs
+    return [(t, loss) for t in _names(args.trainable) for loss in _names(args.losses)]
 
 
 def _names(text: str) -> list[str]:
@@ -205,11 +216,10 @@ def main() -> None:
     for start_name in _names(args.starts):
         start = compress_start(bench, start_name, args)
         starts[start_name] = {k: v for k, v in start.items() if k != "result"}
-        for trainable in _names(args.trainable):
-            for loss in _names(args.losses):
-                row = run_variant(bench, start_name, start, trainable, loss, ids, args)
-                rows.append(row)
-                print(f"done {json.dumps(row)}", file=sys.stderr)
+        for trainable, loss in _variants(args):
+            row = run_variant(bench, start_name, start, trainable, loss, ids, args)
+            rows.append(row)
+            print(f"done {json.dumps(row)}", file=sys.stderr)
         del start
     print(f"threads={torch.get_num_threads()} device={args.device}; compression: {args.calib_samples}x"
           f"{args.calib_seq_len} austen:calib seed 0; training: {args.budget_seconds:g}s per variant, "

@@ -2,7 +2,7 @@
 
     python benchmarks/pruning.py [--recipes a,b] [--peer-python /path/to/python-with-llmcompressor]
 
-Same calibration (128 x 512, austen:calib, seed 0) and evaluation windows (austen:eval, 16 x 1024) as the
+Same calibration (128 x 512, austen:calib, seed 0 unless --seed) and evaluation windows (austen:eval, 16 x 1024) as the
 quantization benchmark. Prints one Markdown table (perplexity, bits per weight of the compressed linears and
 the compressed size as ``llmpress.measure.size_report`` counts it, compression wall time, peak memory; and,
 where llm-compressor is installed, its WandaPruningModifier / SparseGPTModifier with the same settings on the
@@ -51,7 +51,7 @@ class PruningBench(Bench):
             out = Path(tmp, "model")
             start = time.perf_counter()
             result = llmpress.compress(fresh, recipe, samples=self.args.samples, seq_len=self.args.seq_len,
-                                       progress=not self.args.quiet, out=out,
+                                       seed=self.seed, progress=not self.args.quiet, out=out,
                                        format="compressed-tensors" if storable else "auto")
             wall = time.perf_counter() - start
             disk = folder_bytes(out)
