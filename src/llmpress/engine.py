@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -292,8 +293,9 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                 stats = {}
                 if method.stats:
                     calib, calib_modules = shadow.get()
-                    later = {n for p in parts[j + 1:] for n in p} if sequential else set(modules)
-                    with settled.recording(calib, list(part), later) as child:
+                    later = {n for p in parts[j + 1:] for n in p}
+                    recording = settled.recording(calib, list(part), later) if sequential else nullcontext()
+                    with recording as child:
                         stats, _ = collect_stats(calib, arch, {n: calib_modules[n] for n in part}, method.stats,
                                                  inputs, i, stop_early=sequential, stop_after=child)
                 for name, module in part.items():
