@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, help=f"learning rate (default per trainable choice: {DEFAULT_LR})")
+    p.add_argument("--qat-lr-scales", default="1",
+                   help="learning-rate multipliers for the QAT layers' latent weights, comma-separated; each is "
+                        "a variant of trainable 'all' on a quantized start")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--train-samples", type=int, default=2048, help="training windows (epochs repeat them)")
     p.add_argument("--source", default="data", choices=SOURCES, help="data: austen:calib; generated / "
@@ -151,13 +154,14 @@ def grid_check(start, model, layers: dict, results: dict, tokenizer, folder: Pat
     return verdict, changed / total
 
 
-def run_variant(bench: Bench, start_name: str, start: dict, trainable: str, loss: str, ids, args) -> dict:
+def run_variant(bench: Bench, start_name: str, start: dict, trainable: str, loss: str, ids, args,
+                qat_lr_scale: float = 1.0) -> dict:
     base = start["result"]
     model, results = copy.deepcopy(base.model), copy.deepcopy(base.results)
     cfg = DistillConfig(train=trainable, loss=loss, lr=args.lr or DEFAULT_LR[trainable], steps=args.max_steps,
                         max_seconds=args.budget_seconds, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         warmup=args.warmup, seq_len=args.seq_len, samples=len(ids), seed=args.seed,
-                        dtype=args.dtype, log_every=1)
+                        dtype=args.dtype, log_every=1, qat_lr_scale=qat_lr_scale)
     wall = time.perf_counter()
     meta, history = distill_model(model, arch_for(model), cfg, teacher=bench.base.model,
                                   tokenizer=bench.base.tokenizer, layers=base.layers, results=results,
@@ -170,7 +174,7 @@ def run_variant(bench: Bench, start_name: str, start: dict, trainable: str, loss
         folder = root / f"{start_name}-{trainable}-{loss}"
         grid, codes_changed = grid_check(base, model, layers, results, bench.base.tokenizer, folder)
     before, gap = start["perplexity"], start["perplexity"] - bench.base_ppl
-    return {"start": start_name, "trainable": trainable, "loss": loss, "lr": cfg.lr,
+    return {"start": start_name, "trainable": trainable, "loss": loss, "lr": cfg.lr, "qat_lr_scale": cfg.qat_lr_scale,
             "ppl_before": before, "ppl_after": ppl, "gap_closed": (before - ppl) / gap if gap > 0 else None,
             "steps": history["steps"], "tokens": history["tokens"], "tokens_per_s": history["tokens_per_s"],
             "train_seconds": history["seconds"], "wall_seconds": wall, "first_loss": history["log"][0]["loss"],
@@ -188,7 +192,8 @@ def table(rows: list[dict], base_ppl: float) -> str:
         if r["codes_changed"] is not None:
             checks += f" ({100 * r['codes_changed']:.2f}% codes changed)"
         gap = "–" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.1f}%"
-        lines.append(f"| {r['start']} | {r['trainable']} | {r['loss']} | {r['lr']:g} | {r['ppl_before']:.2f} | "
+        lr = f"{r['lr']:g}" + (f" (QAT ×{r['qat_lr_scale']:g})" if r["qat_lr_scale"] != 1 else "")
+        lines.append(f"| {r['start']} | {r['trainable']} | {r['loss']} | {lr} | {r['ppl_before']:.2f} | "
                      f"{r['ppl_after']:.2f} | {gap} | {r['steps']} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} | "
                      f"{r['train_seconds']:.1f} | {r['wall_seconds']:.1f} | {r['first_loss']:.4f} → "
                      f"{r['last_loss']:.4f} | {checks} |")
@@ -216,10 +221,13 @@ def main() -> None:
     for start_name in _names(args.starts):
         start = compress_start(bench, start_name, args)
         starts[start_name] = {k: v for k, v in start.items() if k != "result"}
+        quantized = any(m.get("bits") for m in start["result"].layers.values())
         for trainable, loss in _variants(args):
-            row = run_variant(bench, start_name, start, trainable, loss, ids, args)
-            rows.append(row)
-            print(f"done {json.dumps(row)}", file=sys.stderr)
+            scales = [float(k) for k in _names(args.qat_lr_scales)] if trainable == "all" and quantized else [1.0]
+            for scale in scales:
+                row = run_variant(bench, start_name, start, trainable, loss, ids, args, scale)
+                rows.append(row)
+                print(f"done {json.dumps(row)}", file=sys.stderr)
         del start
     print(f"threads={torch.get_num_threads()} device={args.device}; compression: {args.calib_samples}x"
           f"{args.calib_seq_len} austen:calib seed 0; training: {args.budget_seconds:g}s per variant, "

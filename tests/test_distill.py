@@ -131,6 +131,23 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
               checkpoint_dir=tmp_path / "ck", resume=True)
 
 
+def test_qat_lr_scale_multiplies_only_the_qat_weights_step():
+    """Adam's first step moves every weight by about lr·sign(g); the QAT latent weights move k times that."""
+    moved = {}
+    for k in (1.0, 10.0):
+        teacher, model, layers, results = compressed(W4)
+        student = prepare_student(model, arch_for(model), layers, results, "all")
+        before = [p.detach().clone() for p in student.params]
+        train(student, teacher, random_ids(4, 16, seed=3), LossConfig("forward_kl"),
+              TrainConfig(steps=1, lr=1e-4, batch_size=4, max_grad_norm=0, qat_lr_scale=k, **FAST))
+        qat = {id(m.weight) for m in student.qat.values()}
+        assert qat and len(qat) < len(student.params)  # norms train too
+        moved[k] = [((p.detach() - b).abs().max().item(), id(p) in qat) for p, b in zip(student.params, before)]
+    for (one, is_qat), (ten, _) in zip(moved[1.0], moved[10.0]):
+        assert one > 0
+        assert ten == pytest.approx(10 * one if is_qat else one, rel=1e-3)
+
+
 def test_data_order_schedule_time_budget_and_progress(capfd):
     rows = torch.cat([batch_indices(j, 10, 5, 7) for j in range(4)])
     assert sorted(rows[:10].tolist()) == list(range(10)) and sorted(rows[10:].tolist()) == list(range(10))
@@ -222,8 +239,10 @@ def test_stage_lora_blackbox_and_recipes(calib, tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     ({"train": "some"}, "train='some' is invalid"),
-    ({"loss": "kl"}, "unknown distillation loss 'kl'"),
+    ({"loss": "kld"}, "unknown distillation loss 'kld'"),
     ({"steps": 0}, "steps=0 is invalid"),
+    ({"qat_lr_scale": 0}, "qat_lr_scale=0 freezes"),
+    ({"qat_lr_scale": -1}, "qat_lr_scale=-1 is invalid"),
     ({"source": "web"}, "source='web' is invalid"),
     ({"resume": True}, "resume needs checkpoint_dir"),
     ({"data": "austen:nope"}, "unknown Austen text"),

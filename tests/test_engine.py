@@ -203,19 +203,24 @@ def test_bfloat16_calibration_keeps_statistics_close_and_weights_fp32(stats_meth
         assert torch.allclose(norms.double(), ref_n, rtol=2e-2), key
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_true_sequential_gptq_equals_group_by_group_whole_model_reference(model_type):
-    """Each input group's Hessian is taken with the earlier groups (this block and before) already quantized."""
-    from llmpress.models.archs import input_representatives, set_linear_weight
-    from llmpress.quant.gptq import GPTQConfig, gptq
+TRUE_SEQUENTIAL = [("gptq", {"bits": 3, "group_size": 16}),
+                   ("sparsegpt", {"sparsity": 0.5, "bits": 4, "group_size": 16})]
 
-    cfg = GPTQConfig(bits=3, group_size=16, true_sequential=True)
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("method,args", TRUE_SEQUENTIAL, ids=[m for m, _ in TRUE_SEQUENTIAL])
+def test_true_sequential_equals_group_by_group_whole_model_reference(model_type, method, args):
+    """Each input group's Hessian is taken with the earlier groups (this block and before) already compressed."""
+    from llmpress.models.archs import input_representatives, set_linear_weight
+    from llmpress.registry import METHODS
+
+    spec = METHODS[method]
+    cfg = spec.config(**args, true_sequential=True)
     model = tiny_model(model_type, seed=3)
     reference = tiny_model(model_type, seed=3)
     arch = arch_for(model)
     ids = random_ids(4, 16, seed=4)
-    stage = load_recipe({"stages": [{"method": "gptq", "args": {"bits": 3, "group_size": 16,
-                                                                 "true_sequential": True}}]}).stages[0]
+    stage = load_recipe({"stages": [{"method": method, "args": {**args, "true_sequential": True}}]}).stages[0]
     compress_blocks(model, arch, [stage], ids, batch_size=4)
 
     for block in get_blocks(reference, arch):
@@ -228,13 +233,13 @@ def test_true_sequential_gptq_equals_group_by_group_whole_model_reference(model_
             handle.remove()
             for name in [n for n in modules if shared[n] == rep]:
                 W = linear_weight(modules[name], arch).detach().float()
-                set_linear_weight(modules[name], arch, gptq(W, acc.result(), cfg).weight)
+                set_linear_weight(modules[name], arch, spec.fn(W, acc.result(), cfg).weight)
     for got, want in zip(get_blocks(model, arch), get_blocks(reference, arch)):
         for (name, a), b in zip(block_linears(got, arch).items(), block_linears(want, arch).values()):
             assert torch.allclose(a.weight, b.weight, atol=1e-5), name
-    # and it differs from the one-pass engine (the groups after the first see quantized inputs)
+    # and it differs from the one-pass engine (the groups after the first see compressed inputs)
     plain = tiny_model(model_type, seed=3)
-    one_pass = load_recipe({"stages": [{"method": "gptq", "args": {"bits": 3, "group_size": 16}}]}).stages[0]
+    one_pass = load_recipe({"stages": [{"method": method, "args": args}]}).stages[0]
     compress_blocks(plain, arch_for(plain), [one_pass], ids, batch_size=4)
     assert not torch.allclose(_logits(plain, ids), _logits(model, ids))
 

@@ -63,3 +63,39 @@ def test_unknown_recipe_name_and_missing_file(tmp_path):
         load_recipe("rtn-w5")
     with pytest.raises(LlmpressError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_composed_names_take_arguments():
+    """NAME(args) in an 'A+B' name: the issue's own example, method names, layer patterns, numbers as text."""
+    r = load_recipe("sparsegpt-24+distill(kl, steps=200)")
+    assert [s.method for s in r.stages] == ["sparsegpt", "distill"]
+    assert r.stages[0].config.pattern == "2:4"
+    distill = r.stages[1].config
+    assert (distill.loss, distill.steps, distill.lr) == ("forward_kl", 200, 1e-3)  # the built-in's lr is kept
+    r = load_recipe("gptq-w4-g64(ignore=['*.down_proj'], mse=true, damp=0.02)+distill(reverse_kl, lr=5e-4)")
+    assert r.calibration.dtype == "auto"  # gptq-w4-g64's calibration carries over
+    gptq = r.stages[0]
+    assert gptq.ignore == ("*.down_proj",) and gptq.config.mse is True and gptq.config.damp == 0.02
+    assert gptq.config.act_order and gptq.config.true_sequential
+    assert (r.stages[1].config.loss, r.stages[1].config.lr) == ("reverse_kl", 5e-4)
+    r = load_recipe("sparsegpt(pattern=4:8, block_size=64)+rtn-w4-g64")
+    assert r.stages[0].config.pattern == "4:8" and r.stages[0].config.block_size == 64
+    assert [s.method for s in r.stages] == ["sparsegpt", "rtn"]
+    assert load_recipe("awq+gptq-w4-g64+distill()").stages[-1].config == load_recipe("distill").stages[0].config
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("awq-w4-g64(bits=3)", "has 2 stages"),
+    ("nope(x=1)", "unknown method 'nope'"),
+    ("distill(stepz=3)", "unknown key 'stepz'"),
+    ("distill(kl", "unbalanced brackets"),
+    ("sparsegpt-24+nope+distill(kl)", "unknown recipe 'sparsegpt-24+nope'"),
+    ("distill(kl)x", "has text after ')'"),
+    ("rtn(4)", "argument '4' of 'rtn(4)'"),
+    ("distill(kl, reverse_kl)", "argument 'reverse_kl'"),
+    ("distill(loss=[a)", "unbalanced brackets"),
+])
+def test_composed_names_with_bad_arguments_name_the_problem(text, needle):
+    with pytest.raises(LlmpressError) as info:
+        load_recipe(text)
+    assert needle in str(info.value) and "\n" not in str(info.value)

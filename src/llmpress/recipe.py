@@ -171,6 +171,13 @@ BUILTIN_RECIPES: dict[str, dict] = {
     "sparsegpt-50+gptq-w4": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5}},
                                         {"method": "sparsegpt", "args": {"sparsity": 0.0, "keep_zeros": True,
                                                                          "bits": 4, "group_size": 64}}]},
+    # the same two with true-sequential Hessians (each linear group's taken after the groups before it are compressed)
+    "sparsegpt-50-w4-ts": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5, "bits": 4, "group_size": 64,
+                                                                        "true_sequential": True}}]},
+    "sparsegpt-50+gptq-w4-ts": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5, "true_sequential": True}},
+                                           {"method": "sparsegpt", "args": {"sparsity": 0.0, "keep_zeros": True,
+                                                                            "bits": 4, "group_size": 64,
+                                                                            "true_sequential": True}}]},
     "sparsegpt-50+rtn-w4-g64": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5}},
                                            *_rtn(4, 64)["stages"]]},
     "owl-wanda-50": {"stages": [{"method": "owl", "args": {"sparsity": 0.5, "pruner": "wanda"}}]},
@@ -216,6 +223,8 @@ BUILTIN_RECIPES: dict[str, dict] = {
                                                                    "lr": 1e-3}}]},
     "distill-data-free": {"stages": [{"method": "distill", "args": {"loss": "ce", "source": "data-free",
                                                                     "greedy_first": 3, "lr": 1e-3}}]},
+    # on a quantized model "distill" is already QAT; "qat" names it so ("gptq-w3-g64+qat(steps=500)")
+    "qat": {"stages": [{"method": "distill", "args": {"loss": "forward_kl", "train": "all", "lr": 1e-3}}]},
     "sparsegpt-24+distill": {"stages": [{"method": "sparsegpt", "args": {"pattern": "2:4"}},
                                         {"method": "distill", "args": {"loss": "forward_kl", "train": "all",
                                                                        "lr": 1e-3}}]},
@@ -235,9 +244,8 @@ def load_recipe(spec: "str | Path | Recipe | dict") -> Recipe:
     text = str(spec)
     if text in BUILTIN_RECIPES:
         return Recipe.from_dict(BUILTIN_RECIPES[text], name=text)
-    names = _builtin_parts(text.split("+"))
-    if names:  # "A+B": built-in recipes one after the other, e.g. sparsegpt-24+distill-lora
-        data = [BUILTIN_RECIPES[n] for n in names]
+    data = _composed(text)
+    if data is not None:  # "A+B": built-in recipes one after the other, e.g. sparsegpt-24+distill(kl, steps=200)
         calibration = next((d["calibration"] for d in data if "calibration" in d), {})
         return Recipe.from_dict({"calibration": calibration, "stages": [s for d in data for s in d["stages"]]},
                                 name=text)
@@ -254,6 +262,114 @@ def load_recipe(spec: "str | Path | Recipe | dict") -> Recipe:
         return Recipe.from_dict(data, name=path.stem)
     raise LlmpressError(f"unknown recipe '{text}': give a YAML file, a built-in name ({', '.join(BUILTIN_RECIPES)}) "
                         "or built-in names joined by '+'")
+
+
+# the setting a bare first argument of NAME(...) gives, e.g. distill(kl, steps=200)
+POSITIONAL = {"distill": "loss"}
+_STAGE_KEYS = ("targets", "ignore")
+
+
+def _composed(text: str) -> list[dict] | None:
+    """The recipes that ``text`` ("A+B+C(k=v, ...)") names, in order; None if it names none.
+
+    Plain parts are built-in names (which may contain '+' themselves: awq+gptq-w4-g64). A part
+    ``NAME(args)`` is a one-stage built-in or a method with those arguments added: ``key=value``
+    (YAML values; ``targets``/``ignore`` set the stage's layer patterns) and, for the methods in
+    ``POSITIONAL``, one bare value first.
+    """
+    path = Path(text).expanduser()
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        return None
+    parts = _split_top(text, "+")
+    if parts is None:
+        if any(c in text for c in "()[]{}"):
+            raise LlmpressError(f"recipe '{text}' has unbalanced brackets: write NAME(key=value, ...)")
+        return None
+    if not any("(" in p for p in parts):
+        names = _builtin_parts(parts)
+        return [BUILTIN_RECIPES[n] for n in names] if names else None
+    out, run = [], []
+    for part in [*parts, None]:
+        if part is not None and "(" not in part:
+            run.append(part.strip())
+            continue
+        if run:
+            names = _builtin_parts(run)
+            if names is None:
+                raise LlmpressError(f"unknown recipe '{'+'.join(run)}' in '{text}': use built-in names "
+                                    f"({', '.join(BUILTIN_RECIPES)}) or NAME(key=value, ...)")
+            out += [BUILTIN_RECIPES[n] for n in names]
+            run = []
+        if part is not None:
+            out.append(_call(part, text))
+    return out
+
+
+def _split_top(text: str, sep: str) -> list[str] | None:
+    """``text`` split at ``sep`` outside brackets; None when the brackets do not balance."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([{") - (ch in ")]}")
+        if depth < 0:
+            return None
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return None if depth else [*parts, text[start:]]
+
+
+def _call(part: str, text: str) -> dict:
+    """The one-stage recipe of ``NAME(args)`` (see :func:`_composed`)."""
+    name, _, rest = part.strip().partition("(")
+    name = name.strip()
+    if not rest.endswith(")"):
+        raise LlmpressError(f"'{part.strip()}' in recipe '{text}' has text after ')': write NAME(key=value, ...)")
+    if name in BUILTIN_RECIPES:
+        base = BUILTIN_RECIPES[name]
+        if len(base["stages"]) != 1:
+            raise LlmpressError(f"built-in recipe '{name}' has {len(base['stages'])} stages, so '{part.strip()}' "
+                                "cannot tell which one the arguments are for: write the stages out, or use a YAML recipe")
+        stage = dict(base["stages"][0])
+    else:
+        stage = {"method": get_method(name).name}
+    stage["args"] = dict(stage.get("args") or {})
+    items = [i.strip() for i in _split_top(rest[:-1], ",") or []]
+    items = [] if items == [""] else items
+    for k, item in enumerate(items):
+        key, eq, value = item.partition("=")
+        if not eq:
+            field = POSITIONAL.get(stage["method"])
+            if k or field is None:
+                raise LlmpressError(f"argument '{item}' of '{part.strip()}' in recipe '{text}' has no name: "
+                                    "write key=value")
+            key, value = field, item
+        key = key.strip()
+        parsed = _value(value.strip())
+        if key in _STAGE_KEYS:
+            stage[key] = parsed
+        else:
+            stage["args"][key] = parsed
+    recipe = {"stages": [stage]}
+    if name in BUILTIN_RECIPES and "calibration" in BUILTIN_RECIPES[name]:
+        recipe["calibration"] = BUILTIN_RECIPES[name]["calibration"]
+    return recipe
+
+
+def _value(text: str) -> Any:
+    """A command-line value: a number (1e-3 included), true/false/null, a YAML list or mapping or quoted
+    text; anything else stays text (so 2:4 is the pattern, not YAML 1.1's sexagesimal 124)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false", "null", "none") or text[:1] in "[{'\"":
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise LlmpressError(f"value {text!r} in a recipe name is not valid YAML: fix its brackets or quotes") \
+                from None
+    return text
 
 
 def _builtin_parts(parts: list[str]) -> list[str] | None:

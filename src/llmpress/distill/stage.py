@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,29 +27,29 @@ from torch import Tensor, nn
 
 from ..data.sources import parse_spec
 from ..errors import LlmpressError
+from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("data", "generated", "data-free")
+LOSS_ALIASES = {"kl": "forward_kl", "rkl": "reverse_kl"}  # short names for recipes: distill(kl, steps=200)
 TRAIN_CHOICES = ("all", "lora", "norms")  # llmpress.distill.trainable.TRAINABLE
 _LOSS_FIELDS = {"loss": "kind", "temperature": "temperature", "beta": "beta", "hidden_weight": "hidden_weight",
                 "ce_weight": "ce_weight"}
-_TRAIN_FIELDS = ("steps", "lr", "batch_size", "grad_accum", "warmup", "weight_decay", "max_grad_norm", "seed",
-                 "max_seconds", "dtype", "schedule", "checkpoint_every", "log_every")
 _GENERATE_FIELDS = {"prompts": "prompts", "prompt_len": "prompt_len", "new_tokens": "new_tokens",
                     "gen_temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                     "greedy_first": "greedy_first", "gen_batch_size": "batch_size", "seed": "seed"}
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(TrainConfig):
     """One distillation run. What trains: ``train`` all | lora | norms (``lora_rank``, ``lora_alpha``).
     Loss (``llmpress.distill.losses.LossConfig``): ``loss`` forward_kl | reverse_kl | jsd | ce,
-    ``temperature``, ``beta`` (jsd), ``hidden_weight``, ``ce_weight``. Optimisation (``TrainConfig``):
-    ``steps`` … ``log_every``; ``checkpoint_dir`` + ``resume`` continue an interrupted run. Data: ``source``
-    data (windows of ``data``) | generated (the teacher continues prompts from ``data``) | data-free
-    (the teacher writes from a random first token); ``samples`` windows of ``seq_len`` tokens are drawn
-    (seeded) from that text. Generation: ``prompts``, ``prompt_len``, ``new_tokens``, ``gen_temperature``,
+    ``temperature``, ``beta`` (jsd), ``hidden_weight``, ``ce_weight``. Optimisation: the fields of
+    ``TrainConfig``, inherited (``steps``, ``lr`` …); ``checkpoint_dir`` + ``resume`` continue an
+    interrupted run. Data: ``source`` data (windows of ``data``) | generated (the teacher continues
+    prompts from ``data``) | data-free (the teacher writes from a random first token); ``samples``
+    windows of ``seq_len`` tokens are drawn (seeded) from that text. Generation: ``prompts``, ``prompt_len``, ``new_tokens``, ``gen_temperature``,
     ``top_k``, ``top_p``, ``greedy_first``, ``gen_batch_size``; ``generated_path`` keeps the JSON-lines file.
     """
 
@@ -61,19 +61,6 @@ class DistillConfig:
     beta: float = 0.5
     hidden_weight: float = 0.0
     ce_weight: float = 0.0
-    steps: int = 200
-    lr: float = 1e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    max_seconds: float | None = None
-    dtype: str = "auto"
-    schedule: str = "cosine"
-    checkpoint_every: int = 0
-    log_every: int = 10
     checkpoint_dir: str | None = None
     resume: bool = False
     source: str = "data"
@@ -91,6 +78,8 @@ class DistillConfig:
     generated_path: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "loss", LOSS_ALIASES.get(self.loss, self.loss))
         if self.train not in TRAIN_CHOICES:
             raise LlmpressError(f"distill train={self.train!r} is invalid: use one of {', '.join(TRAIN_CHOICES)}")
         if self.source not in SOURCES:
@@ -107,7 +96,7 @@ class DistillConfig:
             raise LlmpressError("distill resume needs checkpoint_dir: name the folder of the interrupted run")
         if self.source != "data-free":
             parse_spec(self.data)  # a malformed spec fails when the recipe is read
-        self.loss_config(), self.train_config()
+        self.loss_config()
         if self.source != "data":
             self.generate_config()
 
@@ -116,10 +105,8 @@ class DistillConfig:
 
         return LossConfig(**{dst: getattr(self, src) for src, dst in _LOSS_FIELDS.items()})
 
-    def train_config(self):
-        from .trainer import TrainConfig
-
-        return TrainConfig(**{name: getattr(self, name) for name in _TRAIN_FIELDS})
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
 
     def generate_config(self):
         from .blackbox import GenerateConfig

@@ -30,65 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LlmpressError
+from .config import TrainConfig
 from .losses import LossConfig, distill_loss, needs_hidden, needs_teacher
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("auto", "float32", "bfloat16")
-SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT = "last.pt"
 _PROBE_STEPS = 3  # with max_seconds: steps timed before the schedule's horizon is fixed
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train. ``steps``: optimizer steps (each ``grad_accum`` micro-batches of ``batch_size``
-    windows); ``warmup``: linear warm-up steps (at most half the horizon); ``schedule``: decay after it.
-    ``max_seconds``: stop after this much training time; the schedule's horizon is then fixed after
-    the first steps from their measured speed, so the decay ends near the budget. ``dtype``: autocast
-    of the forwards ("auto": bfloat16 where the device runs it natively, see ``api.calibration_dtype``).
-    ``checkpoint_every``: optimizer steps between checkpoints (0 = only with an explicit directory, at the end).
-    """
-
-    steps: int = 200
-    lr: float = 1e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    max_seconds: float | None = None
-    dtype: str = "auto"
-    schedule: str = "cosine"
-    checkpoint_every: int = 0
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
-            _check_int(name, getattr(self, name), 1)
-        for name in ("warmup", "seed", "checkpoint_every"):
-            _check_int(name, getattr(self, name), 0)
-        for name in ("lr", "weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise LlmpressError(f"{name}={value!r} is invalid: use a non-negative number, e.g. lr: 1e-4")
-        if self.lr == 0:
-            raise LlmpressError("lr=0 trains nothing: use a positive learning rate, e.g. 1e-4")
-        if self.max_seconds is not None and (isinstance(self.max_seconds, bool)
-                                             or not isinstance(self.max_seconds, (int, float))
-                                             or not self.max_seconds > 0):
-            raise LlmpressError(f"max_seconds={self.max_seconds!r} is invalid: use a positive number of seconds "
-                                "or null")
-        if self.dtype not in DTYPES:
-            raise LlmpressError(f"dtype={self.dtype!r} is invalid: use one of {', '.join(DTYPES)}")
-        if self.schedule not in SCHEDULES:
-            raise LlmpressError(f"schedule={self.schedule!r} is invalid: use one of {', '.join(SCHEDULES)}")
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise LlmpressError(f"{name}={value!r} is invalid: use an integer >= {low}")
 
 
 def learning_rate(cfg: TrainConfig, step: int, horizon: int) -> float:
@@ -161,7 +109,8 @@ def _save_checkpoint(folder: Path, named: dict[str, nn.Parameter], optimizer, st
     os.replace(tmp, folder / CHECKPOINT)
 
 
-_RESUME_KEYS = ("lr", "batch_size", "grad_accum", "seed", "steps", "warmup", "schedule", "weight_decay")
+_RESUME_KEYS = ("lr", "batch_size", "grad_accum", "seed", "steps", "warmup", "schedule", "weight_decay",
+                "qat_lr_scale")
 
 
 def _load_checkpoint(folder: Path, named: dict[str, nn.Parameter], optimizer, cfg: TrainConfig, n: int,
@@ -265,12 +214,20 @@ def _home(model: nn.Module | None) -> torch.device | None:
     return next(model.parameters()).device
 
 
+def _param_groups(student, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: the QAT layers' latent weights at ``qat_lr_scale`` × lr, everything else at lr."""
+    qat = {id(module.weight) for module in getattr(student, "qat", {}).values()}
+    groups = [{"params": [p for p in student.params if id(p) not in qat], "lr_scale": 1.0},
+              {"params": [p for p in student.params if id(p) in qat], "lr_scale": float(cfg.qat_lr_scale)}]
+    return [g for g in groups if g["params"]]
+
+
 def _loop(student, teacher, ids, loss_cfg, cfg: TrainConfig, folder: Path | None, resume: bool,
           progress: bool, device: torch.device, stop_at: int | None) -> dict:
     from tqdm.auto import tqdm
 
     named = _named_params(student.model, student.params)
-    optimizer = torch.optim.AdamW(student.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(student, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = (_load_checkpoint(folder, named, optimizer, cfg, len(ids), device) if resume else None) or _State()
     state.horizon = state.horizon or cfg.steps
     amp = _autocast_dtype(cfg.dtype, device)
@@ -287,7 +244,7 @@ def _loop(student, teacher, ids, loss_cfg, cfg: TrainConfig, folder: Path | None
             break
         lr = learning_rate(cfg, state.step, state.horizon)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         losses, sums = [], {}
         for k in range(cfg.grad_accum):
             rows = batch_indices(state.step * cfg.grad_accum + k, len(ids), cfg.batch_size, cfg.seed)

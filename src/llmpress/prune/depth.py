@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..errors import LlmpressError
 from ..measure.size import count_params
 from ..models.archs import Arch, block_linears, get_blocks
-from .passes import bar, calibration_loss, captured_inputs
+from .passes import calibration_loss, run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +70,11 @@ def lowest(scores: list[float], count: int) -> list[int]:
 def block_influences(model: nn.Module, arch: Arch, samples: Tensor, device: torch.device,
                      batch_size: int, progress: bool = False) -> list[float]:
     """BI of every block, from one pass of ``samples`` (n, L) through the unpruned model."""
-    blocks = get_blocks(model, arch)
-    inputs = captured_inputs(model, blocks, samples, batch_size, device)
     result = []
-    for i, block in enumerate(bar(blocks, progress, "block influence")):
-        home = next(block.parameters()).device
-        block.to(device)
-        outputs = inputs.run(block, i)
-        block.to(home)
+    for _i, inputs, outputs in run_blocks(model, arch, samples, device, batch_size, progress, "block influence"):
         tokens = [h.shape[0] * h.shape[1] for h in outputs]
-        parts = [block_influence(x, y) for x, y in zip(inputs.hidden, outputs)]
+        parts = [block_influence(x, y) for x, y in zip(inputs, outputs)]
         result.append(sum(t * p for t, p in zip(tokens, parts)) / sum(tokens))
-        inputs.hidden = outputs
     return result
 
 

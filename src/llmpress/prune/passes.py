@@ -6,6 +6,8 @@ pruning decisions are made from these by the pure functions in ``structured`` an
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -50,27 +52,41 @@ def captured_inputs(model: nn.Module, blocks: nn.ModuleList, samples: Tensor, ba
     return inputs
 
 
-def input_moments(model: nn.Module, arch: Arch, samples: Tensor, device: torch.device,
-                  batch_size: int, progress: bool = False) -> list[dict[str, tuple[Tensor, Tensor]]]:
-    """Per block, (mean, variance) of the inputs of o_proj and down_proj over the calibration tokens."""
+def run_blocks(model: nn.Module, arch: Arch, samples: Tensor, device: torch.device, batch_size: int,
+               progress: bool, desc: str, hook: Callable[[int, nn.Module], list] | None = None):
+    """Run ``samples`` through the blocks one at a time on ``device``; yields (i, inputs, outputs) per block.
+
+    Each block's inputs are the previous block's outputs; a block visits ``device`` only for its own
+    forward. ``hook(i, block)`` registers hooks for block i's forward and returns their handles.
+    """
     blocks = get_blocks(model, arch)
     inputs = captured_inputs(model, blocks, samples, batch_size, device)
-    moments = []
-    for i, block in enumerate(bar(blocks, progress, "channel moments")):
+    for i, block in enumerate(bar(blocks, progress, desc)):
         home = next(block.parameters()).device
         block.to(device)
-        acc = {ATTN[3]: _MeanVar(), MLP[2]: _MeanVar()}
-        handles = [block.get_submodule(n).register_forward_pre_hook(lambda _m, a, s=s: s.add(a[0]))
-                   for n, s in acc.items()]
+        handles = hook(i, block) if hook is not None else []
         try:
-            out = inputs.run(block, i)
+            outputs = inputs.run(block, i)
         finally:
             for h in handles:
                 h.remove()
-        inputs.hidden = out
-        block.to(home)
-        moments.append({n: s.result() for n, s in acc.items()})
-    return moments
+            block.to(home)
+        yield i, inputs.hidden, outputs
+        inputs.hidden = outputs
+
+
+def input_moments(model: nn.Module, arch: Arch, samples: Tensor, device: torch.device,
+                  batch_size: int, progress: bool = False) -> list[dict[str, tuple[Tensor, Tensor]]]:
+    """Per block, (mean, variance) of the inputs of o_proj and down_proj over the calibration tokens."""
+    acc: dict[int, dict[str, _MeanVar]] = {}
+
+    def hook(i: int, block: nn.Module) -> list:
+        acc[i] = {ATTN[3]: _MeanVar(), MLP[2]: _MeanVar()}
+        return [block.get_submodule(n).register_forward_pre_hook(lambda _m, a, s=s: s.add(a[0]))
+                for n, s in acc[i].items()]
+
+    return [{n: s.result() for n, s in acc.pop(i).items()}
+            for i, _x, _y in run_blocks(model, arch, samples, device, batch_size, progress, "channel moments", hook)]
 
 
 def taylor_importance(model: nn.Module, arch: Arch, samples: Tensor, device: torch.device,

@@ -45,7 +45,9 @@ class SparseGPTConfig:
     damp: λ = damp·mean(diag H); bits: quantize the kept weights jointly (2–8, None = no);
     group_size/sym: their grid (-1 = per output channel); keep_zeros: prune exactly the weights
     that are already zero (an earlier stage's mask) and select nothing — with ``bits`` this is
-    GPTQ restricted to that mask, the "prune, then quantize" sequential baseline."""
+    GPTQ restricted to that mask, the "prune, then quantize" sequential baseline; true_sequential: the
+    engine compresses a block's linears group by group in forward order, each group's Hessian taken
+    with the groups before it already compressed (as GPTQ's ``--true-sequential``)."""
 
     sparsity: float | None = None
     pattern: str = "unstructured"
@@ -55,6 +57,7 @@ class SparseGPTConfig:
     group_size: int = 64
     sym: bool = True
     keep_zeros: bool = False
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         sparsity, nm = resolve_sparsity(self.sparsity, self.pattern)
@@ -70,7 +73,7 @@ class SparseGPTConfig:
         if self.bits is not None:
             check_bits(self.bits)
         check_group_size(self.group_size)
-        check_flags(self, ("sym", "keep_zeros"), "sparsegpt")
+        check_flags(self, ("sym", "keep_zeros", "true_sequential"), "sparsegpt")
         if self.keep_zeros and (sparsity != 0 or nm is not None):
             raise LlmpressError("keep_zeros=true keeps an earlier stage's mask, so it selects nothing itself: "
                                 "set sparsity: 0 and leave pattern unstructured")
