@@ -26,7 +26,8 @@ from llmpress.measure.size import folder_bytes
 
 RECIPES = ["magnitude-50", "magnitude-24", "magnitude-48", "wanda-50", "wanda-24", "wanda-48",
            "sparsegpt-50", "sparsegpt-24", "sparsegpt-48", "sparsegpt-50-w4", "sparsegpt-50+gptq-w4",
-           "sparsegpt-50+rtn-w4-g64", "owl-wanda-50", "owl-sparsegpt-50", "width-20", "depth-20"]
+           "sparsegpt-50+rtn-w4-g64", "owl-wanda-50", "owl-sparsegpt-50", "wanda-70", "owl-wanda-70", "width-20",
+           "depth-20"]
 PEERS = {
     "wanda-50": {"kind": "wanda", "sparsity": 0.5, "mask_structure": "0:0"},
     "wanda-24": {"kind": "wanda", "sparsity": 0.5, "mask_structure": "2:4"},

@@ -137,6 +137,8 @@ FAKE_LAYERS = {
     "model.layers.1.mlp.down_proj": {"shape": [64, 128], "bits": None, "group_size": None, "sym": True, "sparsity": 0.5, "n:m": [2, 4]},
     # 50 % sparse and 4-bit g64 sym: stored pack-quantized, zeros included: 8192 * 4/8 + 128 scales * 2 B
     "model.layers.1.mlp.up_proj": {"shape": [128, 64], "bits": 4, "group_size": 64, "sym": True, "sparsity": 0.5, "n:m": None},
+    # 4:8 is saved sparse-bitmask: 4096 kept values * 2 B + bitmask 128*64/8 + 128 int64 row offsets
+    "model.layers.1.mlp.gate_proj": {"shape": [128, 64], "bits": None, "group_size": None, "sym": True, "sparsity": 0.5, "n:m": [4, 8]},
 }
 LAYER_BYTES = [
     64 * 64 * 4 // 8 + 64 * 2,
@@ -145,19 +147,20 @@ LAYER_BYTES = [
     128 * 64 // 8 + 4096 * 2 + 128 * 8,
     4096 * 2 + 64 * 128 // 8,
     8192 * 4 // 8 + 128 * 2,
+    4096 * 2 + 128 * 64 // 8 + 128 * 8,
 ]
-LISTED_NUMEL = 64 * 64 + 32 * 64 + 3 * 128 * 64 + 64 * 128
+LISTED_NUMEL = 64 * 64 + 32 * 64 + 4 * 128 * 64 + 64 * 128
 
 
 def test_size_report_hand_counted_bytes(tmp_path):
     model = tiny_llama(tied=True)
-    assert LAYER_BYTES == [2176, 1184, 8448, 10240, 9216, 4352]
+    assert LAYER_BYTES == [2176, 1184, 8448, 10240, 9216, 4352, 10240]
     report = size_report(model, FAKE_LAYERS)
     dense_rest = (TOTAL_TIED - LISTED_NUMEL) * 2
-    assert report["size_bytes"] == dense_rest + sum(LAYER_BYTES) == 138656
+    assert report["size_bytes"] == dense_rest + sum(LAYER_BYTES) == 132512
     assert report["dense_bytes"] == TOTAL_TIED * 2
     assert report["compression_ratio"] == pytest.approx(report["dense_bytes"] / report["size_bytes"])
-    assert report["bits_per_weight"] == pytest.approx(8 * 138656 / TOTAL_TIED)
+    assert report["bits_per_weight"] == pytest.approx(8 * 132512 / TOTAL_TIED)
     assert report["linear_bits_per_weight"] == pytest.approx(8 * sum(LAYER_BYTES) / LISTED_NUMEL)
     assert report["disk_bytes"] is None
     assert report["params"]["total"] == TOTAL_TIED

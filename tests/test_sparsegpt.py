@@ -144,14 +144,19 @@ def test_reconstruction_error_below_wanda_below_magnitude(pattern):
 
 
 def test_joint_prune_and_quantize_beats_one_after_the_other():
+    """The layer-level form of the paper's 50% + 4-bit claim; on SmolLM2's real Hessians joint is 1-7% lower too."""
     X = inputs(2000, 256, seed=8)
     H = 2 / X.shape[0] * X.T @ X
     W = torch.randn(64, 256, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     joint = sparsegpt(W, H, SparseGPTConfig(sparsity=0.5, bits=4, group_size=64))
     pruned = sparsegpt(W, H, SparseGPTConfig(sparsity=0.5))
     rounded = dequantize(*_rtn(pruned.weight, 4, 64), 64)
+    then_gptq = sparsegpt(pruned.weight, H, SparseGPTConfig(sparsity=0.0, keep_zeros=True, bits=4, group_size=64))
     assert (joint.weight[~joint.mask] == 0).all() and (rounded[~pruned.mask] == 0).all()
-    assert output_error(W, joint.weight, X) < output_error(W, rounded, X)
+    assert torch.equal(then_gptq.mask, pruned.mask)
+    # with the same Hessian, one joint pass beats pruning then GPTQ on the kept weights, which beats rounding
+    errors = [output_error(W, r, X) for r in (joint.weight, then_gptq.weight, rounded)]
+    assert errors[0] < errors[1] < errors[2]
 
 
 def _rtn(W, bits, group):

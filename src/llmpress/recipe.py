@@ -182,6 +182,9 @@ BUILTIN_RECIPES: dict[str, dict] = {
                                            *_rtn(4, 64)["stages"]]},
     "owl-wanda-50": {"stages": [{"method": "owl", "args": {"sparsity": 0.5, "pruner": "wanda"}}]},
     "owl-sparsegpt-50": {"stages": [{"method": "owl", "args": {"sparsity": 0.5, "pruner": "sparsegpt"}}]},
+    # OWL's own setting: high sparsity, where uniform ratios break down first
+    "wanda-70": {"stages": [{"method": "wanda", "args": {"sparsity": 0.7}}]},
+    "owl-wanda-70": {"stages": [{"method": "owl", "args": {"sparsity": 0.7, "pruner": "wanda"}}]},
     # GPTQ: act-order (static groups) and true-sequential by default, calibration forwards in bfloat16 where the
     # CPU/GPU runs it natively (Hessians stay fp32); -classic: the reference algorithm (no act-order, one pass)
     "gptq-w4-g64": _gptq(4),

@@ -105,7 +105,8 @@ def layer_bytes(spec: dict, dense_bits: int = 16) -> int:
     if bits is None:
         if not sparse:
             return _bytes(numel * dense_bits)
-        offsets = 0 if nm is not None else rows * ROW_OFFSET_BYTES
+        two_four = nm is not None and list(nm) == [2, 4] and cols % 4 == 0  # export.sparse.choose_layout's rule
+        offsets = 0 if two_four else rows * ROW_OFFSET_BYTES
         return _bytes(kept * dense_bits) + rows * _bytes(cols) + offsets
     groups = rows * _groups_per_row(cols, spec.get("group_size"))
     zeros = 0 if spec.get("sym", True) else _bytes(groups * bits)
@@ -163,9 +164,11 @@ def size_report(
       bitmask of ``out*ceil(in/8)`` bytes (one bit per element, rows padded to
       bytes) + the ``round(out*in*(1-s))`` kept values at ``d`` bits + one
       int64 row offset per row;
-    * n:m only (e.g. 2:4): like compressed-tensors' ``sparse-24-bitmask``:
-      the ``out*in*n/m`` kept values at ``d`` bits + the same per-element
-      bitmask (for 2:4 this equals 2 bits of index metadata per kept value);
+    * 2:4 only: like compressed-tensors' ``sparse-24-bitmask``: the
+      ``out*in/2`` kept values at ``d`` bits + the same per-element bitmask
+      (2 bits of index metadata per kept value), no row offsets; other N:M
+      patterns (4:8) are saved as ``sparse-bitmask`` and counted as above,
+      with ``out*in*n/m`` kept values;
     * sparse (either kind) and quantized: stored as an ordinary quantized
       layer (``pack-quantized``, the pruned weights as the zero point's code),
       so counted like one: sparsity saves no bytes there (compressed-tensors
