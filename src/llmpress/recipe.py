@@ -226,15 +226,17 @@ BUILTIN_RECIPES: dict[str, dict] = {
                                                                    "lr": 1e-3}}]},
     "distill-data-free": {"stages": [{"method": "distill", "args": {"loss": "ce", "source": "data-free",
                                                                     "greedy_first": 3, "lr": 1e-3}}]},
-    # on a quantized model "distill" is already QAT; "qat" names it so ("gptq-w3-g64+qat(steps=500)")
-    "qat": {"stages": [{"method": "distill", "args": {"loss": "forward_kl", "train": "all", "lr": 1e-3}}]},
+    # on a quantized model "distill" is already QAT; "qat" names it so ("gptq-w3-g64+qat(steps=500)"), with the
+    # QAT weights at 3x the lr: from gptq-w3-g64, 1500 s: 39.29 against 42.25 at 1x (README, distillation figures)
+    "qat": {"stages": [{"method": "distill", "args": {"loss": "forward_kl", "train": "all", "lr": 1e-3,
+                                                      "qat_lr_scale": 3.0}}]},
     "sparsegpt-24+distill": {"stages": [{"method": "sparsegpt", "args": {"pattern": "2:4"}},
                                         {"method": "distill", "args": {"loss": "forward_kl", "train": "all",
                                                                        "lr": 1e-3}}]},
     "gptq-w3-g64+qat": {"calibration": {"dtype": "auto"},
                         "stages": [*_gptq(3)["stages"],
                                    {"method": "distill", "args": {"loss": "forward_kl", "train": "all",
-                                                                  "lr": 1e-3}}]},
+                                                                  "lr": 1e-3, "qat_lr_scale": 3.0}}]},
 }
 
 
