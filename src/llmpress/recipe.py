@@ -368,7 +368,7 @@ def _value(text: str) -> Any:
             return kind(text)
         except ValueError:
             pass
-    if text.lower() in ("true", "false", "null", "none") or text[:1] in "[{'\"":
+    if text.lower() in ("true", "false", "null") or (text and text[0] in "[{'\""):
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError:
