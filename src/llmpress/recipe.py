@@ -290,9 +290,6 @@ def _composed(text: str) -> list[dict] | None:
         if any(c in text for c in "()[]{}"):
             raise LlmpressError(f"recipe '{text}' has unbalanced brackets: write NAME(key=value, ...)")
         return None
-    if not any("(" in p for p in parts):
-        names = _builtin_parts(parts)
-        return [BUILTIN_RECIPES[n] for n in names] if names else None
     out, run = [], []
     for part in [*parts, None]:
         if part is not None and "(" not in part:
@@ -300,6 +297,8 @@ def _composed(text: str) -> list[dict] | None:
             continue
         if run:
             names = _builtin_parts(run)
+            if names is None and "(" not in text:
+                return None  # not a composition: load_recipe tries it as a file, then says what is unknown
             if names is None:
                 raise LlmpressError(f"unknown recipe '{'+'.join(run)}' in '{text}': use built-in names "
                                     f"({', '.join(BUILTIN_RECIPES)}) or NAME(key=value, ...)")

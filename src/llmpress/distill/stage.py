@@ -49,8 +49,9 @@ class DistillConfig(TrainConfig):
     ``TrainConfig``, inherited (``steps``, ``lr`` …); ``checkpoint_dir`` + ``resume`` continue an
     interrupted run. Data: ``source`` data (windows of ``data``) | generated (the teacher continues
     prompts from ``data``) | data-free (the teacher writes from a random first token); ``samples``
-    windows of ``seq_len`` tokens are drawn (seeded) from that text. Generation: ``prompts``, ``prompt_len``, ``new_tokens``, ``gen_temperature``,
-    ``top_k``, ``top_p``, ``greedy_first``, ``gen_batch_size``; ``generated_path`` keeps the JSON-lines file.
+    windows of ``seq_len`` tokens are drawn (seeded) from that text. Generation: ``prompts``,
+    ``prompt_len``, ``new_tokens``, ``gen_temperature``, ``top_k``, ``top_p``, ``greedy_first``,
+    ``gen_batch_size``; ``generated_path`` keeps the JSON-lines file.
     """
 
     train: str = "all"

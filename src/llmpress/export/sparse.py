@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..compressed import Compressed
 from ..errors import LlmpressError
+from ..prune.masks import is_two_four
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class SparseLinear(nn.Module):
 
 def choose_layout(masks: dict[str, Tensor], layers: dict[str, dict]) -> str:
     """sparse-24-bitmask when every pruned layer is 2:4 (and its width a multiple of 4), else sparse-bitmask."""
-    two_four = all(layers.get(n, {}).get("n:m") == [2, 4] and m.shape[1] % 4 == 0 for n, m in masks.items())
+    two_four = all(is_two_four(layers.get(n, {}).get("n:m"), m.shape[1]) for n, m in masks.items())
     return BITMASK_24 if masks and two_four else BITMASK
 
 

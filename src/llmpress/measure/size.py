@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from llmpress.errors import LlmpressError
+from llmpress.prune.masks import is_two_four
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ def layer_bytes(spec: dict, dense_bits: int = 16) -> int:
     if bits is None:
         if not sparse:
             return _bytes(numel * dense_bits)
-        two_four = nm is not None and list(nm) == [2, 4] and cols % 4 == 0  # export.sparse.choose_layout's rule
-        offsets = 0 if two_four else rows * ROW_OFFSET_BYTES
+        offsets = 0 if is_two_four(nm, cols) else rows * ROW_OFFSET_BYTES
         return _bytes(kept * dense_bits) + rows * _bytes(cols) + offsets
     groups = rows * _groups_per_row(cols, spec.get("group_size"))
     zeros = 0 if spec.get("sym", True) else _bytes(groups * bits)

@@ -103,3 +103,10 @@ def mask_meta(mask: Tensor, nm: tuple[int, int] | None) -> dict:
     if nm is not None:
         meta["n:m"] = list(nm)
     return meta
+
+
+def is_two_four(nm, in_features: int) -> bool:
+    """Whether a layer with N:M pattern ``nm`` ([n, m] or None) and ``in_features`` columns is 2:4 over
+    whole groups of 4: what compressed-tensors' sparse-24-bitmask layout stores (``export.sparse``),
+    with no row offsets (``measure.size``)."""
+    return nm is not None and list(nm) == [2, 4] and in_features % 4 == 0

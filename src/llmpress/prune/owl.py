@@ -6,9 +6,9 @@ ratio D_l is the fraction of its Wanda scores |W_ij|·‖X_j‖₂ (over all its
 linears together) above M times their mean. Blocks with more outliers are
 pruned less: with D normalised to [0, 2λ], block l's sparsity is
 ``target − (D̂_l − mean D̂)``, the mean weighted by parameter count so that
-the block ratios average exactly to the target (Wanda then rounds each row's
-count down, which leaves up to one weight more per row: 49.92% measured at 50%). The ratios need every
-block's statistics before any pruning, so OWL is a model-level method: one
+the block ratios average exactly to the target (Wanda then rounds each
+row's count down, which leaves up to one weight more per row: 49.92%
+measured at 50%). The ratios need every block's statistics before any pruning, so OWL is a model-level method: one
 calibration pass through the dense model measures D_l, then each block is
 pruned through the sequential engine (Wanda or SparseGPT) at its own ratio.
 """
