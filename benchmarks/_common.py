@@ -22,6 +22,7 @@ import llmpress
 from llmpress.data import calibration_samples, eval_windows
 from llmpress.measure import PeakMemory, perplexity, size_report
 from llmpress.models.loader import LoadedModel, load_model
+from llmpress.progress import silenced
 from llmpress.recipe import load_recipe
 from llmpress.registry import METHODS
 
@@ -135,8 +136,11 @@ def main(description: str, recipes: list[str], peer_specs: dict[str, dict], benc
     """Run each recipe (and its peer) with ``bench_class``, print the table; ``extra_table(rows, bench)``
     returns a second Markdown table printed after it."""
     args = parser(description, recipes).parse_args()
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+    with silenced(args.quiet):
+        _run(args, recipes, peer_specs, bench_class, extra_table)
+
+
+def _run(args, recipes, peer_specs, bench_class, extra_table) -> None:
     python = peer_python(args.peer_python)
     bench = bench_class(args)
     rows = []

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from llmpress.export.compressed_tensors import save_compressed_tensors
 from llmpress.measure import perplexity
 from llmpress.models.archs import arch_for
 from llmpress.primitives import dequantize, quantize
+from llmpress.progress import silenced
 
 STARTS = ["sparsegpt-24", "gptq-w3-g64"]
 LOSSES = ["forward_kl", "reverse_kl", "jsd"]
@@ -204,8 +204,11 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+    with silenced(args.quiet):
+        _main(args)
+
+
+def _main(args) -> None:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     bench = Bench(argparse.Namespace(model=args.model, samples=args.calib_samples, seq_len=args.calib_seq_len,
                                      eval_seq_len=args.eval_seq_len, eval_windows=args.eval_windows))

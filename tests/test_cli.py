@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from llmpress import cli
 from llmpress.cli import main
 from tiny_models import tiny_model
 
@@ -119,3 +120,17 @@ def test_compress_writes_folder(capsys, tmp_path, tiny_dir):
 def test_recipes_lists_builtins(capsys):
     code, text, _ = run(capsys, "recipes")
     assert code == 0 and "rtn-w4-g64" in text and "magnitude-50" in text
+
+
+def test_quiet_silences_library_bars(capsys, monkeypatch):
+    import tqdm
+
+    def noisy(_args):
+        for _ in tqdm.tqdm(range(3), desc="a library's own bar"):
+            pass
+
+    monkeypatch.setitem(cli.COMMANDS, "fetch", noisy)
+    assert cli.main(["fetch", "--quiet"]) == 0
+    assert "a library's own bar" not in capsys.readouterr().err
+    assert cli.main(["fetch"]) == 0
+    assert "a library's own bar" in capsys.readouterr().err

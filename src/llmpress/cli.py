@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import LlmpressError
+from .progress import silenced
 from .models.loader import DEFAULT_MODEL
 
 DEMO_RECIPES = ("rtn-w4-g64", "rtn-w4-g64-asym", "magnitude-50")
@@ -180,13 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="llmpress: %(message)s")
-    if quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     try:
-        COMMANDS[args.command](args)
+        with silenced(quiet):
+            COMMANDS[args.command](args)
     except LlmpressError as exc:
         print(f"llmpress: error: {exc}", file=sys.stderr)
         return 2
