@@ -123,10 +123,10 @@ def test_recipes_lists_builtins(capsys):
 
 
 def test_quiet_silences_library_bars(capsys, monkeypatch):
-    import tqdm
+    from tqdm.auto import tqdm  # as transformers' GGUF reader builds its bar, already imported
 
     def noisy(_args):
-        for _ in tqdm.tqdm(range(3), desc="a library's own bar"):
+        for _ in tqdm(range(3), desc="a library's own bar"):
             pass
 
     monkeypatch.setitem(cli.COMMANDS, "fetch", noisy)

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from .errors import LlmpressError
-from .progress import silenced
 from .models.loader import DEFAULT_MODEL
+from .progress import silenced
 
 DEMO_RECIPES = ("rtn-w4-g64", "rtn-w4-g64-asym", "magnitude-50")
 
