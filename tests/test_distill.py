@@ -115,20 +115,22 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     whole, history = _qat_run(tmp_path)
     part, first = _qat_run(tmp_path, checkpoint_dir=tmp_path / "ck", stop_at=2)
     assert first["steps"] == 2 and first["stopped"] == "stop_at"
-    resumed, rest = _qat_run(tmp_path, checkpoint_dir=tmp_path / "ck", resume=True)
-    assert rest["steps"] == 4 and rest["tokens"] == history["tokens"]
-    assert [e["loss"] for e in rest["log"]] == [e["loss"] for e in history["log"]]
-    for a, b, c in zip(whole.params, resumed.params, part.params):
-        assert torch.equal(a, b)
-    assert not all(torch.equal(a, c) for a, c in zip(whole.params, part.params))
-    other, _ = _qat_run(tmp_path, seed=1)  # the seed decides the data order
-    assert not all(torch.equal(a, b) for a, b in zip(whole.params, other.params))
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["last.safetensors"]  # only the last one
     with pytest.raises(LlmpressError, match="different lr"):
         teacher, model, layers, results = compressed(W4)
         student = prepare_student(model, arch_for(model), layers, results, "all")
         train(student, teacher, random_ids(6, 16, seed=3), LossConfig("jsd", hidden_weight=0.5, ce_weight=0.1),
               TrainConfig(steps=4, lr=1e-3, batch_size=2, grad_accum=2, **FAST),
               checkpoint_dir=tmp_path / "ck", resume=True)
+    resumed, rest = _qat_run(tmp_path, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert rest["steps"] == 4 and rest["tokens"] == history["tokens"]
+    assert [e["loss"] for e in rest["log"]] == [e["loss"] for e in history["log"]]
+    for a, b, c in zip(whole.params, resumed.params, part.params):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, c) for a, c in zip(whole.params, part.params))
+    assert not (tmp_path / "ck").exists()  # a finished run deletes its checkpoint (and the folder it made)
+    other, _ = _qat_run(tmp_path, seed=1)  # the seed decides the data order
+    assert not all(torch.equal(a, b) for a, b in zip(whole.params, other.params))
 
 
 def test_qat_lr_scale_multiplies_only_the_qat_weights_step():

@@ -47,7 +47,7 @@ class DistillConfig(TrainConfig):
     Loss (``llmpress.distill.losses.LossConfig``): ``loss`` forward_kl | reverse_kl | jsd | ce,
     ``temperature``, ``beta`` (jsd), ``hidden_weight``, ``ce_weight``. Optimisation: the fields of
     ``TrainConfig``, inherited (``steps``, ``lr`` …); ``checkpoint_dir`` + ``resume`` continue an
-    interrupted run. Data: ``source`` data (windows of ``data``) | generated (the teacher continues
+    interrupted run (the checkpoint is deleted when training finishes, unless ``keep_checkpoint``). Data: ``source`` data (windows of ``data``) | generated (the teacher continues
     prompts from ``data``) | data-free (the teacher writes from a random first token); ``samples``
     windows of ``seq_len`` tokens are drawn (seeded) from that text. Generation: ``prompts``,
     ``prompt_len``, ``new_tokens``, ``gen_temperature``, ``top_k``, ``top_p``, ``greedy_first``,
@@ -64,6 +64,7 @@ class DistillConfig(TrainConfig):
     ce_weight: float = 0.0
     checkpoint_dir: str | None = None
     resume: bool = False
+    keep_checkpoint: bool = False
     source: str = "data"
     data: str = "austen:calib"
     samples: int = 256
@@ -91,8 +92,9 @@ class DistillConfig(TrainConfig):
                 raise LlmpressError(f"distill {name}={value!r} is invalid: use a positive integer")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise LlmpressError(f"distill lora_alpha={self.lora_alpha!r} is invalid: use a positive number, e.g. 32")
-        if not isinstance(self.resume, bool):
-            raise LlmpressError(f"distill resume={self.resume!r} is invalid: use true or false")
+        for name in ("resume", "keep_checkpoint"):
+            if not isinstance(getattr(self, name), bool):
+                raise LlmpressError(f"distill {name}={getattr(self, name)!r} is invalid: use true or false")
         if self.resume and not self.checkpoint_dir:
             raise LlmpressError("distill resume needs checkpoint_dir: name the folder of the interrupted run")
         if self.source != "data-free":
@@ -154,7 +156,7 @@ def distill_model(model: nn.Module, arch, cfg: DistillConfig, *, teacher: nn.Mod
     student = prepare_student(model, arch, layers, results, cfg.train, lora_rank=cfg.lora_rank,
                               lora_alpha=cfg.lora_alpha)
     history = train(student, teacher, ids, cfg.loss_config(), cfg.train_config(), checkpoint_dir=cfg.checkpoint_dir,
-                    resume=cfg.resume, progress=progress, device=device)
+                    resume=cfg.resume, progress=progress, device=device, keep_checkpoint=cfg.keep_checkpoint)
     updates = student.finalize(results)
     model.eval()
     log.info("distilled (%s, %s, source %s): %d steps, %d tokens in %.1fs (%.0f tokens/s), last loss %s",

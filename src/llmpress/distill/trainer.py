@@ -10,9 +10,11 @@ reverse KL) and GKD (Agarwal et al. 2023, generalized JSD).
 Deterministic with a seed: batches come from per-epoch permutations drawn from
 ``Generator().manual_seed(seed + epoch)``, so the data order is a function of the step alone;
 the global RNG (dropout) is seeded inside ``torch.random.fork_rng`` and the caller's is left
-untouched. A checkpoint (written atomically: temporary file, then rename) holds the trainable
-parameters, the optimizer, the schedule's horizon, the step, the data position and the RNG
-states, so a resumed run ends with bit-identical weights to an uninterrupted one.
+untouched. A checkpoint (``llmpress.distill.checkpoint``: safetensors plus a JSON header, written
+atomically, only the last one kept) holds the trainable parameters, the optimizer, the schedule's
+horizon, the step, the data position and the RNG states, so a resumed run ends with bit-identical
+weights to an uninterrupted one. A run that finishes deletes its checkpoint unless asked to keep it;
+an interrupted one (``stop_at``, an exception, a kill) leaves the last one for ``resume``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,12 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LlmpressError
+from .checkpoint import CHECKPOINT, load_checkpoint, remove_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .losses import LossConfig, distill_loss, needs_hidden, needs_teacher
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "last.pt"
+__all__ = ["CHECKPOINT", "TrainConfig", "batch_indices", "learning_rate", "train"]
 _PROBE_STEPS = 3  # with max_seconds: steps timed before the schedule's horizon is fixed
 
 
@@ -95,50 +97,6 @@ class _State:
     log: list = dataclasses.field(default_factory=list)
 
 
-def _save_checkpoint(folder: Path, named: dict[str, nn.Parameter], optimizer, state: _State,
-                     cfg: TrainConfig, n: int, device: torch.device) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    payload = {"version": 1, "params": {k: p.detach().cpu() for k, p in named.items()},
-               "optimizer": optimizer.state_dict(), "state": dataclasses.asdict(state), "rng": rng,
-               "config": dataclasses.asdict(cfg), "data": {"rows": n, "position": state.step * cfg.grad_accum}}
-    tmp = folder / f".{CHECKPOINT}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, folder / CHECKPOINT)
-
-
-_RESUME_KEYS = ("lr", "batch_size", "grad_accum", "seed", "steps", "warmup", "schedule", "weight_decay",
-                "qat_lr_scale")
-
-
-def _load_checkpoint(folder: Path, named: dict[str, nn.Parameter], optimizer, cfg: TrainConfig, n: int,
-                     device: torch.device) -> _State | None:
-    path = folder / CHECKPOINT
-    if not path.is_file():
-        log.info("no checkpoint in %s: training from the start", folder)
-        return None
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    saved = payload["config"]
-    changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-    if changed or payload["data"]["rows"] != n:
-        what = changed[0] if changed else "the training data"
-        raise LlmpressError(f"checkpoint {path} was written with a different {what}: resume with the same "
-                            "settings, or use a new checkpoint folder")
-    if set(payload["params"]) != set(named):
-        raise LlmpressError(f"checkpoint {path} trains other parameters than this student: use the same "
-                            "trainable choice, or a new checkpoint folder")
-    with torch.no_grad():
-        for k, p in named.items():
-            p.copy_(payload["params"][k])
-    optimizer.load_state_dict(payload["optimizer"])
-    torch.set_rng_state(payload["rng"]["cpu"])
-    if "cuda" in payload["rng"] and device.type == "cuda":
-        torch.cuda.set_rng_state(payload["rng"]["cuda"], device)
-    return _State(**payload["state"])
-
-
 def _forward(model: nn.Module, ids: Tensor, hidden: bool):
     return model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
 
@@ -167,13 +125,15 @@ def _horizon_after_probe(cfg: TrainConfig, state: _State, probe_start: float) ->
 
 def train(student, teacher: nn.Module | None, ids: Tensor, loss_cfg: LossConfig, cfg: TrainConfig, *,
           checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
-          device: str | torch.device = "cpu", stop_at: int | None = None) -> dict:
+          device: str | torch.device = "cpu", stop_at: int | None = None, keep_checkpoint: bool = False) -> dict:
     """Train ``student.params`` to match ``teacher`` on the (N, L) token windows ``ids``; returns a history.
 
     ``teacher`` may be None when the loss needs none (``LossConfig(kind="ce")``: next-token training).
-    ``checkpoint_dir``: where ``last.pt`` is written every ``cfg.checkpoint_every`` steps and at the end;
-    ``resume``: continue from it (same settings and data, else LlmpressError). ``stop_at``: end this call
-    after that optimizer step (an interruption; the schedule still runs to ``cfg.steps``).
+    ``checkpoint_dir``: where ``last.safetensors`` is written every ``cfg.checkpoint_every`` steps and
+    when the call ends early; ``resume``: continue from it (same settings and data, else LlmpressError;
+    none there: from the start). ``stop_at``: end this call after that optimizer step (an interruption;
+    the schedule still runs to ``cfg.steps``). A run that reaches its end (steps or time budget) deletes
+    the checkpoint, unless ``keep_checkpoint``.
     The models are moved to ``device`` and back. History: ``steps``, ``tokens``, ``seconds`` (training
     time, summed over resumed runs), ``tokens_per_s``, ``loss`` and ``parts`` of the last logged step,
     ``log`` (one entry per ``log_every`` steps), ``horizon`` and why it ``stopped`` (steps | time | stop_at).
@@ -199,8 +159,9 @@ def train(student, teacher: nn.Module | None, ids: Tensor, loss_cfg: LossConfig,
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(cfg.seed)
             student.model.train()
-            return _loop(student, teacher, ids, loss_cfg, cfg, Path(checkpoint_dir) if checkpoint_dir else None,
-                         resume, progress, device, stop_at)
+            folder = Path(checkpoint_dir) if checkpoint_dir else None
+            return _loop(student, teacher, ids, loss_cfg, cfg, folder, resume, progress, device, stop_at,
+                         keep_checkpoint)
     finally:
         student.model.train(modes)
         for model, home in zip((student.model, teacher), homes):
@@ -223,12 +184,18 @@ def _param_groups(student, cfg: TrainConfig) -> list[dict]:
 
 
 def _loop(student, teacher, ids, loss_cfg, cfg: TrainConfig, folder: Path | None, resume: bool,
-          progress: bool, device: torch.device, stop_at: int | None) -> dict:
+          progress: bool, device: torch.device, stop_at: int | None, keep_checkpoint: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     named = _named_params(student.model, student.params)
     optimizer = torch.optim.AdamW(_param_groups(student, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = (_load_checkpoint(folder, named, optimizer, cfg, len(ids), device) if resume else None) or _State()
+    data = {"rows": int(ids.shape[0]), "columns": int(ids.shape[1])}
+    saved = load_checkpoint(folder, named, optimizer, cfg, data, device) if resume else None
+    try:
+        state = _State(**saved) if saved else _State()
+    except TypeError:
+        raise LlmpressError(f"checkpoint in {folder} has a malformed training state: delete it to train from "
+                            "the start, or use another checkpoint_dir") from None
     state.horizon = state.horizon or cfg.steps
     amp = _autocast_dtype(cfg.dtype, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp != torch.float32 else nullcontext
@@ -276,12 +243,16 @@ def _loop(student, teacher, ids, loss_cfg, cfg: TrainConfig, folder: Path | None
                 end = min(state.horizon, stop_at) if stop_at is not None else state.horizon
                 bar.total = state.horizon
         if folder is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-            _save_checkpoint(folder, named, optimizer, state, cfg, len(ids), device)
+            save_checkpoint(folder, named, optimizer, dataclasses.asdict(state), cfg, data, device)
     bar.close()
     if stop_at is not None and state.step >= stop_at and state.step < state.horizon:
         stopped = "stop_at"
     if folder is not None:
-        _save_checkpoint(folder, named, optimizer, state, cfg, len(ids), device)
+        if stopped == "stop_at" or keep_checkpoint:
+            path = save_checkpoint(folder, named, optimizer, dataclasses.asdict(state), cfg, data, device)
+            log.info("checkpoint at step %d kept in %s", state.step, path)
+        else:  # finished: nothing to resume, and the file is as large as the trainable weights plus Adam's 2x
+            remove_checkpoint(folder)
     return _history(state, stopped, parts)
 
 
