@@ -1,12 +1,12 @@
 """Pruning benchmark: magnitude / Wanda / SparseGPT / OWL / structured pruning on SmolLM2-135M, llm-compressor beside it.
 
-    python benchmarks/pruning.py [--recipes a,b] [--peer-python /path/to/python-with-llmcompressor]
+    python benchmarks/pruning.py [--recipes a,b] [--seeds 0,1,2] [--peer-python /path/to/python-with-llmcompressor]
 
 Same calibration (128 x 512, austen:calib, seed 0 unless --seed) and evaluation windows (austen:eval, 16 x 1024) as the
 quantization benchmark. Prints one Markdown table (perplexity, bits per weight of the compressed linears and
 the compressed size as ``llmpress.measure.size_report`` counts it, compression wall time, peak memory; and,
 where llm-compressor is installed, its WandaPruningModifier / SparseGPTModifier with the same settings on the
-same windows), then a second table with what each model really takes on disk when saved
+same windows, refused when the two toolkits changed different parameters), then a second table with what each model really takes on disk when saved
 (``compressed-tensors``: sparse-bitmask / sparse-24-bitmask for pruned models, pack-quantized for quantized
 ones; structured pruning saves smaller dense matrices). Folders are written in the model's dtype (fp32 here).
 """
@@ -36,6 +36,11 @@ PEERS = {
     "sparsegpt-24": {"kind": "sparsegpt", "sparsity": 0.5, "mask_structure": "2:4"},
     "sparsegpt-48": {"kind": "sparsegpt", "sparsity": 0.5, "mask_structure": "4:8"},
 }
+# The harness's old, unequal setting (llm-compressor prunes the tied head, so half the embeddings): kept so that
+# ``--recipes wanda-50-head`` shows the benchmark refusing that side by side.
+PEERS["wanda-50-head"] = {**PEERS["wanda-50"], "targets": ["Linear"], "ignore": ["lm_head"], "recipe": "wanda-50"}
+# llm-compressor 0.14's own figures on this protocol (shared/assets.md; calibration seed 0, the head left alone)
+PUBLISHED = {"wanda-50": 63.74, "wanda-24": 169.27, "sparsegpt-50": 50.19, "sparsegpt-24": 76.93}
 # methods whose results the compressed-tensors exporter stores (sparse or packed); others are saved as they are
 _STORABLE = {"magnitude", "wanda", "sparsegpt", "owl", "rtn", "gptq"}
 
@@ -67,7 +72,7 @@ class PruningBench(Bench):
                 "peak_bytes": result.peak_memory_bytes, "bits_per_weight": size["linear_bits_per_weight"],
                 "size_bytes": size["size_bytes"], "compression_ratio": size["compression_ratio"],
                 "params": size["params"]["total"], "disk_bytes": disk, "saved_as": saved_as,
-                "linear_sparsity": zeros / numel if numel else None}
+                "linear_sparsity": zeros / numel if numel else None, **self.changes(result)}
 
 
 def disk_table(rows: list[dict], base_disk: int, base_params: int) -> str:
@@ -90,4 +95,4 @@ def disk_sizes(rows: list[dict], bench: PruningBench) -> str:
 
 
 if __name__ == "__main__":
-    main(__doc__.splitlines()[0], RECIPES, PEERS, PruningBench, disk_sizes)
+    main(__doc__.splitlines()[0], RECIPES, PEERS, PruningBench, disk_sizes, PUBLISHED)

@@ -4,7 +4,13 @@ Invoked by benchmarks/*.py in a Python that has llmcompressor installed (possibl
     python llmcompressor_peer.py MODEL_DIR WINDOWS.pt SPEC.json OUT.json
 WINDOWS.pt holds {"calib": LongTensor (n, L), "eval": LongTensor (w, T)}; SPEC.json names the
 recipe ({"kind": "rtn"|"gptq"|"awq"|"smoothquant"|"wanda"|"sparsegpt", ...}). Writes
-{"seconds", "perplexity", "peak_rss_bytes", "error"} to OUT.json. Only the oneshot call is timed.
+{"seconds", "perplexity", "peak_rss_bytes", "error", "touched", "zeros_added"} to OUT.json (the last two from
+``param_check.changes``: which parameters the run changed). Only the oneshot call is timed.
+
+Every modifier leaves the head alone the way llmpress does. The quantization modifiers match
+``ignore=["lm_head"]`` by module name; llm-compressor 0.14's pruning modifiers do not (with
+``targets=["Linear"], ignore=["lm_head"]`` they prune the head, and on a tied model half the
+embeddings with it), so they get the regex form ``re:.*lm_head`` and their default targets.
 """
 
 import json
@@ -14,6 +20,8 @@ import sys
 import time
 
 import torch
+
+from param_check import changes, snapshot
 
 
 def weight_scheme(bits, group, sym):
@@ -48,8 +56,9 @@ def modifiers(spec):
         from llmcompressor.modifiers.obcq import SparseGPTModifier
 
         cls = WandaPruningModifier if kind == "wanda" else SparseGPTModifier
-        return [cls(sparsity=spec["sparsity"], mask_structure=spec.get("mask_structure", "0:0"), targets=["Linear"],
-                    ignore=["lm_head"])]
+        # "targets"/"ignore" in the spec override these (e.g. to show the refusal of an unequal job)
+        where = {"targets": spec.get("targets", ["Linear"]), "ignore": spec.get("ignore", ["re:.*lm_head"])}
+        return [cls(sparsity=spec["sparsity"], mask_structure=spec.get("mask_structure", "0:0"), **where)]
     raise ValueError(f"no llm-compressor mapping for {kind}")
 
 
@@ -67,19 +76,23 @@ def main():
     model_dir, windows_file, spec_file, out_file = sys.argv[1:5]
     spec = json.loads(open(spec_file).read())
     data = torch.load(windows_file)
-    result = {"seconds": None, "perplexity": None, "peak_rss_bytes": None, "error": None}
+    result = {"seconds": None, "perplexity": None, "peak_rss_bytes": None, "error": None, "touched": None,
+              "zeros_added": None}
     try:
         from datasets import Dataset
         from llmcompressor import oneshot
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        before = snapshot(model)
         calib = data["calib"]
         ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
         start = time.perf_counter()
         oneshot(model=model, dataset=ds, recipe=modifiers(spec), max_seq_length=calib.shape[1],
                 num_calibration_samples=calib.shape[0])
         result["seconds"] = time.perf_counter() - start
+        result.update(changes(before, model))
+        del before
         result["perplexity"] = perplexity(model, data["eval"])
     except Exception as exc:  # a peer's refusal is a result to report, not a crash
         result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
