@@ -63,7 +63,7 @@ def test_pruned_model_saves_sparse_and_reloads_identically(recipe, layout, calib
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig["quant_method"] == "compressed-tensors" and qconfig["sparsity_config"]["format"] == layout
     assert sorted(qconfig["sparsity_config"]["targets"]) == sorted(result.layers)
-    stored = load_file(out / "model.safetensors")
+    stored = load_file(out / "sparse.safetensors")  # not model.safetensors: transformers 5 would misread it
     name = "model.layers.1.mlp.down_proj"
     assert f"{name}.weight" not in stored and f"{name}.bitmask" in stored
     reloaded = llmpress.load_model(out)
@@ -80,7 +80,7 @@ def test_stored_bytes_are_what_size_report_counts(recipe, offsets, tmp_path):
     model = tiny_model("llama", seed=6).to(torch.bfloat16)
     out = tmp_path / "out"
     result = llmpress.compress(model, recipe, out=out, format="compressed-tensors")
-    stored = load_file(out / "model.safetensors")
+    stored = load_file(out / "sparse.safetensors")  # not model.safetensors: transformers 5 would misread it
     for name, meta in result.layers.items():
         rows = meta["shape"][0]
         parts = {k: v for k, v in stored.items() if k.startswith(f"{name}.") and not k.endswith(".bias")}

@@ -57,6 +57,7 @@ from ..errors import LlmpressError
 from ..primitives import expand_groups
 from ..quant.qlinear import QuantizedLinear, dequantize_packed
 from ..save import save_model
+from .readers import readers
 from .sparse import is_sparse_config, load_sparse
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, layers: dict[str, dict]
     meta.setdefault("layers", layers)
     meta["export"] = {"format": "compressed-tensors", "compression_format": FORMAT, "scale_dtype": scale_dtype,
                       "packed_layers": len(replacements), "dense_conv1d_layers": dense}
+    meta["readers"] = readers({"quantization_config": config})
     with _swapped(model, replacements, config):
         path = save_model(model, tokenizer, out, meta)
     log.info("saved %d packed layers (%d schemes) to %s", len(replacements), len(schemes), path)

@@ -20,9 +20,16 @@ weight that happens to be 0 is stored as a value). Weights whose mask is
 unknown (e.g. OWL's, computed in a model-level stage) use ``weight != 0``.
 
 Caveat (checked here): compressed-tensors ≥ 0.15 dropped the sparse
-decompressors (0.20 keeps only their config classes), and transformers 5.23
-cannot decompress these folders; ``llmpress.load_model`` reads them
-(:func:`load_sparse`), and so did transformers with compressed-tensors ≤ 0.14.
+decompressors (0.20 keeps only their config classes), and transformers 5.x
+cannot decompress these folders: given a ``model.safetensors`` it builds the
+dense model, lists every pruned weight as MISSING and runs with random ones
+(max |Δlogit| ≈ 5.5, top-1 agreement ≈ 0 on a tiny llama). So the tensors are
+stored as ``sparse.safetensors`` (``llmpress.export.staging``), which
+transformers does not look for: ``from_pretrained`` raises instead.
+``llmpress.load_model`` reads the folder (:func:`load_sparse`); for a stack
+that still decompresses these layouts (transformers with compressed-tensors
+≤ 0.14) rename the file back to ``model.safetensors``: the tensors are
+byte for byte what compressed-tensors wrote.
 Quantized models (pruned or not) are saved pack-quantized instead (see
 ``compressed_tensors.py``): that layout has no sparsity, so a pruned + int4
 model is stored as plain int4 with its zeros as codes.
@@ -45,6 +52,7 @@ log = logging.getLogger(__name__)
 
 BITMASK, BITMASK_24 = "sparse-bitmask", "sparse-24-bitmask"
 SPARSE_FORMATS = (BITMASK, BITMASK_24)
+WEIGHTS_STEM = "sparse"  # sparse.safetensors: transformers 5.x would load model.safetensors with random weights
 
 
 def pack_bitmask(mask: Tensor) -> Tensor:
@@ -130,8 +138,9 @@ def save_sparse(model: nn.Module, tokenizer, layers: dict[str, dict], results: d
     ``layers``/``results``: the per-layer meta and :class:`Compressed` results of the
     compression (masks); written through a temporary folder like ``llmpress.save.save_model``.
     """
-    from ..save import save_model
     from .compressed_tensors import _swapped
+    from .readers import readers
+    from .staging import save_renamed
 
     if hasattr(model.config, "quantization_config"):
         raise LlmpressError("this model already carries a quantization_config: export a plain (dequantized) model")
@@ -150,8 +159,9 @@ def save_sparse(model: nn.Module, tokenizer, layers: dict[str, dict], results: d
     meta = {**(extra_meta or {})}
     meta.setdefault("layers", layers)
     meta["export"] = {"format": "compressed-tensors", "compression_format": layout, "sparse_layers": len(chosen)}
+    meta["readers"] = readers({"quantization_config": config})
     with _swapped(model, replacements, config):
-        path = save_model(model, tokenizer, out, meta)
+        path = save_renamed(model, tokenizer, out, meta, WEIGHTS_STEM)
     log.info("saved %d sparse layers (%s) to %s", len(chosen), layout, path)
     return path
 

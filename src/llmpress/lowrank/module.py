@@ -6,16 +6,25 @@ every per-linear stage (RTN, GPTQ), parameter count and FLOP count sees U and V 
 ordinary linears (``llmpress.models.archs.block_linears`` lists them as
 ``<name>.down`` / ``<name>.up``).
 
-On disk a factorized model is a transformers folder whose safetensors hold
+On disk a factorized model is a transformers-like folder whose safetensors hold
 ``<name>.down.weight`` / ``<name>.up.weight`` and whose config.json carries
-``"llmpress": {"lowrank": {<module name>: rank}}``; :func:`load_lowrank_folder`
-rebuilds the structure from that entry and loads the tensors unchanged.
-:func:`densify` multiplies the factors back (U·V) for a plain transformers folder.
+``"llmpress": {"lowrank": {<module name>: rank}, "architectures": [...]}``;
+:func:`load_lowrank_folder` rebuilds the structure from that entry and loads the tensors
+unchanged. :func:`densify` multiplies the factors back (U·V) for a plain transformers folder
+(``--format dense``).
+
+Other tools must not mistake the factorized folder for the dense model: plain transformers
+would build the dense architecture, find no ``q_proj.weight`` and run with random weights
+(it only lists them as MISSING), and lm-eval on top of it would score that. So the weights
+are stored as ``lowrank.safetensors`` (``lowrank.safetensors.index.json`` when sharded), a
+name transformers does not look for (``from_pretrained`` raises "no file named
+model.safetensors"), and ``architectures`` names ``LlmpressLowRankForCausalLM``, which no
+serving engine (vLLM selects its model class by that field) implements. Folders written with
+``model.safetensors`` by earlier versions still load here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -28,6 +37,8 @@ from ..errors import LlmpressError
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "llmpress"
+WEIGHTS_STEM = "lowrank"  # lowrank.safetensors, not model.safetensors: transformers must not load the folder
+ARCHITECTURE = "LlmpressLowRankForCausalLM"  # no engine implements it: they refuse instead of misreading
 
 
 class LowRankLinear(nn.Module):
@@ -48,7 +59,7 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, U: Tensor, V: Tensor, bias: Tensor | None = None, conv1d: bool = False,
-                     dtype: torch.dtype | None = None) -> "LowRankLinear":
+                     dtype: torch.dtype | None = None) -> LowRankLinear:
         """A layer computing x ↦ x (U V)ᵀ + bias; U (m×k), V (k×n)."""
         dtype = dtype or U.dtype
         layer = cls(V.shape[1], U.shape[0], U.shape[1], bias is not None, conv1d, dtype, U.device)
@@ -139,16 +150,13 @@ def config_ranks(config) -> dict[str, int]:
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
+    from ..export.staging import weight_files
+
     state: dict[str, Tensor] = {}
-    for file in files:
-        if not (path / file).is_file():
-            raise LlmpressError(f"'{path}' lacks {file}: the factorized model folder is incomplete; write it again")
-        state.update(load_file(str(path / file)))
+    for file in weight_files(path, WEIGHTS_STEM):
+        if not file.is_file():
+            raise LlmpressError(f"'{path}' lacks {file.name}: the factorized model folder is incomplete; write it again")
+        state.update(load_file(str(file)))
     return state
 
 
@@ -157,6 +165,9 @@ def load_lowrank_folder(path: Path, config, dtype: torch.dtype = torch.float32) 
     from transformers import AutoModelForCausalLM
 
     ranks = config_ranks(config)
+    original = (getattr(config, CONFIG_KEY, None) or {}).get("architectures")
+    if original:  # the dense model's class name, set aside by _mark_lowrank
+        config.architectures = original
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, rank in ranks.items():
         old = model.get_submodule(name)
@@ -203,8 +214,16 @@ def save_factorized(model: nn.Module, tokenizer, out: str | Path, meta: dict, fo
         layers = {n: m for n, m in meta.get("layers", {}).items() if n.rpartition(".")[0] not in factorized}
         notes = [*meta.get("notes", []), "low-rank factors multiplied back into dense weights (U·V)"]
         return save_model(densify(copy.deepcopy(model)), tokenizer, out, {**meta, "layers": layers, "notes": notes})
+    from ..export.readers import readers
+    from ..export.staging import save_renamed
+
+    def mark(config: dict) -> None:  # keep the dense class name for load_lowrank_folder
+        config.setdefault(CONFIG_KEY, {})["architectures"] = config.get("architectures")
+        config["architectures"] = [ARCHITECTURE]
+
     set_config_entry(model)
     try:
-        return save_model(model, tokenizer, out, meta)
+        entry = {CONFIG_KEY: getattr(model.config, CONFIG_KEY)}
+        return save_renamed(model, tokenizer, out, {**meta, "readers": readers(entry)}, WEIGHTS_STEM, mark)
     finally:
         clear_config_entry(model)

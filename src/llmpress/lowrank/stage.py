@@ -31,7 +31,7 @@ from ..linalg import single_threaded
 from ..measure import count_params, flops_per_token
 from ..models.archs import Arch, block_linears, get_blocks, input_representatives, linear_weight
 from .allocate import allocate_ranks, layer_params
-from .factorize import (asvd_curve, asvd_factorize, svd_curve, svd_factorize, svd_llm_curve, svd_llm_factorize)
+from .factorize import asvd_curve, asvd_factorize, svd_curve, svd_factorize, svd_llm_curve, svd_llm_factorize
 from .module import LowRankLinear, replace_with_factors
 
 log = logging.getLogger(__name__)

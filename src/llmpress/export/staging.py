@@ -1,0 +1,89 @@
+"""Save a folder that plain transformers must refuse rather than misread, atomically.
+
+Some layouts llmpress writes cannot be read by the installed transformers: factorized
+(low-rank) layers, and compressed-tensors' sparse-bitmask layouts, whose decompressors
+compressed-tensors 0.15+ dropped. Given a ``model.safetensors`` with other tensor names,
+``AutoModelForCausalLM.from_pretrained`` builds the dense model, reports the real weights as
+MISSING in a log message, and runs with random ones. So these folders keep their weights
+under another file name (``<stem>.safetensors``, or ``<stem>.safetensors.index.json`` plus
+its shards), which transformers does not look for: it raises "no file named
+model.safetensors". ``llmpress.load_model`` reads them by their config (see the loaders).
+
+:func:`save_renamed` writes through ``llmpress.save.save_model`` into a hidden staging
+folder beside ``out``, renames the weights there, lets a caller adjust ``config.json``, and
+renames the folder into place: ``out`` appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import LlmpressError
+
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def rename_weights(folder: Path, stem: str) -> Path:
+    """Rename ``model.safetensors`` (or the shard index) in ``folder`` to ``<stem>.safetensors[.index.json]``."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        target = folder / f"{stem}.safetensors.index.json"
+        os.replace(index, target)
+        return target
+    target = folder / f"{stem}.safetensors"
+    os.replace(folder / "model.safetensors", target)
+    return target
+
+
+def weight_files(folder: Path, stem: str) -> list[Path]:
+    """The safetensors files of ``folder``: ``<stem>`` ones when present, else ``model`` ones (older folders)."""
+    for name in (stem, "model"):
+        index = folder / f"{name}.safetensors.index.json"
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise LlmpressError(f"'{index}' is damaged: write the folder again with llmpress compress") from None
+            return [folder / f for f in files]
+        if (folder / f"{name}.safetensors").is_file():
+            return [folder / f"{name}.safetensors"]
+    raise LlmpressError(f"'{folder}' has no {stem}.safetensors: the folder is incomplete; write it again "
+                        "with llmpress compress")
+
+
+def edit_config(folder: Path, change: Callable[[dict], None]) -> None:
+    """Apply ``change`` to ``folder/config.json`` in place."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_renamed(model, tokenizer, out: str | Path, meta: dict, stem: str,
+                 config_change: Callable[[dict], None] | None = None) -> Path:
+    """``save_model`` to ``out`` with the weights as ``<stem>.safetensors`` (and ``config_change`` applied).
+
+    The renaming happens inside ``save_model``'s own temporary folder, right after
+    ``model.save_pretrained`` wrote it (the model's method is wrapped for the duration of the
+    call), so ``out`` still appears complete or not at all, and a killed run leaves only the
+    temporary folder ``save_model`` knows how to find and remove.
+    """
+    from ..save import save_model
+
+    original = model.save_pretrained
+
+    def save_pretrained(directory, *args, **kwargs):
+        written = original(directory, *args, **kwargs)
+        rename_weights(Path(directory), stem)
+        if config_change is not None:
+            edit_config(Path(directory), config_change)
+        return written
+
+    model.save_pretrained = save_pretrained  # an instance attribute: shadows the class's method until deleted
+    try:
+        return save_model(model, tokenizer, out, meta)
+    finally:
+        del model.save_pretrained
