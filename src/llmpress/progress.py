@@ -1,8 +1,13 @@
-"""--quiet for everything in the process: our bars and the libraries' (transformers, its GGUF reader)."""
+"""--quiet for everything in the process: our bars and the libraries' (transformers, its GGUF reader), and the
+libraries' own warnings (the hub and datasets log through handlers of their own, so each line would show twice)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+
+LIBRARY_LOGGERS = ("transformers", "huggingface_hub", "datasets")
 
 
 @contextlib.contextmanager
@@ -24,9 +29,20 @@ def silenced(quiet: bool = True):
     tqdm.tqdm.__init__ = silent
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    verbosity = os.environ.get("DATASETS_VERBOSITY")
+    os.environ["DATASETS_VERBOSITY"] = "error"  # datasets sets its level when first imported, maybe inside
     try:
         yield
     finally:
+        if verbosity is None:
+            os.environ.pop("DATASETS_VERBOSITY", None)
+        else:
+            os.environ["DATASETS_VERBOSITY"] = verbosity
         tqdm.tqdm.__init__ = original
         if bars_were_on:
             hf_logging.enable_progress_bar()
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)

@@ -7,13 +7,15 @@ reports all speak the same language. Spec forms are listed in ``SPEC_HELP``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmpress.data import austen
-from llmpress.errors import LlmpressError
+from llmpress.errors import LlmpressError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +80,35 @@ def load_text(spec: str, progress: bool = False) -> str:
     if s.scheme == "austen":
         return austen.load(s.name)
     if s.scheme == "text":
-        return _existing(s.name, spec).read_text(encoding="utf-8")
+        return _read(_existing(s.name, spec), spec, lambda p: p.read_text(encoding="utf-8"))
     if s.scheme == "jsonl":
-        return _load_jsonl(_existing(s.name, spec), s.field)
+        return _read(_existing(s.name, spec), spec, lambda p: _load_jsonl(p, s.field))
     return _load_hf(s, progress)
+
+
+def _read(path: Path, spec: str, read) -> str:
+    """``read(path)``, with a file that is not UTF-8 or cannot be read reported as one line."""
+    try:
+        return read(path)
+    except UnicodeDecodeError as e:
+        raise LlmpressError(f"{path} (from spec {spec!r}) is not UTF-8 text (byte {e.start}): "
+                            "save it as UTF-8") from None
+    except OSError as e:
+        raise LlmpressError(f"cannot read {path} (from spec {spec!r}): {e.strerror or e}") from None
 
 
 def _existing(path: str, spec: str) -> Path:
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not _is_file(p):
         raise LlmpressError(f"text file not found: {path} (from spec {spec!r}); check the path")
     return p
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name the file system cannot hold (too long, a NUL byte)
+        return False
 
 
 def _load_jsonl(path: Path, field: str) -> str:
@@ -119,16 +139,61 @@ def _load_hf(s: Spec, progress: bool) -> str:
         import datasets
     except ImportError as e:
         raise LlmpressError("hf: text sources need the datasets package; pip install llmpress[hf]") from e
-    was_enabled = datasets.is_progress_bar_enabled()
+    local = _is_file(Path(s.name)) or Path(s.name).is_dir()
+    was_enabled, unreachable = datasets.is_progress_bar_enabled(), None
     (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
     try:
-        ds = datasets.load_dataset(s.name, s.config, split=s.split)
+        with contextlib.nullcontext() if local else offline_if_unreachable() as unreachable:
+            ds = datasets.load_dataset(s.name, s.config, split=s.split)
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LlmpressError(f"cannot load dataset {s.name!r} split {s.split!r}: {first}") from e
+        if unreachable is not None:
+            raise LlmpressError(f"cannot load dataset {s.name!r}: the Hugging Face hub is out of reach "
+                                f"({unreachable}) and the dataset is not in the local cache; connect to the network, "
+                                "or use text:PATH or jsonl:PATH:FIELD") from e
+        raise LlmpressError(f"cannot load dataset {s.name!r} split {s.split!r}: {first_line(e)}") from e
     finally:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
     return "\n\n".join(ds[_text_column(ds, s.name)])
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (one quick TCP connection), or None when it can be, or
+    when offline mode is already on (HF_HUB_OFFLINE=1: then nothing is tried)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return None
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}: {e.strerror or type(e).__name__}"
+    return None
+
+
+@contextlib.contextmanager
+def offline_if_unreachable():
+    """Yields why the hub is out of reach, with the hub libraries in offline mode meanwhile (as HF_HUB_OFFLINE=1
+    would set them at import: the local cache in one try, not 5 retries over 31 s); or None, changing nothing."""
+    reason = hub_unreachable()
+    if reason is None:
+        yield None
+        return
+    from huggingface_hub import constants
+
+    modules = [constants] + [m for m in (sys.modules.get("datasets.config"),) if m is not None]
+    saved = [m.HF_HUB_OFFLINE for m in modules]
+    for m in modules:
+        m.HF_HUB_OFFLINE = True
+    try:
+        yield reason
+    finally:
+        for m, value in zip(modules, saved):
+            m.HF_HUB_OFFLINE = value
 
 
 def _text_column(ds: object, name: str) -> str:
