@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from llmpress.errors import LlmpressError
+from llmpress.save import make_public
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        make_public(Path(tmp))  # mkstemp makes it 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
