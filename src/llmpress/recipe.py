@@ -24,9 +24,8 @@ from typing import Any
 
 import yaml
 
-from .errors import LlmpressError
+from .errors import LlmpressError, first_line
 from .registry import get_method
-
 
 CALIBRATION_DTYPES = ("float32", "bfloat16", "auto")
 
@@ -41,6 +40,10 @@ class CalibrationConfig:
     dtype: str = "float32"  # calibration forward passes: float32 | bfloat16 | auto
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data, str):
+            raise LlmpressError(f"calibration data={self.data!r} is invalid: name a text, e.g. austen:calib")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64:
+            raise LlmpressError(f"calibration seed={self.seed!r} is invalid: use an integer from 0 to 2**63")
         if self.dtype not in CALIBRATION_DTYPES:
             raise LlmpressError(f"calibration dtype={self.dtype!r} is invalid: use one of {', '.join(CALIBRATION_DTYPES)}")
         for name in ("samples", "seq_len", "batch_size"):
@@ -85,7 +88,7 @@ class Recipe:
                 "stages": [s.to_dict() for s in self.stages]}
 
     @classmethod
-    def from_dict(cls, data: Any, name: str | None = None) -> "Recipe":
+    def from_dict(cls, data: Any, name: str | None = None) -> Recipe:
         where = f"recipe {name}" if name else "recipe"
         data = _mapping(data, where, {"name", "calibration", "stages"})
         stages = data.get("stages")
@@ -93,13 +96,15 @@ class Recipe:
             raise LlmpressError(f"{where} needs a non-empty list 'stages', e.g. stages: [{{method: rtn, args: {{bits: 4}}}}]")
         calib = _build(CalibrationConfig, data.get("calibration") or {}, f"{where}: calibration")
         built = tuple(_stage(s, f"{where}: stage {i + 1}") for i, s in enumerate(stages))
+        if not isinstance(data.get("name", name), (str, type(None))):
+            raise LlmpressError(f"{where}: name must be text, got {type(data['name']).__name__}")
         return cls(stages=built, calibration=calib, name=data.get("name", name))
 
 
 def _mapping(data: Any, where: str, allowed: set[str]) -> dict:
     if not isinstance(data, dict):
         raise LlmpressError(f"{where} must be a mapping (key: value), got {type(data).__name__}")
-    unknown = sorted(set(data) - allowed)
+    unknown = sorted(set(data) - allowed, key=str)
     if unknown:
         raise LlmpressError(f"{where}: unknown key '{unknown[0]}'; valid keys are {', '.join(sorted(allowed))}")
     return data
@@ -110,8 +115,8 @@ def _build(config_cls: type, args: Any, where: str) -> Any:
     args = _mapping(args, where, names)
     try:
         return config_cls(**args)
-    except TypeError as exc:
-        raise LlmpressError(f"{where}: {exc}") from None
+    except (TypeError, ValueError, ArithmeticError) as exc:  # a value of the wrong type for a check written by hand
+        raise LlmpressError(f"{where}: {first_line(exc)}: check the values' types") from None
 
 
 def _patterns(value: Any, where: str) -> tuple[str, ...]:
@@ -124,8 +129,8 @@ def _patterns(value: Any, where: str) -> tuple[str, ...]:
 
 def _stage(data: Any, where: str) -> Stage:
     data = _mapping(data, where, {"method", "args", "targets", "ignore"})
-    if "method" not in data:
-        raise LlmpressError(f"{where} has no 'method': name one, e.g. method: rtn")
+    if not isinstance(data.get("method"), str):
+        raise LlmpressError(f"{where} has no 'method' name: name one, e.g. method: rtn")
     method = get_method(data["method"])
     config = _build(method.config, data.get("args") or {}, f"{where} ({method.name}) args")
     return Stage(method.name, config,
@@ -163,6 +168,10 @@ BUILTIN_RECIPES: dict[str, dict] = {
     "wanda-50": {"stages": [{"method": "wanda", "args": {"sparsity": 0.5}}]},
     "wanda-24": {"stages": [{"method": "wanda", "args": {"pattern": "2:4"}}]},
     "wanda-48": {"stages": [{"method": "wanda", "args": {"pattern": "4:8"}}]},
+    "wanda-50-ts": {"stages": [{"method": "wanda", "args": {"sparsity": 0.5, "true_sequential": True}}]},
+    "wanda-24-ts": {"stages": [{"method": "wanda", "args": {"pattern": "2:4", "true_sequential": True}}]},
+    "sparsegpt-50-ts": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5, "true_sequential": True}}]},
+    "sparsegpt-24-ts": {"stages": [{"method": "sparsegpt", "args": {"pattern": "2:4", "true_sequential": True}}]},
     "sparsegpt-50": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5}}]},
     "sparsegpt-24": {"stages": [{"method": "sparsegpt", "args": {"pattern": "2:4"}}]},
     "sparsegpt-48": {"stages": [{"method": "sparsegpt", "args": {"pattern": "4:8"}}]},
@@ -240,7 +249,7 @@ BUILTIN_RECIPES: dict[str, dict] = {
 }
 
 
-def load_recipe(spec: "str | Path | Recipe | dict") -> Recipe:
+def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
     """A Recipe from a built-in name, a YAML file path, a dict, or a Recipe."""
     if isinstance(spec, Recipe):
         return spec
@@ -255,18 +264,51 @@ def load_recipe(spec: "str | Path | Recipe | dict") -> Recipe:
         return Recipe.from_dict({"calibration": calibration, "stages": [s for d in data for s in d["stages"]]},
                                 name=text)
     path = Path(text).expanduser()
-    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+    if _is_file_spec(text):
         if not path.is_file():
             raise LlmpressError(f"recipe file {path} does not exist: check the path, or use a built-in recipe ({', '.join(BUILTIN_RECIPES)})")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            at = f" at line {line + 1}" if line is not None else ""
-            raise LlmpressError(f"recipe {path} is not valid YAML{at}: fix the syntax") from None
-        return Recipe.from_dict(data, name=path.stem)
+        return Recipe.from_dict(_read_yaml(path), name=path.stem)
     raise LlmpressError(f"unknown recipe '{text}': give a YAML file, a built-in name ({', '.join(BUILTIN_RECIPES)}) "
                         "or built-in names joined by '+'")
+
+
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few lines; anything this big is not one
+MAX_NESTING = 50  # brackets or YAML collections inside each other
+
+
+def _is_file_spec(text: str) -> bool:
+    try:
+        path = Path(text).expanduser()
+        return path.suffix in (".yaml", ".yml", ".json") or path.exists()
+    except (OSError, ValueError):  # a name too long or with a NUL byte for the file system: not a file
+        return False
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``, checked for size and nesting before it is built (PyYAML builds
+    recursively: 5000 nested brackets overflow the stack, and a 10 MB file takes minutes)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise LlmpressError(f"recipe {path} is {size:,} bytes, over the {MAX_RECIPE_BYTES:,}-byte limit: a recipe "
+                                "is a few lines of YAML; check you named the right file")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LlmpressError(f"recipe {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    except OSError as exc:
+        raise LlmpressError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: flat, cheap, nothing built
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_NESTING:
+                raise LlmpressError(f"recipe {path} nests more than {MAX_NESTING} levels deep: a recipe needs "
+                                    "three or four; check you named the right file")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise LlmpressError(f"recipe {path} is not valid YAML{at}: fix the syntax") from None
 
 
 # the setting a bare first argument of NAME(...) gives, e.g. distill(kl, steps=200)
@@ -282,9 +324,10 @@ def _composed(text: str) -> list[dict] | None:
     (YAML values; ``targets``/``ignore`` set the stage's layer patterns) and, for the methods in
     ``POSITIONAL``, one bare value first.
     """
-    path = Path(text).expanduser()
-    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+    if _is_file_spec(text):
         return None
+    if len(text) > 10_000 or _depth(text) > MAX_NESTING:
+        raise LlmpressError(f"recipe name '{text[:40]}…' is too long or nests too deep: write a YAML recipe file")
     parts = _split_top(text, "+")
     if parts is None:
         if any(c in text for c in "()[]{}"):
@@ -307,6 +350,14 @@ def _composed(text: str) -> list[dict] | None:
         if part is not None:
             out.append(_call(part, text))
     return out
+
+
+def _depth(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        depth += (ch in "([{") - (ch in ")]}")
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _split_top(text: str, sep: str) -> list[str] | None:

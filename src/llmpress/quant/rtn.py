@@ -52,6 +52,7 @@ class RTNConfig:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_group_size(self.group_size)
+        check_flags(self, ("sym", "mse"), "rtn")
 
 
 def rtn(weight: Tensor, cfg: RTNConfig) -> Compressed:
