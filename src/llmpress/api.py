@@ -17,16 +17,22 @@ import torch
 from .data import calibration_samples, describe_spec, eval_windows
 from .engine import compress_blocks, merge_meta
 from .errors import LlmpressError
-from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
-from .models.archs import arch_for
-from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
-from .quant.kvcache import KVCacheConfig, as_kv_config, kv_bytes_per_token, kv_cache_factory, kv_config_from_meta
-from .recipe import Recipe, load_recipe
-from .registry import get_method
 from .export.compressed_tensors import save_compressed_tensors
 from .export.sparse import save_sparse
 from .lowrank.module import lowrank_modules, save_factorized
-from .save import check_output, save_model
+from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
+from .models.archs import arch_for
+from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
+from .quant.kvcache import (
+    KVCacheConfig,
+    as_kv_config,
+    kv_bytes_per_token,
+    kv_cache_factory,
+    kv_config_from_meta,
+)
+from .recipe import Recipe, load_recipe
+from .registry import get_method
+from .save import check_output, check_space, save_model
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +65,52 @@ def _loaded(model, tokenizer=None) -> LoadedModel:
     raise LlmpressError(f"model must be a path, alias, hub id or a transformers model, not {type(model).__name__}")
 
 
-def _device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine can compute on; anything else is a one-line error."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         raise LlmpressError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LlmpressError(f"device '{device}' is not available here: use --device cpu")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            fix = f"cpu or cuda:0 … cuda:{count - 1} ({count} CUDA devices here)" if count else "cpu (no CUDA here)"
+            raise LlmpressError(f"device '{device}' is not available here: use --device {fix}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise LlmpressError(f"device '{device}' is not available here: use --device cpu (no Apple GPU here)")
+    elif dev.type != "cpu":
+        raise LlmpressError(f"device '{device}' cannot run llmpress (it computes on cpu, cuda or mps): "
+                            "use --device cpu or cuda")
     return dev
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's position encoding is configured for, when the config says."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(model: torch.nn.Module, seq_len: int, what: str = "--seq-len", flag: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's context before any work (they would fail or crawl)."""
+    limit = context_length(model.config) if hasattr(model, "config") else None
+    if limit is not None and seq_len > limit:
+        raise LlmpressError(f"{what} {seq_len} is longer than the model's context of {limit} tokens "
+                            f"(max_position_embeddings): use {flag} {limit} or less")
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each shared tensor once: a rough size of a dense save."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -105,9 +149,10 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
         check_output(out)
     if recipe.needs_calibration:
         describe_spec(recipe.calibration.data)
-    dev = _device(device)
+    dev = resolve_device(device)
     loaded = _loaded(model, tokenizer)
     arch = arch_for(loaded.model)
+    _check_plan(loaded.model, recipe, out)
     ids = None
     if recipe.needs_calibration:
         if loaded.tokenizer is None:
@@ -150,6 +195,18 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
 
 
 FORMATS = ("auto", "compressed-tensors", "dense")
+
+
+def _check_plan(model: torch.nn.Module, recipe: Recipe, out: str | Path | None) -> None:
+    """What can be checked once the model is known, before any work: window lengths and disk space."""
+    if recipe.needs_calibration:
+        check_seq_len(model, recipe.calibration.seq_len, "calibration seq_len")
+    for stage in recipe.stages:  # stages with windows of their own (distillation)
+        seq_len = getattr(stage.config, "seq_len", None)
+        if isinstance(seq_len, int):
+            check_seq_len(model, seq_len, f"{stage.method} seq_len", f"{stage.method}(seq_len=...)")
+    if out is not None:
+        check_space(out, param_bytes(model))
 
 
 def _teacher(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module | None:
@@ -196,6 +253,21 @@ def _packable(format: str, arch, layers: dict, results: dict) -> bool:
         results.get(n) is not None and results[n].qweight is not None for n in weight_only)
 
 
+LONG_EVAL_TOKENS = 4 * 16 * 1024  # four times the default evaluation (16 windows of 1024 tokens)
+
+
+def _announce(windows: torch.Tensor, max_windows: int | None, description: str) -> None:
+    """Say up front how much text an evaluation of all windows (max_windows None / --max-windows 0) reads."""
+    if max_windows is not None:
+        return
+    count, length = windows.shape
+    tokens = count * length
+    log.info("evaluating all %d windows of %d tokens of %s (%s tokens)", count, length, description, f"{tokens:,}")
+    if tokens > LONG_EVAL_TOKENS:
+        log.warning("evaluating %s tokens, %.0fx the default evaluation (16 windows of 1024), will take "
+                    "long: use --max-windows N for a shorter run", f"{tokens:,}", tokens / (16 * 1024))
+
+
 def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, seq_len: int = 1024,
              max_windows: int | None = 16, device: str = "cpu", layers: dict | None = None,
              measure_speed: bool = True, progress: bool = False, name: str | None = None,
@@ -210,7 +282,7 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
     """
     description = describe_spec(data)  # a bad spec fails before the model is loaded
     kv = as_kv_config(kv_cache)
-    dev = _device(device)
+    dev = resolve_device(device)
     if isinstance(model, CompressResult):
         layers = model.layers if layers is None else layers
         kv = kv or kv_config_from_meta(model.meta)
@@ -220,7 +292,9 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
         raise LlmpressError("the model has no tokenizer, so text cannot be evaluated: pass a tokenizer")
     layers = loaded.meta.get("layers") if layers is None else layers
     kv = kv or kv_config_from_meta(loaded.meta)
+    check_seq_len(loaded.model, seq_len)
     windows = eval_windows(loaded.tokenizer, data, seq_len, max_windows)
+    _announce(windows, max_windows, description)
     with PeakMemory(dev) as mem:
         ppl = perplexity(loaded.model.to(dev), windows, dev, progress=progress,
                          cache_factory=kv_cache_factory(loaded.model, kv))

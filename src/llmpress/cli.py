@@ -1,4 +1,9 @@
-"""The ``llmpress`` command: parse, call the API, print. Bad input exits 2 with one line."""
+"""The ``llmpress`` command: parse, call the API, print.
+
+One error boundary (:func:`main`): bad input and every foreseeable failure (I/O, a damaged file, a resource
+limit) exits 2 with one ``llmpress: error:`` line naming the problem and the fix; Ctrl-C exits 130 with one
+line; anything else is a bug and exits 1 with one line that says so. ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,23 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import LlmpressError
+from .errors import LlmpressError, describe_failure, first_line, foreseeable
 from .models.loader import DEFAULT_MODEL
 from .progress import silenced
 
 DEMO_RECIPES = ("rtn-w4-g64", "rtn-w4-g64-asym", "magnitude-50")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), worded like every other llmpress error."""
+
+    def error(self, message: str):
+        self.exit(2, f"llmpress: error: {message}; see '{self.prog} --help'\n")
+
+
+def _add_debug(p: argparse.ArgumentParser, default=False) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="on an error, show the Python traceback instead of one line")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -30,13 +47,14 @@ def _add_eval_window_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmpress", description="Compress LLMs and measure what it cost.")
+    parser = _Parser(prog="llmpress", description="Compress LLMs and measure what it cost.")
+    _add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a model with a recipe and save it")
     c.add_argument("model", help=f"alias ({DEFAULT_MODEL}), model folder, .gguf file or hub id")
     c.add_argument("--recipe", required=True, help="built-in recipe name or YAML file (see 'llmpress recipes')")
-    c.add_argument("--out", required=True, help="output folder (must not exist)")
+    c.add_argument("--out", required=True, help="output folder (must not exist; its parent folder must)")
     c.add_argument("--data", help="calibration text, overrides the recipe (e.g. austen:calib, text:FILE)")
     c.add_argument("--samples", type=int, help="calibration windows, overrides the recipe")
     c.add_argument("--seq-len", type=int, help="calibration window length, overrides the recipe")
@@ -63,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--report", help="write report.json and report.md to this new folder")
     _add_common(d)
 
-    sub.add_parser("recipes", help="list the built-in recipes")
+    r = sub.add_parser("recipes", help="list the built-in recipes")
     f = sub.add_parser("fetch", help="download the default model and corpus into the cache")
     _add_common(f)
+    for p in (c, e, d, r, f):
+        _add_debug(p, default=argparse.SUPPRESS)  # also after the command; the value before it stays
     return parser
 
 
@@ -76,21 +96,23 @@ def _check_windows(args) -> None:
         raise LlmpressError(f"--max-windows {args.max_windows} is negative: use 0 for all windows, or a positive count")
 
 
-def _new_path(value: str | None, what: str) -> Path | None:
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    if path.exists():
-        raise LlmpressError(f"{what} {path} already exists: choose a new path or remove it yourself")
-    if not path.parent.is_dir():
-        raise LlmpressError(f"cannot write {path}: folder {path.parent} does not exist")
-    return path
+def _check_outputs(args) -> None:
+    """--json / --report: new paths in existing, writable folders (the rule --out follows too)."""
+    from .save import check_new_path
+
+    for flag in ("json", "report"):
+        if getattr(args, flag, None):
+            check_new_path(getattr(args, flag), f"--{flag}")
 
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _evaluate_rows(args, models: list[tuple[str, object]]) -> list[dict]:
@@ -127,8 +149,7 @@ def cmd_compress(args) -> None:
 
 def cmd_eval(args) -> None:
     _check_windows(args)
-    for flag in ("json", "report"):
-        _new_path(getattr(args, flag), f"--{flag}")
+    _check_outputs(args)
     models = ([(f"{args.base} (base)", args.base)] if args.base else []) + [(args.model, args.model)]
     _emit(args, _evaluate_rows(args, models))
 
@@ -139,12 +160,11 @@ def cmd_demo(args) -> None:
     from .recipe import load_recipe
 
     _check_windows(args)
-    for flag in ("json", "report"):
-        _new_path(getattr(args, flag), f"--{flag}")
+    _check_outputs(args)
     recipes = [load_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()]
     base = load_model(args.model)
-    kw = dict(seq_len=args.seq_len, max_windows=args.max_windows or None, device=args.device,
-              measure_speed=not args.no_speed, progress=not args.quiet)
+    kw = {"seq_len": args.seq_len, "max_windows": args.max_windows or None, "device": args.device,
+          "measure_speed": not args.no_speed, "progress": not args.quiet}
     rows = [evaluate(base, args.data, name=f"{args.model} (base)", **kw)]
     for recipe in recipes:
         fresh = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.source, notes=base.notes)
@@ -178,16 +198,43 @@ COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "recip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line ``argv``; returns the exit status (0, 1 for a bug, 2 for an error, 130 for Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="llmpress: %(message)s")
     try:
         with silenced(quiet):
+            if getattr(args, "device", None) is not None:
+                from .api import resolve_device
+
+                resolve_device(args.device)  # before anything is loaded
             COMMANDS[args.command](args)
-    except LlmpressError as exc:
-        print(f"llmpress: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("llmpress: error: interrupted (Ctrl-C); unfinished output was removed", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        return _report(exc)
     return 0
+
+
+def _report(exc: Exception) -> int:
+    """Print the one line for ``exc``: our own errors and foreseeable failures exit 2, anything else is a bug."""
+    if isinstance(exc, LlmpressError):
+        message, code = str(exc), 2
+    elif foreseeable(exc):
+        message, code = describe_failure(exc), 2
+    else:
+        message, code = (f"internal error: {type(exc).__name__}: {first_line(exc)} "
+                         "(run with --debug for the traceback, and please report it)"), 1
+    print(f"llmpress: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
