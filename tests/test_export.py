@@ -5,13 +5,14 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_model, tiny_tokenizer
 from torch import nn
 
 import llmpress
+from llmpress.data import eval_windows
 from llmpress.engine import compress_blocks
 from llmpress.errors import LlmpressError
 from llmpress.export.compressed_tensors import regroup, save_compressed_tensors, storage_group_size
-from llmpress.data import eval_windows
 from llmpress.measure import perplexity, size_report
 from llmpress.models.archs import arch_for
 from llmpress.primitives import dequantize
@@ -19,7 +20,6 @@ from llmpress.quant.qlinear import QuantizedLinear, replace_linears
 from llmpress.quant.rtn import RTNConfig, rtn
 from llmpress.recipe import load_recipe
 from llmpress.save import save_model
-from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
 
 def rtn_stage(bits, group, sym, **where):

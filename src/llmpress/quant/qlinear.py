@@ -106,7 +106,7 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_compressed(cls, linear: nn.Module, result: Compressed, meta: dict | None = None,
-                        cache_weight: bool = False) -> "QuantizedLinear":
+                        cache_weight: bool = False) -> QuantizedLinear:
         """Replace ``linear`` (``nn.Linear``, or GPT-2 ``Conv1D``) quantized as ``result``.
 
         ``meta`` (the engine's per-layer record; default ``result.meta``) gives ``bits``,
