@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from .data.sources import parse_spec
 from .errors import LlmpressError, first_line
 from .registry import get_method
 
@@ -42,6 +43,7 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.data, str):
             raise LlmpressError(f"calibration data={self.data!r} is invalid: name a text, e.g. austen:calib")
+        parse_spec(self.data)  # a malformed spec fails when the recipe is read, used or not
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64:
             raise LlmpressError(f"calibration seed={self.seed!r} is invalid: use an integer from 0 to 2**63")
         if self.dtype not in CALIBRATION_DTYPES:
