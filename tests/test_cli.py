@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from tiny_models import tiny_model
 
 from llmpress import cli
 from llmpress.cli import main
-from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,8 @@ def test_recipes_lists_builtins(capsys):
 
 
 def test_quiet_silences_library_bars(capsys, monkeypatch):
-    from tqdm.auto import tqdm  # as transformers' GGUF reader builds its bar, already imported
+    # as transformers' GGUF reader builds its bar, already imported
+    from tqdm.auto import tqdm
 
     def noisy(_args):
         for _ in tqdm(range(3), desc="a library's own bar"):
