@@ -36,6 +36,8 @@ PEERS = {
     "sparsegpt-24": {"kind": "sparsegpt", "sparsity": 0.5, "mask_structure": "2:4"},
     "sparsegpt-48": {"kind": "sparsegpt", "sparsity": 0.5, "mask_structure": "4:8"},
 }
+# llmpress's true-sequential variants do the same job as the plain recipe: the same peer row beside them
+PEERS.update({f"{name}-ts": PEERS[name] for name in ("wanda-50", "wanda-24", "sparsegpt-50", "sparsegpt-24")})
 # The harness's old, unequal setting (llm-compressor prunes the tied head, so half the embeddings): kept so that
 # ``--recipes wanda-50-head`` shows the benchmark refusing that side by side.
 PEERS["wanda-50-head"] = {**PEERS["wanda-50"], "targets": ["Linear"], "ignore": ["lm_head"], "recipe": "wanda-50"}
