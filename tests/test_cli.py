@@ -115,6 +115,22 @@ def test_compress_writes_folder(capsys, tmp_path, tiny_dir):
     code, text, _err = run(capsys, "compress", tiny_dir, "--recipe", "rtn-w4-g64", "--out", out, "--quiet")
     assert code == 0 and "compressed 14 linear layers" in text
     assert (out / "config.json").is_file() and (out / "llmpress.json").is_file()
+    tools = ["llmpress", "transformers (compressed-tensors)", "vLLM", "lm-eval"]
+    assert f"readable by: {', '.join(tools)}\n" in text
+    assert json.loads((out / "llmpress.json").read_text())["readers"] == tools
+
+
+@pytest.mark.parametrize(("fmt", "line"), [
+    ("dense", "readable by: llmpress, transformers, vLLM, lm-eval\n"),
+    ("compressed-tensors", "readable by: llmpress only (other tools refuse it;"),
+])
+def test_compress_says_who_reads_the_folder(capsys, tmp_path, tiny_dir, fmt, line):
+    out = tmp_path / fmt
+    code, text, _err = run(capsys, "compress", tiny_dir, "--recipe", "magnitude-50", "--out", out, "--format", fmt,
+                           "--quiet")
+    assert code == 0 and line in text
+    saved = json.loads((out / "llmpress.json").read_text())["readers"]
+    assert saved == (["llmpress"] if fmt == "compressed-tensors" else ["llmpress", "transformers", "vLLM", "lm-eval"])
 
 
 def test_recipes_lists_builtins(capsys):

@@ -143,8 +143,13 @@ def cmd_compress(args) -> None:
     result = compress(args.model, args.recipe, data=args.data, samples=args.samples, seq_len=args.seq_len,
                       seed=args.seed, out=args.out, device=args.device, progress=not args.quiet,
                       format=args.format)
+    from .export import readers
+
     n = len(result.layers)
     print(f"compressed {n} linear layers with '{result.recipe.name}' in {result.seconds:.1f}s -> {result.out}")
+    tools = readers(result.out)
+    only = " only (other tools refuse it; --format dense writes a folder every tool reads)" if tools == ["llmpress"] else ""
+    print(f"readable by: {', '.join(tools)}{only}")
 
 
 def cmd_eval(args) -> None:

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LlmpressError
@@ -135,8 +136,14 @@ def remove_stale(path: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def save_model(model, tokenizer, out: str | Path, meta: dict) -> Path:
-    """Save model, tokenizer and ``meta`` to ``out`` via a temporary folder and an atomic rename."""
+def save_model(model, tokenizer, out: str | Path, meta: dict,
+               finish: Callable[[Path], None] | None = None) -> Path:
+    """Save model, tokenizer and ``meta`` to ``out`` via a temporary folder and an atomic rename.
+
+    ``finish(folder)`` runs on the temporary folder right after the model is written (an exporter's last
+    touches: renamed weight files, config entries). ``meta["readers"]`` (the tools that read the folder,
+    ``llmpress.export.readers``) is filled in from the finished ``config.json`` unless the caller gave it.
+    """
     path = check_output(out)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
     from .quant.w8a8 import w8a8_quantization_config
@@ -146,8 +153,13 @@ def save_model(model, tokenizer, out: str | Path, meta: dict) -> Path:
         if w8a8 is not None:
             model.config.quantization_config = w8a8
         model.save_pretrained(tmp)
+        if finish is not None:
+            finish(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        from .export.readers import readers  # export/ builds on this module: import at call time
+
+        meta = {**meta, "readers": meta.get("readers") or readers(tmp)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         make_public(tmp)  # mkdtemp and safetensors make private files; the result is an ordinary folder
         if path.exists():  # appeared while we worked: never replace it

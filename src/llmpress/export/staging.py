@@ -66,24 +66,15 @@ def save_renamed(model, tokenizer, out: str | Path, meta: dict, stem: str,
                  config_change: Callable[[dict], None] | None = None) -> Path:
     """``save_model`` to ``out`` with the weights as ``<stem>.safetensors`` (and ``config_change`` applied).
 
-    The renaming happens inside ``save_model``'s own temporary folder, right after
-    ``model.save_pretrained`` wrote it (the model's method is wrapped for the duration of the
-    call), so ``out`` still appears complete or not at all, and a killed run leaves only the
-    temporary folder ``save_model`` knows how to find and remove.
+    The renaming happens inside ``save_model``'s own temporary folder (its ``finish`` step, right
+    after ``model.save_pretrained``), so ``out`` still appears complete or not at all, and a killed run
+    leaves only the temporary folder ``save_model`` knows how to find and remove.
     """
     from ..save import save_model
 
-    original = model.save_pretrained
-
-    def save_pretrained(directory, *args, **kwargs):
-        written = original(directory, *args, **kwargs)
-        rename_weights(Path(directory), stem)
+    def finish(folder: Path) -> None:
+        rename_weights(folder, stem)
         if config_change is not None:
-            edit_config(Path(directory), config_change)
-        return written
+            edit_config(folder, config_change)
 
-    model.save_pretrained = save_pretrained  # an instance attribute: shadows the class's method until deleted
-    try:
-        return save_model(model, tokenizer, out, meta)
-    finally:
-        del model.save_pretrained
+    return save_model(model, tokenizer, out, meta, finish)
