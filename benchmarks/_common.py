@@ -157,12 +157,21 @@ def _peer_key(calib: torch.Tensor, windows: torch.Tensor, spec: dict) -> str:
     return digest.hexdigest()[:24]
 
 
-def check_same_job(row: dict) -> None:
-    """Refuse the side by side (the peer cell becomes the reason) when the peer changed other parameters."""
+def check_same_job(row: dict, spec: dict) -> None:
+    """Refuse the side by side (the peer cell becomes the reason) when the peer changed other parameters.
+
+    Pruning peers (a spec with a sparsity) must also have zeroed the same parameters; quantization
+    peers only changed the same ones (llmpress's rounding makes some weights exactly zero, while
+    llm-compressor's RTN keeps the float weight and rounds in the forward)."""
     peer = row.get("peer")
     if not peer or peer.get("error") or peer.get("touched") is None:
         return
-    reason = difference(row, peer)
+    pruning = "sparsity" in spec
+
+    def job(side: dict) -> dict:
+        return {"touched": side["touched"], "zeros_added": side["zeros_added"] if pruning else {}}
+
+    reason = difference(job(row), job(peer))
     if reason:
         row["peer"] = {"error": f"refused: {reason}", "refused": True, "perplexity_unfair": peer["perplexity"]}
 
@@ -251,7 +260,7 @@ def _run(args, recipes, peer_specs, bench_class, extra_table, published) -> list
         for row in rows:
             if (seed, row["recipe"]) in peers and not row.get("error"):
                 row["peer"] = peers[seed, row["recipe"]]
-                check_same_job(row)
+                check_same_job(row, peer_specs[row["recipe"]])
         print(f"threads={torch.get_num_threads()}{' each, peer in parallel' if args.peer_parallel else ''}  "
               f"calibration {args.samples}x{args.seq_len} austen:calib seed {seed}; "
               f"evaluation {args.eval_windows}x{args.eval_seq_len} austen:eval")

@@ -62,3 +62,28 @@ def test_llmpress_pruning_changes_only_block_linears(calib):
     linears = {f"{name}.weight" for name in result.layers}
     assert set(got["touched"]) == linears == set(got["zeros_added"])
     assert not any("embed" in n or "lm_head" in n or "norm" in n for n in got["touched"])
+
+
+def test_benchmark_refuses_unequal_jobs(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _common import check_same_job
+
+    ours = {"touched": ["a.weight"], "zeros_added": {"a.weight": 5}}
+    prune, quant = {"kind": "wanda", "sparsity": 0.5}, {"kind": "rtn", "bits": 4}
+    same = {**ours, "perplexity": 50.0, "error": None}
+    row = {**ours, "peer": dict(same)}
+    check_same_job(row, prune)
+    assert row["peer"] == same  # the same job: the side by side stands
+    head = {"touched": ["a.weight", "model.embed_tokens.weight"], "zeros_added": {"a.weight": 5},
+            "perplexity": 87.4, "error": None}
+    row = {**ours, "peer": dict(head)}
+    check_same_job(row, prune)
+    assert row["peer"]["refused"] and "model.embed_tokens.weight" in row["peer"]["error"]
+    assert "perplexity" not in row["peer"]  # no figure to print
+    rounded = {"touched": ["a.weight"], "zeros_added": {}, "perplexity": 45.0, "error": None}
+    row = {**ours, "peer": dict(rounded)}
+    check_same_job(row, quant)  # rounding to zero is not pruning: quantization compares what changed
+    assert row["peer"] == rounded
+    row = {**ours, "peer": dict(rounded)}
+    check_same_job(row, prune)
+    assert row["peer"]["refused"] and "gained zeros in" in row["peer"]["error"]
