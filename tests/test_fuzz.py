@@ -20,7 +20,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import tiny_gguf, tiny_model, tiny_tokenizer
 
 from llmpress.cli import main
 from llmpress.data import austen
@@ -150,24 +150,6 @@ def test_fuzz_safetensors_headers(root, tiny_dir):
 # ---------------------------------------------------------------- GGUF headers
 
 
-def _tiny_gguf(path: Path) -> bytes:
-    """A small GGUF (llama, 1 block declared, an embedding only): header, key-values and one tensor."""
-    import numpy as np
-    from gguf import GGUFWriter
-
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_context_length(64)
-    writer.add_embedding_length(8)
-    writer.add_head_count(2)
-    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path.read_bytes()
-
-
 @st.composite
 def mutated_gguf(draw, original: bytes) -> bytes:
     """The right magic, then a cut or corrupted header (the tensor data is the tail after ~230 bytes)."""
@@ -190,7 +172,7 @@ def mutated_gguf(draw, original: bytes) -> bytes:
 
 
 def test_fuzz_gguf_headers(root):
-    original = _tiny_gguf(root / "base.gguf")
+    original = tiny_gguf(root / "base.gguf").read_bytes()
     assert original[:4] == b"GGUF"
 
     @fuzz(100)

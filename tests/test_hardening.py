@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import tiny_gguf, tiny_model, tiny_tokenizer
 
 from llmpress import save as save_module
 from llmpress.cli import main
@@ -142,26 +142,9 @@ def test_damaged_llmpress_json(capsys, tmp_path, tiny_dir, content, needle):
     error_case(capsys, tmp_path, ["eval", model], needle)
 
 
-def _tiny_gguf(path: Path) -> Path:
-    import numpy as np
-    from gguf import GGUFWriter
-
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_context_length(64)
-    writer.add_embedding_length(8)
-    writer.add_head_count(2)
-    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.mark.parametrize("cut", [6, 10, 24, 40, 100, 150, 200])
 def test_gguf_with_cut_header(capsys, tmp_path, cut):
-    full = _tiny_gguf(tmp_path / "full.gguf").read_bytes()
+    full = tiny_gguf(tmp_path / "full.gguf").read_bytes()
     (tmp_path / "full.gguf").unlink()
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(full[:cut])
@@ -170,7 +153,7 @@ def test_gguf_with_cut_header(capsys, tmp_path, cut):
 
 
 def test_gguf_header_that_disagrees_with_its_tensors(capsys, tmp_path):
-    bad = _tiny_gguf(tmp_path / "m.gguf")  # block_count 1, but no blk.0 tensors
+    bad = tiny_gguf(tmp_path / "m.gguf")  # block_count 1, but no blk.0 tensors
     error_case(capsys, tmp_path, ["compress", bad, "--recipe", "rtn-w4-g64", "--out", tmp_path / "o"],
                "is inconsistent (llama.block_count is 1 but the file has tensors for 0 blocks)")
 

@@ -11,6 +11,8 @@ channels are identical.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -122,3 +124,21 @@ def tiny_tokenizer():
                                   special_tokens=["<bos>"], show_progress=False)
     tk.train_from_iterator([TOKENIZER_TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<bos>")
+
+
+def tiny_gguf(path: Path) -> Path:
+    """A small GGUF at ``path`` (llama, 1 block declared, an embedding only): header, key-values, one tensor."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_head_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
