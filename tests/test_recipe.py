@@ -48,6 +48,11 @@ def test_yaml_round_trip(tmp_path):
     ("stages: [{method: rtn, targets: 3}]", "targets must be a list of name patterns"),
     ("stages: [{method: rtn\n", "is not valid YAML"),
     ("- just a list", "must be a mapping"),
+    ("stages: [{method: [rtn]}]", "has no 'method' name"),
+    ("stages: [{method: rtn, args: {bits: 4, 1: 2}}]", "unknown key '1'"),
+    ("calibration: {data: 5}\nstages: [{method: wanda}]", "calibration data=5 is invalid"),
+    ("calibration: {seed: x}\nstages: [{method: wanda}]", "calibration seed='x' is invalid"),
+    ("name: [1]\nstages: [{method: rtn}]", "name must be text"),
 ])
 def test_malformed_recipes_name_the_problem(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
