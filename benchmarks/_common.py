@@ -142,9 +142,6 @@ class Bench:
             hit.write_text(json.dumps(result))
         return result
 
-    def run_peer(self, python: str, spec: dict) -> dict:
-        return self.peer(python, spec, self.seed)
-
 
 def _peer_key(calib: torch.Tensor, windows: torch.Tensor, spec: dict) -> str:
     digest = hashlib.sha256()
