@@ -26,7 +26,7 @@ from llmpress.measure import PeakMemory, perplexity, size_report
 from llmpress.models.loader import LoadedModel, load_model
 from llmpress.progress import silenced
 from llmpress.recipe import load_recipe
-from llmpress.registry import METHODS
+from llmpress.registry import methods
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))
 from param_check import changes, difference  # noqa: E402  (plain torch, shared with the peer script)
@@ -91,7 +91,7 @@ class Bench:
     def prepare(self, name: str):
         """(recipe, a fresh copy of the base) for ``name``, or (None, an error row) when a method is missing."""
         recipe = load_recipe(name)
-        missing = [s.method for s in recipe.stages if s.method not in METHODS]
+        missing = [s.method for s in recipe.stages if s.method not in methods()]
         if missing:
             return None, {"recipe": name, "error": f"method {missing[0]} not available"}
         return recipe, LoadedModel(copy.deepcopy(self.base.model), self.base.tokenizer, self.base.source)

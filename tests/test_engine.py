@@ -8,7 +8,7 @@ from llmpress.compressed import Compressed
 from llmpress.engine import Placement, compress_blocks
 from llmpress.models.archs import arch_for, block_linears, get_blocks, linear_weight
 from llmpress.recipe import load_recipe
-from llmpress.registry import METHODS, Method
+from llmpress.registry import Method, methods
 from llmpress.quant.rtn import RTNConfig, rtn
 from llmpress.stats import ColumnNormStats, HessianStats
 from tiny_models import TINY_TYPES, random_ids, tiny_model
@@ -45,7 +45,7 @@ def stats_method(monkeypatch):
         seen.append((hessian, norms))
         return Compressed(weight=weight, meta={"method": "identity-stats"})
 
-    monkeypatch.setitem(METHODS, "identity-stats",
+    monkeypatch.setitem(methods(), "identity-stats",
                        Method("identity-stats", RTNConfig, identity, ("hessian", "col_norm"), "quantize"))
     return seen
 
@@ -164,7 +164,7 @@ def test_block_methods_see_calibration_inputs_and_results_are_kept(monkeypatch):
         handle.remove()
         return {"self_attn.q_proj": {"method": "record"}}
 
-    monkeypatch.setitem(METHODS, "record", Method("record", RTNConfig, record, (), "block"))
+    monkeypatch.setitem(methods(), "record", Method("record", RTNConfig, record, (), "block"))
     model = tiny_model("qwen3", seed=9)
     arch = arch_for(model)
     ids = random_ids(4, 16, seed=10)
@@ -212,9 +212,9 @@ TRUE_SEQUENTIAL = [("gptq", {"bits": 3, "group_size": 16}),
 def test_true_sequential_equals_group_by_group_whole_model_reference(model_type, method, args):
     """Each input group's Hessian is taken with the earlier groups (this block and before) already compressed."""
     from llmpress.models.archs import input_representatives, set_linear_weight
-    from llmpress.registry import METHODS
+    from llmpress.registry import get_method
 
-    spec = METHODS[method]
+    spec = get_method(method)
     cfg = spec.config(**args, true_sequential=True)
     model = tiny_model(model_type, seed=3)
     reference = tiny_model(model_type, seed=3)

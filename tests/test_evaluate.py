@@ -98,7 +98,7 @@ def test_cli_kv_bits_quantizes_the_cache(setup, tmp_path):
 def test_model_level_stages_run_in_order_between_block_segments(setup, monkeypatch):
     """A "model" method sees the whole model once, after the block stages before it and before those after it."""
     from llmpress.quant.rtn import RTNConfig
-    from llmpress.registry import METHODS, Method
+    from llmpress.registry import Method, methods
 
     calls = []
 
@@ -107,7 +107,7 @@ def test_model_level_stages_run_in_order_between_block_segments(setup, monkeypat
         calls.append((samples is None, weight.unique().numel()))
         return {"model.layers.0.self_attn.q_proj": {"whole": True}}
 
-    monkeypatch.setitem(METHODS, "whole", Method("whole", RTNConfig, whole_model, (), "model", calibrated=False))
+    monkeypatch.setitem(methods(), "whole", Method("whole", RTNConfig, whole_model, (), "model", calibrated=False))
     _root, base, _data, tok = setup
     model = tiny_model("llama", vocab_size=len(tok), hidden_size=128, intermediate_size=256, head_dim=32)
     recipe = {"stages": [{"method": "rtn", "args": {"bits": 2, "group_size": -1}}, {"method": "whole"},

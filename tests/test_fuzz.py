@@ -24,8 +24,11 @@ from tiny_models import tiny_gguf, tiny_model, tiny_tokenizer
 
 from llmpress.cli import main
 from llmpress.data import austen
-from llmpress.recipe import BUILTIN_RECIPES, CALIBRATION_DTYPES
-from llmpress.registry import METHODS
+from llmpress.recipe import CALIBRATION_DTYPES
+from llmpress.registry import builtin_recipes, methods
+
+METHODS = methods()
+BUILTIN_RECIPES = builtin_recipes()
 
 
 def fuzz(n: int):

@@ -5,7 +5,10 @@ import pytest
 from llmpress.errors import LlmpressError
 from llmpress.prune.magnitude import MagnitudeConfig
 from llmpress.quant.rtn import RTNConfig
-from llmpress.recipe import BUILTIN_RECIPES, Recipe, load_recipe
+from llmpress.recipe import Recipe, load_recipe
+from llmpress.registry import builtin_recipes
+
+BUILTIN_RECIPES = builtin_recipes()
 
 
 def test_builtins_all_load():

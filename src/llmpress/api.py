@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .data import calibration_samples, describe_spec, eval_windows
-from .engine import compress_blocks, merge_meta
+from .calib import calibration_dtype
+from .engine import compress_blocks, merge_meta, run_plan
 from .errors import LlmpressError
 from .export.compressed_tensors import save_compressed_tensors
 from .export.sparse import save_sparse
@@ -23,13 +24,6 @@ from .lowrank.module import lowrank_modules, save_factorized
 from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
 from .models.archs import arch_for
 from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
-from .quant.kvcache import (
-    KVCacheConfig,
-    as_kv_config,
-    kv_bytes_per_token,
-    kv_cache_factory,
-    kv_config_from_meta,
-)
 from .recipe import Recipe, load_recipe
 from .registry import get_method
 from .save import check_output, check_space, save_model
@@ -113,17 +107,6 @@ def param_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype of calibration forward passes; "auto" picks bfloat16 where the hardware has it natively."""
-    if name == "auto":
-        if device.type == "cuda":
-            fast = torch.cuda.is_bf16_supported()
-        else:  # oneDNN's check for native bf16 (AVX512-BF16 / AMX)
-            fast = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return torch.bfloat16 if fast else torch.float32
-    return getattr(torch, name)
-
-
 def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: str | None = None,
              samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
              out: str | Path | None = None, device: str = "cpu", progress: bool = False,
@@ -172,6 +155,10 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
                 done = method.fn(loaded.model, arch, ids, stages[0].config, device=dev,
                                  batch_size=recipe.calibration.batch_size, progress=progress,
                                  **{k: extra[k] for k in method.inputs})
+                if method.kind == "plan":  # the method chose per-block settings; the engine runs them
+                    done = run_plan(loaded.model, arch, done, ids, device=dev,
+                                    batch_size=recipe.calibration.batch_size, progress=progress, results=results,
+                                    compute_dtype=compute_dtype)
             else:
                 done = compress_blocks(loaded.model, arch, stages, ids, dev, recipe.calibration.batch_size,
                                        progress=progress, results=results, compute_dtype=compute_dtype)
@@ -221,15 +208,13 @@ def _teacher(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module | None:
 def _segments(stages) -> list[tuple[bool, list]]:
     """Split recipe stages into runs for the block engine and single model-level stages, in order.
 
-    A method of kind "model" (depth pruning, globally allocated factorization) sees the whole
-    model at once: ``fn(model, arch, samples, config, device=, batch_size=, progress=) ->
-    {layer name: meta}``, plus the keyword inputs its ``Method.inputs`` names (teacher, tokenizer,
-    layers, results: see ``llmpress.registry.Method``); the stages around it go through
-    :func:`compress_blocks` as usual.
+    A method of kind "model" or "plan" (depth pruning, globally allocated factorization, OWL) sees
+    the whole model at once (``llmpress.registry``: ``ModelMethod``, ``PlanMethod``); the stages
+    around it go through :func:`compress_blocks` as usual.
     """
     segments: list[tuple[bool, list]] = []
     for stage in stages:
-        if get_method(stage.method).kind == "model":
+        if get_method(stage.method).kind in ("model", "plan"):
             segments.append((True, [stage]))
         elif segments and not segments[-1][0]:
             segments[-1][1].append(stage)
@@ -271,33 +256,34 @@ def _announce(windows: torch.Tensor, max_windows: int | None, description: str) 
 def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, seq_len: int = 1024,
              max_windows: int | None = 16, device: str = "cpu", layers: dict | None = None,
              measure_speed: bool = True, progress: bool = False, name: str | None = None,
-             kv_cache: KVCacheConfig | dict | int | None = None) -> dict:
+             kv_cache=None) -> dict:
     """Perplexity, size, FLOPs, speed and memory of ``model`` on consecutive windows of ``data``.
 
     Returns one JSON-able dict; its top-level keys ``perplexity``, ``params``, ``size_bytes``,
     ``bits_per_weight`` and ``compression_ratio`` are a stable interface.
-    ``kv_cache`` (a KVCacheConfig, its fields as a dict, or a bit width; 16 = off) quantizes the
+    ``kv_cache`` (a ``KVCacheConfig``, its fields as a dict, or a bit width; 16 = off) quantizes the
     KV cache during the perplexity forward; by default the model's own recipe (a ``kv-cache``
     stage) decides. The report then has a ``kv_cache`` entry (setting and bytes per token).
     """
     description = describe_spec(data)  # a bad spec fails before the model is loaded
-    kv = as_kv_config(kv_cache)
+    runtime = get_method("kv-cache").runtime
+    kv = runtime.coerce(kv_cache)
     dev = resolve_device(device)
     if isinstance(model, CompressResult):
         layers = model.layers if layers is None else layers
-        kv = kv or kv_config_from_meta(model.meta)
+        kv = kv or runtime.from_meta(model.meta)
         model = LoadedModel(model.model, model.tokenizer, "compressed (in memory)", notes=model.notes)
     loaded = _loaded(model, tokenizer)
     if loaded.tokenizer is None:
         raise LlmpressError("the model has no tokenizer, so text cannot be evaluated: pass a tokenizer")
     layers = loaded.meta.get("layers") if layers is None else layers
-    kv = kv or kv_config_from_meta(loaded.meta)
+    kv = kv or runtime.from_meta(loaded.meta)
     check_seq_len(loaded.model, seq_len)
     windows = eval_windows(loaded.tokenizer, data, seq_len, max_windows)
     _announce(windows, max_windows, description)
     with PeakMemory(dev) as mem:
         ppl = perplexity(loaded.model.to(dev), windows, dev, progress=progress,
-                         cache_factory=kv_cache_factory(loaded.model, kv))
+                         cache_factory=runtime.cache_factory(loaded.model, kv))
     size = size_report(loaded.model, layers, loaded.folder)
     flops = flops_per_token(loaded.model.config, seq_len, layers, model=loaded.model)
     report = {
@@ -323,7 +309,7 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
         "notes": loaded.notes,
     }
     if kv is not None:
-        report["kv_cache"] = {**dataclasses.asdict(kv), **kv_bytes_per_token(kv, loaded.model.config)}
+        report["kv_cache"] = runtime.report(kv, loaded.model.config)
     if measure_speed:
         report["speed"] = speed(loaded.model, dev)
     if "compress_time_s" in loaded.meta:

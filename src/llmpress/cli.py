@@ -181,9 +181,10 @@ def cmd_demo(args) -> None:
 
 
 def cmd_recipes(_args) -> None:
-    from .recipe import BUILTIN_RECIPES, load_recipe
+    from .recipe import load_recipe
+    from .registry import builtin_recipes
 
-    for name in BUILTIN_RECIPES:
+    for name in builtin_recipes():
         stages = " + ".join(f"{s.method}({', '.join(f'{k}={v}' for k, v in vars(s.config).items())})"
                             for s in load_recipe(name).stages)
         print(f"{name:28s} {stages}")

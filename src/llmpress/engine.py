@@ -9,9 +9,9 @@ re-run the compressed block to produce the next block's inputs, and
 offload it. Only one block's weights are ever on the compute device, so
 device memory scales with one block plus the calibration activations.
 
-Per-block keyword arguments (attention masks, rotary embeddings) are
-captured for every block, not just the first: Gemma 3 alternates sliding
-and global attention, with different masks and rotary tables per layer.
+Capturing inputs, running a block and collecting statistics live in
+``llmpress.calib``; methods are looked up in ``llmpress.registry`` by name,
+so this module imports no method.
 """
 
 from __future__ import annotations
@@ -21,24 +21,20 @@ import dataclasses
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .calib import block_prefix, capture_inputs, collect_stats, float_dtype, input_groups, move_to
 from .compressed import Compressed
-from .models.archs import Arch, block_linears, get_blocks, input_representatives, linear_weight, set_linear_weight
+from .models.archs import Arch, block_linears, get_blocks, linear_weight, set_linear_weight
+from .progress import bar as progress_bar
 from .recipe import Stage
-from .registry import get_method
+from .registry import BlockPlan, get_method
 from .settled import SettledOutputs
-from .stats import STATS
 
 log = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised inside a block's forward to end input capture early."""
 
 
 class Placement:
@@ -53,169 +49,6 @@ class Placement:
 
     def offload(self, block: nn.Module) -> None:
         block.to(self.offload_device)
-
-
-@dataclass
-class BlockInputs:
-    """Calibration activations entering one block: hidden states per batch and the block's kwargs per batch size."""
-
-    hidden: list[torch.Tensor]
-    # per block: batch size -> (extra positional args, keyword args)
-    kwargs: list[dict[int, tuple[tuple, dict[str, Any]]]] = field(default_factory=list)
-
-    def batches(self, block_index: int, dtype: torch.dtype | None = None):
-        """(hidden, (extra args, kwargs)) per batch, floating tensors cast to ``dtype`` when given."""
-        cast: dict[int, tuple] = {}
-        for h in self.hidden:
-            size = h.shape[0]
-            if size not in cast:
-                extra, kw = self.kwargs[block_index][size]
-                cast[size] = (extra, kw) if dtype is None else (_cast(extra, dtype), _cast(kw, dtype))
-            yield (h if dtype is None else h.to(dtype)), cast[size]
-
-    def run(self, block: nn.Module, block_index: int, stop: type[Exception] | None = None) -> list[torch.Tensor]:
-        """The block's output for every batch, computed in the block's own dtype.
-
-        ``stop``: an exception a hook raises to end a batch's forward early (no output then).
-        """
-        dtype = _float_dtype(block)
-        outputs = []
-        with torch.inference_mode():
-            for h, (extra, kw) in self.batches(block_index, dtype):
-                try:
-                    outputs.append(_hidden(block(h, *extra, **kw)))
-                except stop or ():
-                    pass
-        return outputs
-
-
-def _float_dtype(block: nn.Module) -> torch.dtype:
-    """The block's compute dtype: its first floating parameter's (W8A8 layers hold int8 weights)."""
-    return next(p.dtype for p in block.parameters() if p.is_floating_point())
-
-
-def _cast(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    return value
-
-
-def _move(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_move(v, device) for v in value)
-    if isinstance(value, list):
-        return [_move(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
-    return value
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _outside_leaves(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
-    inside = {id(m) for m in blocks.modules()}
-    return [m for m in model.modules() if id(m) not in inside and not list(m.children())]
-
-
-def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor,
-                   batch_size: int, device: torch.device) -> BlockInputs:
-    """Run the model's embedding part on every calibration batch and record each block's inputs.
-
-    Blocks are replaced by recorders that pass hidden states through unchanged,
-    so the real blocks are never run (nor onloaded) here; the forward stops at
-    the last block, before the final norm and lm_head.
-    """
-    leaves = _outside_leaves(model, blocks)
-    homes = [next(iter(m.parameters(recurse=False)), next(iter(m.buffers(recurse=False)), None)) for m in leaves]
-    homes = [t.device if t is not None else None for t in homes]
-    for m in leaves:
-        m.to(device)
-    inputs = BlockInputs(hidden=[], kwargs=[{} for _ in blocks])
-    state = {"need_kwargs": False}
-
-    def recorder(index: int):
-        def forward(*args, **kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            if index == 0:
-                inputs.hidden.append(hidden.detach())
-            if state["need_kwargs"]:
-                inputs.kwargs[index][hidden.shape[0]] = (tuple(args[1:]), dict(kwargs))
-            if index == len(blocks) - 1 or not state["need_kwargs"]:
-                raise _StopForward
-            return hidden
-        return forward
-
-    try:
-        for i, b in enumerate(blocks):
-            b.forward = recorder(i)
-        with torch.inference_mode():
-            for start in range(0, samples.shape[0], batch_size):
-                batch = samples[start:start + batch_size].to(device)
-                state["need_kwargs"] = batch.shape[0] not in inputs.kwargs[0]
-                try:
-                    model(input_ids=batch, use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        for b in blocks:
-            b.__dict__.pop("forward", None)
-        for m, home in zip(leaves, homes):
-            if home is not None:
-                m.to(home)
-    return inputs
-
-
-def _input_groups(arch: Arch, modules: dict[str, nn.Module]) -> list[dict[str, nn.Module]]:
-    """``modules`` split into groups sharing one input, in forward order (true-sequential calibration)."""
-    shared = input_representatives(arch, modules)
-    groups: dict[str, dict[str, nn.Module]] = {}
-    for name, module in modules.items():
-        groups.setdefault(shared[name], {})[name] = module
-    return list(groups.values())
-
-
-def collect_stats(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], needs: tuple[str, ...],
-                  inputs: BlockInputs, index: int, stop_early: bool = False,
-                  stop_after: nn.Module | None = None) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
-    """Run all calibration batches through ``block``; each module's input statistics, and the block's outputs.
-
-    ``needs`` names entries of ``llmpress.stats.STATS``. Linears of one group share their input, so
-    one hook per group feeds them all. With ``stop_early`` (one input group) each batch's forward
-    ends as soon as the group's input is seen (and no outputs come back); with ``stop_after``, as
-    soon as that sub-module has returned instead.
-    """
-    shared = input_representatives(arch, modules)
-    stats = {rep: {s: STATS[s]() for s in needs} for rep in set(shared.values())}
-
-    def hook(name: str):
-        def fn(_module, args):
-            for acc in stats[name].values():
-                acc.add_batch(args[0])
-            if stop_early and stop_after is None:
-                raise _StopForward
-        return fn
-
-    def stop(*_):
-        raise _StopForward
-
-    handles = [modules[rep].register_forward_pre_hook(hook(rep)) for rep in stats]
-    if stop_early and stop_after is not None:
-        handles.append(stop_after.register_forward_hook(stop))
-    try:
-        outputs = inputs.run(block, index, stop=_StopForward if stop_early else None)
-    finally:
-        for h in handles:
-            h.remove()
-    results = {rep: {s: acc.result() for s, acc in per.items()} for rep, per in stats.items()}
-    return {n: results[rep] for n, rep in shared.items()}, outputs
 
 
 def merge_meta(old: dict | None, new: dict) -> dict:
@@ -261,13 +94,13 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
         raise ValueError("this recipe needs calibration samples")
     inputs = capture_inputs(model, blocks, samples, batch_size, device) if calibrated else None
     if inputs is not None:
-        inputs.kwargs = [{b: _move(kw, device) for b, kw in per.items()} for per in inputs.kwargs]
+        inputs.kwargs = [{b: move_to(kw, device) for b, kw in per.items()} for per in inputs.kwargs]
         if compute_dtype is not None:
             inputs.hidden = [h.to(compute_dtype) for h in inputs.hidden]
 
-    prefix = _prefix(model, blocks)
+    prefix = block_prefix(model, blocks)
     layers: dict[str, dict] = {}
-    bar = _progress(len(blocks), progress)
+    bar = progress_bar(total=len(blocks), enabled=progress, desc="blocks", unit="block")
     for i, block in enumerate(blocks):
         start = time.perf_counter()
         placement.onload(block)
@@ -288,7 +121,7 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                     layers[f"{prefix}{i}.{name}"] = merge_meta(layers.get(f"{prefix}{i}.{name}"), meta)
                 continue
             sequential = bool(method.stats) and getattr(stage.config, "true_sequential", False)
-            parts = _input_groups(arch, chosen) if sequential else [chosen]
+            parts = input_groups(arch, chosen) if sequential else [chosen]
             for j, part in enumerate(parts):
                 stats = {}
                 if method.stats:
@@ -330,7 +163,7 @@ class _Shadow:
     def __init__(self, block: nn.Module, arch: Arch, dtype: torch.dtype | None,
                  settled: SettledOutputs | None = None) -> None:
         self.block, self.arch, self.settled = block, arch, settled
-        self.dtype = None if dtype == _float_dtype(block) else dtype
+        self.dtype = None if dtype == float_dtype(block) else dtype
         self.copy: tuple[nn.Module, dict[str, nn.Module]] | None = None
 
     def get(self) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -356,14 +189,16 @@ def _detached(result: Compressed) -> Compressed:
                                zero=cpu(result.zero), mask=cpu(result.mask))
 
 
-def _prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
-    for name, module in model.named_modules():
-        if module is blocks:
-            return f"{name}."
-    raise RuntimeError("block list not found in model")
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="blocks", unit="block", disable=not enabled, leave=False)
+def run_plan(model: nn.Module, arch: Arch, plan: BlockPlan, samples: torch.Tensor | None, **kw) -> dict[str, dict]:
+    """Execute a "plan" method's :class:`~llmpress.registry.BlockPlan`: block i gets its own steps (weight
+    methods with their configs) through :func:`compress_blocks`; ``kw`` as there. Returns per-layer meta,
+    each with the plan's per-block meta merged in and its method name prefixed."""
+    blocks = get_blocks(model, arch)
+    prefix = block_prefix(model, blocks)
+    stages = [Stage(method, config, targets=(f"{prefix}{i}.*",))
+              for i, steps in enumerate(plan.steps) for method, config in steps]
+    layers = compress_blocks(model, arch, stages, samples, **kw)
+    for name, meta in layers.items():
+        block = int(name[len(prefix):].split(".")[0])
+        meta.update(plan.meta[block] if plan.meta else {}, method=f"{plan.prefix}{meta['method']}")
+    return layers

@@ -46,3 +46,10 @@ def silenced(quiet: bool = True):
             hf_logging.enable_progress_bar()
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def bar(items=None, enabled: bool = True, desc: str = "", total: int | None = None, unit: str = "it"):
+    """A tqdm progress bar over ``items`` (or a manual one of ``total`` steps), shown when ``enabled``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, unit=unit, disable=not enabled, leave=False)

@@ -26,7 +26,7 @@ import yaml
 
 from .data.sources import parse_spec
 from .errors import LlmpressError, first_line
-from .registry import get_method
+from .registry import builtin_recipes, get_method
 
 CALIBRATION_DTYPES = ("float32", "bfloat16", "auto")
 
@@ -140,117 +140,6 @@ def _stage(data: Any, where: str) -> Stage:
                  _patterns(data.get("ignore", []), f"{where} ignore"))
 
 
-def _rtn(bits: int, group: int, sym: bool = True) -> dict:
-    return {"stages": [{"method": "rtn", "args": {"bits": bits, "group_size": group, "sym": sym}}]}
-
-
-def _gptq(bits: int, group_size: int = 64, **args) -> dict:
-    stage = {"method": "gptq", "args": {"bits": bits, "group_size": group_size, "act_order": True,
-                                        "true_sequential": True, **args}}
-    return {"calibration": {"dtype": "auto"}, "stages": [stage]}
-
-
-def _magnitude(sparsity: float) -> dict:
-    return {"stages": [{"method": "magnitude", "args": {"sparsity": sparsity}}]}
-
-
-BUILTIN_RECIPES: dict[str, dict] = {
-    "rtn-w4-g64": _rtn(4, 64),
-    "rtn-w4-g64-asym": _rtn(4, 64, sym=False),
-    "rtn-w4-g128": _rtn(4, 128),
-    "rtn-w3-g64": _rtn(3, 64),
-    "rtn-w8": _rtn(8, -1),
-    "magnitude-50": _magnitude(0.5),
-    "magnitude-30": _magnitude(0.3),
-    "magnitude-50+rtn-w4-g64": {"stages": _magnitude(0.5)["stages"] + _rtn(4, 64)["stages"]},
-    # pruning (issue 4): magnitude / Wanda / SparseGPT at 50% unstructured, 2:4 and 4:8; OWL layer ratios;
-    # SparseGPT 50% + int4 (group 64) jointly in one pass, or one after the other (-w4 vs +gptq-w4 / +rtn-w4-g64)
-    "magnitude-24": {"stages": [{"method": "magnitude", "args": {"sparsity": 0.5, "pattern": "2:4"}}]},
-    "magnitude-48": {"stages": [{"method": "magnitude", "args": {"sparsity": 0.5, "pattern": "4:8"}}]},
-    "wanda-50": {"stages": [{"method": "wanda", "args": {"sparsity": 0.5}}]},
-    "wanda-24": {"stages": [{"method": "wanda", "args": {"pattern": "2:4"}}]},
-    "wanda-48": {"stages": [{"method": "wanda", "args": {"pattern": "4:8"}}]},
-    "wanda-50-ts": {"stages": [{"method": "wanda", "args": {"sparsity": 0.5, "true_sequential": True}}]},
-    "wanda-24-ts": {"stages": [{"method": "wanda", "args": {"pattern": "2:4", "true_sequential": True}}]},
-    "sparsegpt-50-ts": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5, "true_sequential": True}}]},
-    "sparsegpt-24-ts": {"stages": [{"method": "sparsegpt", "args": {"pattern": "2:4", "true_sequential": True}}]},
-    "sparsegpt-50": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5}}]},
-    "sparsegpt-24": {"stages": [{"method": "sparsegpt", "args": {"pattern": "2:4"}}]},
-    "sparsegpt-48": {"stages": [{"method": "sparsegpt", "args": {"pattern": "4:8"}}]},
-    "sparsegpt-50-w4": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5, "bits": 4, "group_size": 64}}]},
-    "sparsegpt-24-w4": {"stages": [{"method": "sparsegpt", "args": {"pattern": "2:4", "bits": 4, "group_size": 64}}]},
-    "sparsegpt-50+gptq-w4": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5}},
-                                        {"method": "sparsegpt", "args": {"sparsity": 0.0, "keep_zeros": True,
-                                                                         "bits": 4, "group_size": 64}}]},
-    # the same two with true-sequential Hessians (each linear group's taken after the groups before it are compressed)
-    "sparsegpt-50-w4-ts": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5, "bits": 4, "group_size": 64,
-                                                                        "true_sequential": True}}]},
-    "sparsegpt-50+gptq-w4-ts": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5, "true_sequential": True}},
-                                           {"method": "sparsegpt", "args": {"sparsity": 0.0, "keep_zeros": True,
-                                                                            "bits": 4, "group_size": 64,
-                                                                            "true_sequential": True}}]},
-    "sparsegpt-50+rtn-w4-g64": {"stages": [{"method": "sparsegpt", "args": {"sparsity": 0.5}},
-                                           *_rtn(4, 64)["stages"]]},
-    "owl-wanda-50": {"stages": [{"method": "owl", "args": {"sparsity": 0.5, "pruner": "wanda"}}]},
-    "owl-sparsegpt-50": {"stages": [{"method": "owl", "args": {"sparsity": 0.5, "pruner": "sparsegpt"}}]},
-    # OWL's own setting: high sparsity, where uniform ratios break down first
-    "wanda-70": {"stages": [{"method": "wanda", "args": {"sparsity": 0.7}}]},
-    "owl-wanda-70": {"stages": [{"method": "owl", "args": {"sparsity": 0.7, "pruner": "wanda"}}]},
-    # GPTQ: act-order (static groups) and true-sequential by default, calibration forwards in bfloat16 where the
-    # CPU/GPU runs it natively (Hessians stay fp32); -classic: the reference algorithm (no act-order, one pass)
-    "gptq-w4-g64": _gptq(4),
-    "gptq-w4-g64-asym": _gptq(4, sym=False),
-    "gptq-w3-g64": _gptq(3),
-    "gptq-w4-g64-mse": _gptq(4, mse=True),
-    "gptq-w4-g64-classic": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}]},
-    "rtn-w4-g64-mse": {"stages": [{"method": "rtn", "args": {"bits": 4, "group_size": 64, "mse": True}}]},
-    # KV-cache quantization (KIVI-style asymmetric groups per head per token), applied at evaluation
-    "kv-int8": {"stages": [{"method": "kv-cache", "args": {"bits": 8, "group_size": 64}}]},
-    "kv-int4": {"stages": [{"method": "kv-cache", "args": {"bits": 4, "group_size": 64}}]},
-    # AWQ scales and clips, then the next stage rounds on the same grid.
-    "awq-w4-g64": {"stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": False}},
-                              *_rtn(4, 64, sym=False)["stages"]]},
-    "awq-w4-g64-sym": {"stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": True}},
-                                  *_rtn(4, 64, sym=True)["stages"]]},
-    "awq+gptq-w4-g64": {"calibration": {"dtype": "auto"},
-                        "stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": False}},
-                                   *_gptq(4, sym=False)["stages"]]},
-    # SmoothQuant: fold activation outliers into the weights, then int8 weights x int8 per-token activations.
-    "smoothquant-w8a8": {"stages": [{"method": "smoothquant", "args": {"alpha": 0.5}}]},
-    # structured pruning of 20% of all parameters: shrunk matrices (FLAP fluctuation + bias compensation /
-    # LLM-Pruner Taylor), or whole blocks (ShortGPT block influence)
-    "width-20": {"stages": [{"method": "width", "args": {"target": 0.2, "bias": True}}]},
-    "width-20-taylor": {"stages": [{"method": "width", "args": {"target": 0.2, "metric": "taylor"}}]},
-    "depth-20": {"stages": [{"method": "depth", "args": {"target": 0.2}}]},
-    # Low-rank factorization, ranks allocated globally; NN = % of the whole model's parameters and FLOPs kept.
-    **{f"{m}-{k}": {"stages": [{"method": m, "args": {"keep": k / 100}}]}
-       for m in ("svd", "asvd", "svd-llm") for k in (90, 80, 70)},
-    "svd-llm-80+rtn-w8": {"stages": [{"method": "svd-llm", "args": {"keep": 0.8}}, *_rtn(8, -1)["stages"]]},
-    # recovery (issue 6): the model before compression teaches the compressed one. A stage of its own, so any
-    # "NAME+distill…" composes (load_recipe); "all" trains every block weight (pruned ones keep their mask,
-    # quantized ones train on their own grid = QAT), "lora"/"norms" only adapters / norms and biases.
-    # lr 1e-3 for every choice: better than 1e-4 in 60-second runs from both sparsegpt-24 and gptq-w3-g64
-    "distill": {"stages": [{"method": "distill", "args": {"loss": "forward_kl", "train": "all", "lr": 1e-3}}]},
-    "distill-lora": {"stages": [{"method": "distill", "args": {"loss": "forward_kl", "train": "lora", "lr": 1e-3}}]},
-    "distill-norms": {"stages": [{"method": "distill", "args": {"loss": "forward_kl", "train": "norms", "lr": 1e-3}}]},
-    "distill-blackbox": {"stages": [{"method": "distill", "args": {"loss": "ce", "source": "generated",
-                                                                   "lr": 1e-3}}]},
-    "distill-data-free": {"stages": [{"method": "distill", "args": {"loss": "ce", "source": "data-free",
-                                                                    "greedy_first": 3, "lr": 1e-3}}]},
-    # on a quantized model "distill" is already QAT; "qat" names it so ("gptq-w3-g64+qat(steps=500)"), with the
-    # QAT weights at 3x the lr: from gptq-w3-g64, 1500 s: 39.29 against 42.25 at 1x (README, distillation figures)
-    "qat": {"stages": [{"method": "distill", "args": {"loss": "forward_kl", "train": "all", "lr": 1e-3,
-                                                      "qat_lr_scale": 3.0}}]},
-    "sparsegpt-24+distill": {"stages": [{"method": "sparsegpt", "args": {"pattern": "2:4"}},
-                                        {"method": "distill", "args": {"loss": "forward_kl", "train": "all",
-                                                                       "lr": 1e-3}}]},
-    "gptq-w3-g64+qat": {"calibration": {"dtype": "auto"},
-                        "stages": [*_gptq(3)["stages"],
-                                   {"method": "distill", "args": {"loss": "forward_kl", "train": "all",
-                                                                  "lr": 1e-3, "qat_lr_scale": 3.0}}]},
-}
-
-
 def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
     """A Recipe from a built-in name, a YAML file path, a dict, or a Recipe."""
     if isinstance(spec, Recipe):
@@ -258,8 +147,8 @@ def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
     if isinstance(spec, dict):
         return Recipe.from_dict(spec)
     text = str(spec)
-    if text in BUILTIN_RECIPES:
-        return Recipe.from_dict(BUILTIN_RECIPES[text], name=text)
+    if text in builtin_recipes():
+        return Recipe.from_dict(builtin_recipes()[text], name=text)
     data = _composed(text)
     if data is not None:  # "A+B": built-in recipes one after the other, e.g. sparsegpt-24+distill(kl, steps=200)
         calibration = next((d["calibration"] for d in data if "calibration" in d), {})
@@ -268,9 +157,9 @@ def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
     path = Path(text).expanduser()
     if _is_file_spec(text):
         if not path.is_file():
-            raise LlmpressError(f"recipe file {path} does not exist: check the path, or use a built-in recipe ({', '.join(BUILTIN_RECIPES)})")
+            raise LlmpressError(f"recipe file {path} does not exist: check the path, or use a built-in recipe ({', '.join(builtin_recipes())})")
         return Recipe.from_dict(_read_yaml(path), name=path.stem)
-    raise LlmpressError(f"unknown recipe '{text}': give a YAML file, a built-in name ({', '.join(BUILTIN_RECIPES)}) "
+    raise LlmpressError(f"unknown recipe '{text}': give a YAML file, a built-in name ({', '.join(builtin_recipes())}) "
                         "or built-in names joined by '+'")
 
 
@@ -346,8 +235,8 @@ def _composed(text: str) -> list[dict] | None:
                 return None  # not a composition: load_recipe tries it as a file, then says what is unknown
             if names is None:
                 raise LlmpressError(f"unknown recipe '{'+'.join(run)}' in '{text}': use built-in names "
-                                    f"({', '.join(BUILTIN_RECIPES)}) or NAME(key=value, ...)")
-            out += [BUILTIN_RECIPES[n] for n in names]
+                                    f"({', '.join(builtin_recipes())}) or NAME(key=value, ...)")
+            out += [builtin_recipes()[n] for n in names]
             run = []
         if part is not None:
             out.append(_call(part, text))
@@ -381,8 +270,8 @@ def _call(part: str, text: str) -> dict:
     name = name.strip()
     if not rest.endswith(")"):
         raise LlmpressError(f"'{part.strip()}' in recipe '{text}' has text after ')': write NAME(key=value, ...)")
-    if name in BUILTIN_RECIPES:
-        base = BUILTIN_RECIPES[name]
+    if name in builtin_recipes():
+        base = builtin_recipes()[name]
         if len(base["stages"]) != 1:
             raise LlmpressError(f"built-in recipe '{name}' has {len(base['stages'])} stages, so '{part.strip()}' "
                                 "cannot tell which one the arguments are for: write the stages out, or use a YAML recipe")
@@ -407,8 +296,8 @@ def _call(part: str, text: str) -> dict:
         else:
             stage["args"][key] = parsed
     recipe = {"stages": [stage]}
-    if name in BUILTIN_RECIPES and "calibration" in BUILTIN_RECIPES[name]:
-        recipe["calibration"] = BUILTIN_RECIPES[name]["calibration"]
+    if name in builtin_recipes() and "calibration" in builtin_recipes()[name]:
+        recipe["calibration"] = builtin_recipes()[name]["calibration"]
     return recipe
 
 
@@ -439,7 +328,7 @@ def _builtin_parts(parts: list[str]) -> list[str] | None:
         return []
     for k in range(len(parts), 0, -1):
         head = "+".join(parts[:k])
-        rest = _builtin_parts(parts[k:]) if head in BUILTIN_RECIPES else None
+        rest = _builtin_parts(parts[k:]) if head in builtin_recipes() else None
         if rest is not None:
             return [head, *rest]
     return None

@@ -84,4 +84,58 @@ class AbsMaxStats:
         return self.absmax
 
 
-STATS = {"hessian": HessianStats, "col_norm": ColumnNormStats, "absmax": AbsMaxStats}
+class CovarianceStats:
+    """Mean xxᵀ over the calibration tokens, each batch's product in float32 summed in float64 (SVD-LLM, ASVD)."""
+
+    def __init__(self) -> None:
+        self.sum: Tensor | None = None
+        self.count = 0
+
+    def add_batch(self, x: Tensor) -> None:
+        X = _rows(x, torch.float32)
+        p = (X.T @ X).double()
+        self.sum = p if self.sum is None else self.sum + p
+        self.count += X.shape[0]
+
+    def result(self) -> Tensor:
+        return (self.sum / self.count).float().cpu()
+
+
+class AbsMeanStats:
+    """Mean |x_j| per input channel j over the calibration tokens, summed in float64 (ASVD)."""
+
+    def __init__(self) -> None:
+        self.sum: Tensor | None = None
+        self.count = 0
+
+    def add_batch(self, x: Tensor) -> None:
+        a = _rows(x, torch.float32).abs().sum(0).double()
+        self.sum = a if self.sum is None else self.sum + a
+        self.count += x.reshape(-1, x.shape[-1]).shape[0]
+
+    def result(self) -> Tensor:
+        return (self.sum / self.count).float().cpu()
+
+
+class MeanVarStats:
+    """(mean, unbiased variance) per input channel over the calibration tokens, in float64 (FLAP)."""
+
+    def __init__(self) -> None:
+        self.n, self.sum, self.sumsq = 0, None, None
+
+    def add_batch(self, x: Tensor) -> None:
+        X = _rows(x, torch.float64)
+        s, ss = X.sum(0), (X * X).sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq = ss if self.sumsq is None else self.sumsq + ss
+        self.n += X.shape[0]
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        mean = self.sum / self.n
+        var = (self.sumsq - self.n * mean * mean) / max(self.n - 1, 1)
+        return mean.cpu(), var.clamp_min(0).cpu()
+
+
+# The statistics a method can ask for by name (``Method.stats``, ``llmpress.calib``).
+STATS = {"hessian": HessianStats, "col_norm": ColumnNormStats, "absmax": AbsMaxStats, "covariance": CovarianceStats,
+         "abs_mean": AbsMeanStats, "mean_var": MeanVarStats}

@@ -21,7 +21,7 @@ class TrainConfig:
     windows); ``warmup``: linear warm-up steps (at most half the horizon); ``schedule``: decay after it.
     ``max_seconds``: stop after this much training time; the schedule's horizon is then fixed after
     the first steps from their measured speed, so the decay ends near the budget. ``dtype``: autocast
-    of the forwards ("auto": bfloat16 where the device runs it natively, see ``api.calibration_dtype``).
+    of the forwards ("auto": bfloat16 where the device runs it natively, see ``calib.calibration_dtype``).
     ``checkpoint_every``: optimizer steps between checkpoints (0 = only with an explicit directory, at the end).
     ``qat_lr_scale``: learning-rate multiplier for the latent weights of QAT layers. They start exactly
     on grid points and a code flips only once its weight has moved half a grid step, which at the

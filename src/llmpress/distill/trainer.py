@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..calib import calibration_dtype
 from ..errors import LlmpressError
 from .checkpoint import CHECKPOINT, load_checkpoint, remove_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -71,8 +72,6 @@ def batch_indices(micro_batch: int, n: int, batch_size: int, seed: int) -> Tenso
 
 
 def _autocast_dtype(name: str, device: torch.device) -> torch.dtype:
-    from ..api import calibration_dtype  # here: api imports the registry, which imports the distill stage
-
     return torch.float32 if name == "float32" else calibration_dtype(name, device)
 
 

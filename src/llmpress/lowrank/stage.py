@@ -4,7 +4,7 @@ Each is a Method of kind "model" (see ``llmpress.api._segments``): it needs ever
 layer's loss curve before choosing any rank, so it
 
 1. runs the calibration windows through the *uncompressed* model block by block
-   (``engine.capture_inputs`` / ``BlockInputs.run``), with hooks that accumulate each
+   (``llmpress.calib.block_stats``), with hooks that accumulate each
    linear's input statistics (XᵀX for SVD-LLM; mean |X_j| and XᵀX for ASVD, whose
    factorization uses mean |X_j| only but whose loss curve is the exact output error;
    plain SVD needs none, and its curve is the weight error); the statistics of every
@@ -26,13 +26,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..calib import block_prefix, block_stats
 from ..errors import LlmpressError
 from ..linalg import single_threaded
 from ..measure import count_params, flops_per_token
-from ..models.archs import Arch, block_linears, get_blocks, input_representatives, linear_weight
+from ..models.archs import Arch, block_linears, get_blocks, linear_weight
 from .allocate import allocate_ranks, layer_params
 from .factorize import asvd_curve, asvd_factorize, svd_curve, svd_factorize, svd_llm_curve, svd_llm_factorize
 from .module import LowRankLinear, replace_with_factors
+from ..registry import Method, register
 
 log = logging.getLogger(__name__)
 
@@ -92,77 +94,29 @@ class SVDLLMConfig(SVDConfig):
             raise LlmpressError(f"update_u={self.update_u!r} is invalid: use true or false")
 
 
-class _InputStats:
-    """Σ xxᵀ and Σ|x| over the rows of every batch a linear sees (float64 sums)."""
-
-    def __init__(self, xtx: bool, absmean: bool) -> None:
-        self.want_xtx, self.want_abs = xtx, absmean
-        self.xtx: Tensor | None = None
-        self.abs: Tensor | None = None
-        self.count = 0
-
-    def add(self, x: Tensor) -> None:
-        X = x.detach().reshape(-1, x.shape[-1]).float()
-        if self.want_xtx:
-            p = (X.T @ X).double()
-            self.xtx = p if self.xtx is None else self.xtx + p
-        if self.want_abs:
-            a = X.abs().sum(0).double()
-            self.abs = a if self.abs is None else self.abs + a
-        self.count += X.shape[0]
-
-    def result(self) -> dict[str, Tensor]:
-        out = {}
-        if self.want_xtx:
-            out["xtx"] = (self.xtx / self.count).float().cpu()
-        if self.want_abs:
-            out["absmean"] = (self.abs / self.count).float().cpu()
-        return out
-
-
 def collect_input_stats(model: nn.Module, arch: Arch, samples: Tensor, *, xtx: bool, absmean: bool,
                         device: torch.device | str = "cpu", batch_size: int = 8,
                         progress: bool = False) -> dict[str, dict[str, Tensor]]:
     """Full layer name -> {"xtx": mean xxᵀ (n×n), "absmean": mean |x_j| (n,)} of every block linear's input.
 
-    One pass, block by block, propagating the *unfactorized* blocks' outputs; linears that
-    share an input (q/k/v, gate/up) share one accumulation (the same tensors).
+    One pass, block by block (``llmpress.calib.block_stats``), propagating the *unfactorized* blocks'
+    outputs; linears that share an input (q/k/v, gate/up) share one accumulation (the same tensors).
     """
-    from tqdm.auto import tqdm
-
-    from ..engine import capture_inputs  # here: the engine imports the registry, which imports this module
-
-    device = torch.device(device)
+    needs = {"covariance": "xtx"} if xtx else {}
+    if absmean:
+        needs["abs_mean"] = "absmean"
     blocks = get_blocks(model, arch)
-    prefix = _prefix(model, blocks)
-    inputs = capture_inputs(model, blocks, samples, batch_size, device)
+    prefix = block_prefix(model, blocks)
     stats: dict[str, dict[str, Tensor]] = {}
-    for i, block in enumerate(tqdm(blocks, desc="low-rank statistics", disable=not progress, leave=False)):
-        home = next(block.parameters()).device
-        block.to(device)
-        linears = block_linears(block, arch)
-        shared = input_representatives(arch, linears)
-        accs = {rep: _InputStats(xtx, absmean) for rep in set(shared.values())}
-        handles = [linears[rep].register_forward_hook(lambda _m, args, _o, acc=acc: acc.add(args[0]))
-                   for rep, acc in accs.items()]
-        try:
-            inputs.hidden = inputs.run(block, i)
-        finally:
-            for h in handles:
-                h.remove()
-        results = {rep: acc.result() for rep, acc in accs.items()}
-        stats.update({f"{prefix}{i}.{n}": results[rep] for n, rep in shared.items()})
-        block.to(home)
+    for i, _block, per in block_stats(model, arch, samples, tuple(needs), torch.device(device), batch_size,
+                                      progress, "low-rank statistics"):
+        stats.update({f"{prefix}{i}.{n}": {needs[k]: v for k, v in found.items()} for n, found in per.items()})
     return stats
-
-
-def _prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
-    return next(f"{name}." for name, module in model.named_modules() if module is blocks)
 
 
 def _layers(model: nn.Module, arch: Arch) -> dict[str, nn.Module]:
     blocks = get_blocks(model, arch)
-    prefix = _prefix(model, blocks)
+    prefix = block_prefix(model, blocks)
     found = {f"{prefix}{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b, arch).items()}
     if any(isinstance(model.get_submodule(n.rsplit(".", 1)[0]), LowRankLinear) for n in found):
         raise LlmpressError("the model is already factorized: use one low-rank stage (svd, asvd or svd-llm) per recipe")
@@ -261,3 +215,11 @@ def asvd_stage(model, arch, samples, cfg: ASVDConfig, **kw) -> dict[str, dict]:
 def svd_llm_stage(model, arch, samples, cfg: SVDLLMConfig, **kw) -> dict[str, dict]:
     """SVD-LLM (arXiv:2403.07378) with globally allocated ranks."""
     return lowrank_model("svd-llm", model, arch, samples, cfg, **kw)
+
+
+# ranks allocated globally; NN = % of the whole model's parameters and FLOPs kept
+_LOWRANK = {"svd": (SVDConfig, svd_stage, False), "asvd": (ASVDConfig, asvd_stage, True),
+            "svd-llm": (SVDLLMConfig, svd_llm_stage, True)}
+for _name, (_config, _fn, _calibrated) in _LOWRANK.items():
+    register(Method(_name, _config, _fn, (), "model", calibrated=_calibrated),
+             recipes={f"{_name}-{k}": {"stages": [{"method": _name, "args": {"keep": k / 100}}]} for k in (90, 80, 70)})

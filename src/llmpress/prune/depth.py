@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..calib import run_blocks
 from ..errors import LlmpressError
 from ..measure.size import count_params
 from ..models.archs import Arch, block_linears, get_blocks
-from .passes import calibration_loss, run_blocks
+from .passes import calibration_loss
+from ..registry import Method, register
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +179,9 @@ def depth_prune(model: nn.Module, arch: Arch, samples: Tensor | None, cfg: Depth
                                                          "removed_blocks": removed, "metric": cfg.metric,
                                                          "base_params": total}
     return out
+
+
+# 20% of all parameters as whole blocks (ShortGPT block influence)
+register(Method("depth", DepthConfig, depth_prune, (), "model", calibrated=True), recipes={
+    "depth-20": {"stages": [{"method": "depth", "args": {"target": 0.2}}]},
+})

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..compressed import Compressed
 from ..errors import LlmpressError
 from .masks import mask_meta, nm_mask, parse_pattern
+from ..registry import Method, register
 
 
 @dataclass(frozen=True)
@@ -57,3 +58,16 @@ def magnitude(weight: Tensor, cfg: MagnitudeConfig) -> Compressed:
     mask = prune_lowest(weight.abs(), cfg.sparsity, cfg.scope) if nm is None else nm_mask(weight.abs(), *nm)
     pruned = weight.float() * mask
     return Compressed(weight=pruned, mask=mask, meta={"method": "magnitude", **mask_meta(mask, nm)})
+
+
+def magnitude_recipe(sparsity: float, pattern: str = "unstructured") -> dict:
+    return {"stages": [{"method": "magnitude", "args": {"sparsity": sparsity, "pattern": pattern}
+                        if pattern != "unstructured" else {"sparsity": sparsity}}]}
+
+
+register(Method("magnitude", MagnitudeConfig, magnitude, (), "prune"), recipes={
+    "magnitude-50": magnitude_recipe(0.5),
+    "magnitude-30": magnitude_recipe(0.3),
+    "magnitude-24": magnitude_recipe(0.5, "2:4"),
+    "magnitude-48": magnitude_recipe(0.5, "4:8"),
+})

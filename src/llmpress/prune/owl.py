@@ -8,9 +8,9 @@ pruned less: with D normalised to [0, 2λ], block l's sparsity is
 ``target − (D̂_l − mean D̂)``, the mean weighted by parameter count so that
 the block ratios average exactly to the target (Wanda then rounds each
 row's count down, which leaves up to one weight more per row: 49.92%
-measured at 50%). The ratios need every block's statistics before any pruning, so OWL is a model-level method: one
-calibration pass through the dense model measures D_l, then each block is
-pruned through the sequential engine (Wanda or SparseGPT) at its own ratio.
+measured at 50%). The ratios need every block's statistics before any pruning, so OWL is a "plan" method: one
+calibration pass through the dense model measures D_l, and it hands the engine a per-block plan
+(Wanda or SparseGPT at each block's own ratio) that the engine executes.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..calib import block_stats
 from ..errors import LlmpressError
-from ..models.archs import Arch, block_linears, get_blocks, linear_weight
-from .wanda import wanda_scores
+from ..models.archs import Arch, block_linears, linear_weight
+from ..registry import BlockPlan, Method, register
+from .sparsegpt import SparseGPTConfig
+from .wanda import WandaConfig, wanda_scores
 
 log = logging.getLogger(__name__)
 
@@ -77,54 +80,37 @@ def owl_sparsities(ratios: Tensor, params: Tensor, sparsity: float, max_deviatio
     return sparsity - (scaled - (scaled * params).sum() / params.sum())
 
 
-def _block_ratio(block: nn.Module, index: int, arch: Arch, inputs, factor: float) -> tuple[float, int, list[Tensor]]:
-    """(outlier ratio, parameter count, outputs) of block ``index`` from its calibration ``inputs`` (BlockInputs)."""
-    from ..engine import collect_stats  # the engine imports the registry, which imports this module
-
+def _block_ratio(block: nn.Module, arch: Arch, stats: dict, factor: float) -> tuple[float, int]:
+    """(outlier ratio, parameter count) of ``block`` from its linears' input column norms."""
     modules = block_linears(block, arch)
-    stats, outputs = collect_stats(block, arch, modules, ("col_norm",), inputs, index)
     scores = [wanda_scores(linear_weight(m, arch).float(), stats[n]["col_norm"]) for n, m in modules.items()]
-    return outlier_ratio(scores, factor), sum(s.numel() for s in scores), outputs
+    return outlier_ratio(scores, factor), sum(s.numel() for s in scores)
 
 
 def owl(model: nn.Module, arch: Arch, samples: Tensor, cfg: OWLConfig, *, device: torch.device,
-        batch_size: int = 8, progress: bool = False) -> dict[str, dict]:
+        batch_size: int = 8, progress: bool = False) -> BlockPlan:
     """OWL (arXiv:2310.05175) on the whole model: measure every block's outlier ratio on the dense
-    model, then prune block l at its own sparsity with ``cfg.pruner``; returns per-layer meta
-    (with ``owl_sparsity``, the block's allotted ratio)."""
-    # imported here: the engine imports the registry, which imports this module
-    from ..engine import capture_inputs, compress_blocks
-    from ..recipe import Stage
-
+    model; the plan prunes block l at its own sparsity with ``cfg.pruner`` and records ``owl_sparsity``
+    (the block's allotted ratio) and ``owl_outlier_ratio`` in its layers' meta."""
     if samples is None:
         raise LlmpressError("OWL needs calibration samples: give the recipe calibration data")
-    blocks = get_blocks(model, arch)
-    inputs = capture_inputs(model, blocks, samples, batch_size, device)
     ratios, params = [], []
-    for i, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(device)
-        ratio, count, inputs.hidden = _block_ratio(block, i, arch, inputs, cfg.outlier_factor)
-        block.to(home)
+    for _i, block, stats in block_stats(model, arch, samples, ("col_norm",), device, batch_size, progress,
+                                         "OWL outlier ratios"):
+        ratio, count = _block_ratio(block, arch, stats, cfg.outlier_factor)
         ratios.append(ratio)
         params.append(count)
-    inputs = None  # free the calibration activations before pruning captures its own
     per_block = owl_sparsities(torch.tensor(ratios), torch.tensor(params), cfg.sparsity, cfg.max_deviation)
     log.info("OWL outlier ratios %s -> sparsities %s", [round(r, 4) for r in ratios],
              [round(float(s), 4) for s in per_block])
-    prefix = next(f"{name}." for name, m in model.named_modules() if m is blocks)
-    stages = [Stage(cfg.pruner, _pruner_config(cfg.pruner, float(s)), targets=(f"{prefix}{i}.*",))
-              for i, s in enumerate(per_block)]
-    layers = compress_blocks(model, arch, stages, samples, device, batch_size, progress=progress)
-    for name, meta in layers.items():
-        block = int(name[len(prefix):].split(".")[0])
-        meta.update(method=f"owl-{meta['method']}", owl_sparsity=float(per_block[block]),
-                    owl_outlier_ratio=ratios[block])
-    return layers
+    config = WandaConfig if cfg.pruner == "wanda" else SparseGPTConfig
+    return BlockPlan(steps=[[(cfg.pruner, config(sparsity=float(s)))] for s in per_block],
+                     meta=[{"owl_sparsity": float(s), "owl_outlier_ratio": r} for s, r in zip(per_block, ratios)],
+                     prefix="owl-")
 
 
-def _pruner_config(pruner: str, sparsity: float):
-    from .sparsegpt import SparseGPTConfig
-    from .wanda import WandaConfig
-
-    return WandaConfig(sparsity=sparsity) if pruner == "wanda" else SparseGPTConfig(sparsity=sparsity)
+register(Method("owl", OWLConfig, owl, (), "plan", calibrated=True), recipes={
+    "owl-wanda-50": {"stages": [{"method": "owl", "args": {"sparsity": 0.5, "pruner": "wanda"}}]},
+    "owl-sparsegpt-50": {"stages": [{"method": "owl", "args": {"sparsity": 0.5, "pruner": "sparsegpt"}}]},
+    "owl-wanda-70": {"stages": [{"method": "owl", "args": {"sparsity": 0.7, "pruner": "wanda"}}]},
+})

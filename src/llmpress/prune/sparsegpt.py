@@ -36,6 +36,7 @@ from ..linalg import inverse_cholesky_upper, prepare_hessian, single_threaded
 from ..primitives import compute_qparams, dequantize, group_count, qrange
 from ..quant.rtn import check_bits, check_flags, check_group_size
 from .masks import lowest_mask, mask_meta, nm_mask, resolve_sparsity
+from ..registry import Method, register
 
 
 @dataclass(frozen=True)
@@ -189,3 +190,27 @@ def _solve(Wt: Tensor, U: Tensor, keep_t: Tensor, sparsity: float, nm: tuple[int
         if i2 < columns:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
     return Q, float(E.pow(2).sum()) / 2
+
+
+def _sgpt(**args) -> dict:
+    return {"method": "sparsegpt", "args": args}
+
+
+# 50% unstructured, 2:4 and 4:8; 50% + int4 (group 64) jointly in one pass (-w4), or pruned and then quantized
+# on the kept weights (+gptq-w4); -ts: true-sequential Hessians (each linear group's taken after the groups
+# before it are compressed)
+register(Method("sparsegpt", SparseGPTConfig, sparsegpt, ("hessian",), "prune"), recipes={
+    "sparsegpt-50": {"stages": [_sgpt(sparsity=0.5)]},
+    "sparsegpt-24": {"stages": [_sgpt(pattern="2:4")]},
+    "sparsegpt-48": {"stages": [_sgpt(pattern="4:8")]},
+    "sparsegpt-50-ts": {"stages": [_sgpt(sparsity=0.5, true_sequential=True)]},
+    "sparsegpt-24-ts": {"stages": [_sgpt(pattern="2:4", true_sequential=True)]},
+    "sparsegpt-50-w4": {"stages": [_sgpt(sparsity=0.5, bits=4, group_size=64)]},
+    "sparsegpt-24-w4": {"stages": [_sgpt(pattern="2:4", bits=4, group_size=64)]},
+    "sparsegpt-50+gptq-w4": {"stages": [_sgpt(sparsity=0.5), _sgpt(sparsity=0.0, keep_zeros=True, bits=4,
+                                                                   group_size=64)]},
+    "sparsegpt-50-w4-ts": {"stages": [_sgpt(sparsity=0.5, bits=4, group_size=64, true_sequential=True)]},
+    "sparsegpt-50+gptq-w4-ts": {"stages": [_sgpt(sparsity=0.5, true_sequential=True),
+                                           _sgpt(sparsity=0.0, keep_zeros=True, bits=4, group_size=64,
+                                                 true_sequential=True)]},
+})

@@ -35,6 +35,7 @@ from ..errors import LlmpressError
 from ..measure.size import count_params
 from ..models.archs import Arch, get_blocks
 from .passes import ATTN, MLP, calibration_loss, input_moments, taylor_importance
+from ..registry import Method, register
 
 log = logging.getLogger(__name__)
 
@@ -384,3 +385,10 @@ def _meta(model: nn.Module, arch: Arch, plan: WidthPlan, d: _Dims, cfg: WidthCon
                 meta["channels_removed"] = plan.channels_removed
             out[f"{prefix}{i}.{name}"] = meta
     return out
+
+
+# 20% of all parameters: shrunk matrices (FLAP fluctuation + bias compensation / LLM-Pruner Taylor)
+register(Method("width", WidthConfig, width_prune, (), "model", calibrated=True), recipes={
+    "width-20": {"stages": [{"method": "width", "args": {"target": 0.2, "bias": True}}]},
+    "width-20-taylor": {"stages": [{"method": "width", "args": {"target": 0.2, "metric": "taylor"}}]},
+})

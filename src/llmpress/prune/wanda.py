@@ -19,6 +19,7 @@ from ..compressed import Compressed
 from ..errors import LlmpressError
 from ..quant.rtn import check_flags
 from .masks import mask_meta, resolve_sparsity, select_mask
+from ..registry import Method, register
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,14 @@ def wanda(weight: Tensor, col_norm: Tensor, cfg: WandaConfig) -> Compressed:
     sparsity, nm = resolve_sparsity(cfg.sparsity, cfg.pattern)
     mask = select_mask(wanda_scores(weight, col_norm), sparsity, nm, cfg.scope)
     return Compressed(weight=weight.float() * mask, mask=mask, meta={"method": "wanda", **mask_meta(mask, nm)})
+
+
+register(Method("wanda", WandaConfig, wanda, ("col_norm",), "prune"), recipes={
+    "wanda-50": {"stages": [{"method": "wanda", "args": {"sparsity": 0.5}}]},
+    "wanda-24": {"stages": [{"method": "wanda", "args": {"pattern": "2:4"}}]},
+    "wanda-48": {"stages": [{"method": "wanda", "args": {"pattern": "4:8"}}]},
+    "wanda-50-ts": {"stages": [{"method": "wanda", "args": {"sparsity": 0.5, "true_sequential": True}}]},
+    "wanda-24-ts": {"stages": [{"method": "wanda", "args": {"pattern": "2:4", "true_sequential": True}}]},
+    # OWL's own setting: high sparsity, where uniform ratios break down first
+    "wanda-70": {"stages": [{"method": "wanda", "args": {"sparsity": 0.7}}]},
+})

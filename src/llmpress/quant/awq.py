@@ -30,6 +30,8 @@ from ..models.archs import Arch, linear_weight, set_linear_weight
 from ..primitives import expand_groups, qparams_from_range, qrange
 from .rtn import check_bits, check_flags, check_group_size
 from .smoothing import fold_scales, foldable_feeds, sample_inputs
+from ..registry import Method, register
+from .rtn import rtn_recipe
 
 log = logging.getLogger(__name__)
 
@@ -237,3 +239,12 @@ def awq_block(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], run: 
             set_linear_weight(module, arch, apply_clip(W, awq_clip(W, inputs[name], cfg), cfg.group))
             meta.setdefault(name, {"method": "awq"})
     return meta
+
+
+# AWQ scales and clips, then the next stage rounds on the same grid.
+register(Method("awq", AWQConfig, awq_block, (), "block"), recipes={
+    "awq-w4-g64": {"stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": False}},
+                              *rtn_recipe(4, 64, sym=False)["stages"]]},
+    "awq-w4-g64-sym": {"stages": [{"method": "awq", "args": {"bits": 4, "group_size": 64, "sym": True}},
+                                  *rtn_recipe(4, 64, sym=True)["stages"]]},
+})

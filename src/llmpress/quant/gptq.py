@@ -34,6 +34,7 @@ from ..errors import LlmpressError
 from ..linalg import inverse_cholesky_upper, prepare_hessian, single_threaded
 from ..primitives import compute_qparams, dequantize, expand_groups, qrange, search_qparams
 from .rtn import check_bits, check_flags, check_group_size
+from ..registry import Method, register
 
 
 @dataclass(frozen=True)
@@ -175,3 +176,21 @@ def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: t
         if i2 < columns:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
     return Q, float(E.pow(2).sum()) / 2
+
+
+def gptq_recipe(bits: int, group_size: int = 64, **args) -> dict:
+    """GPTQ's default recipe: act-order (static groups) and true-sequential, calibration forwards in bfloat16
+    where the CPU/GPU runs it natively (Hessians stay fp32)."""
+    stage = {"method": "gptq", "args": {"bits": bits, "group_size": group_size, "act_order": True,
+                                        "true_sequential": True, **args}}
+    return {"calibration": {"dtype": "auto"}, "stages": [stage]}
+
+
+register(Method("gptq", GPTQConfig, gptq, ("hessian",), "quantize"), recipes={
+    "gptq-w4-g64": gptq_recipe(4),
+    "gptq-w4-g64-asym": gptq_recipe(4, sym=False),
+    "gptq-w3-g64": gptq_recipe(3),
+    "gptq-w4-g64-mse": gptq_recipe(4, mse=True),
+    # the reference algorithm (no act-order, one pass)
+    "gptq-w4-g64-classic": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}]},
+})

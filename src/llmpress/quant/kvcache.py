@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_laye
 
 from ..compressed import Compressed
 from ..errors import LlmpressError
+from ..registry import Method, register
 
 log = logging.getLogger(__name__)
 
@@ -404,3 +405,22 @@ def kv_config_from_meta(meta: dict | None) -> KVCacheConfig | None:
     stages = (meta.get("recipe") or {}).get("stages") or []
     found = [s.get("args") or {} for s in stages if isinstance(s, dict) and s.get("method") == "kv-cache"]
     return as_kv_config(found[-1]) if found else None
+
+
+class KVCacheSetting:
+    """The ``kv-cache`` method's :class:`llmpress.registry.RuntimeSetting`."""
+
+    coerce = staticmethod(as_kv_config)
+    from_meta = staticmethod(kv_config_from_meta)
+    cache_factory = staticmethod(kv_cache_factory)
+
+    @staticmethod
+    def report(cfg: KVCacheConfig, model_config) -> dict:
+        return {**dataclasses.asdict(cfg), **kv_bytes_per_token(cfg, model_config)}
+
+
+# KIVI-style asymmetric groups per head per token, applied at evaluation
+register(Method("kv-cache", KVCacheConfig, kv_cache_stage, (), "runtime", runtime=KVCacheSetting()), recipes={
+    "kv-int8": {"stages": [{"method": "kv-cache", "args": {"bits": 8, "group_size": 64}}]},
+    "kv-int4": {"stages": [{"method": "kv-cache", "args": {"bits": 4, "group_size": 64}}]},
+})

@@ -16,6 +16,7 @@ from torch import Tensor
 from ..compressed import Compressed
 from ..errors import LlmpressError
 from ..primitives import compute_qparams, dequantize, quantize, search_qparams
+from ..registry import Method, register
 
 
 def check_bits(bits: int) -> None:
@@ -71,3 +72,18 @@ def rtn(weight: Tensor, cfg: RTNConfig) -> Compressed:
         zero=zero,
         meta=meta,
     )
+
+
+def rtn_recipe(bits: int, group: int, sym: bool = True) -> dict:
+    """The recipe dict of plain RTN at ``bits`` with groups of ``group`` (-1: per channel)."""
+    return {"stages": [{"method": "rtn", "args": {"bits": bits, "group_size": group, "sym": sym}}]}
+
+
+register(Method("rtn", RTNConfig, rtn, (), "quantize"), recipes={
+    "rtn-w4-g64": rtn_recipe(4, 64),
+    "rtn-w4-g64-asym": rtn_recipe(4, 64, sym=False),
+    "rtn-w4-g128": rtn_recipe(4, 128),
+    "rtn-w3-g64": rtn_recipe(3, 64),
+    "rtn-w8": rtn_recipe(8, -1),
+    "rtn-w4-g64-mse": {"stages": [{"method": "rtn", "args": {"bits": 4, "group_size": 64, "mse": True}}]},
+})

@@ -31,6 +31,7 @@ from ..stats import AbsMaxStats
 from .rtn import check_flags
 from .smoothing import fold_scales, foldable_feeds
 from .w8a8 import PATHS, W8A8Linear
+from ..registry import Method, register
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +138,9 @@ def smoothquant_block(block: nn.Module, arch: Arch, modules: dict[str, nn.Module
     log.debug("smoothquant: folded %d feeds, %s %d linears", len(feeds),
               "quantized" if cfg.quantize else "kept", len(modules))
     return done
+
+
+# fold activation outliers into the weights, then int8 weights x int8 per-token activations
+register(Method("smoothquant", SmoothQuantConfig, smoothquant_block, (), "block"), recipes={
+    "smoothquant-w8a8": {"stages": [{"method": "smoothquant", "args": {"alpha": 0.5}}]},
+})

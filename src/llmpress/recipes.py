@@ -1,0 +1,27 @@
+"""Built-in recipes that chain methods of different modules; each method's own recipes are registered with it.
+
+Imported by ``llmpress.registry.discover`` after every method module, so the recipes named here exist.
+"""
+
+from __future__ import annotations
+
+from .registry import RECIPES, register_recipes
+
+
+def chain(*names: str) -> dict:
+    """The recipes ``names`` one after the other; the calibration of the first one that sets it."""
+    calibration = next((RECIPES[n]["calibration"] for n in names if "calibration" in RECIPES[n]), None)
+    stages = [stage for n in names for stage in RECIPES[n]["stages"]]
+    return {"stages": stages} if calibration is None else {"calibration": calibration, "stages": stages}
+
+
+register_recipes({
+    "magnitude-50+rtn-w4-g64": chain("magnitude-50", "rtn-w4-g64"),
+    "sparsegpt-50+rtn-w4-g64": chain("sparsegpt-50", "rtn-w4-g64"),
+    # AWQ's scales and clips, then GPTQ on the same (asymmetric) grid
+    "awq+gptq-w4-g64": {"calibration": RECIPES["gptq-w4-g64-asym"]["calibration"],
+                        "stages": [RECIPES["awq-w4-g64"]["stages"][0], *RECIPES["gptq-w4-g64-asym"]["stages"]]},
+    "svd-llm-80+rtn-w8": chain("svd-llm-80", "rtn-w8"),
+    "sparsegpt-24+distill": chain("sparsegpt-24", "distill"),
+    "gptq-w3-g64+qat": chain("gptq-w3-g64", "qat"),
+})
