@@ -33,3 +33,10 @@ class Compressed:
     mask: Tensor | None = None
     meta: dict = field(default_factory=dict)
     loss: float | None = None
+
+
+def is_two_four(nm, in_features: int) -> bool:
+    """Whether a layer with N:M pattern ``nm`` ([n, m] or None) and ``in_features`` columns is 2:4 over
+    whole groups of 4: what compressed-tensors' sparse-24-bitmask layout stores (``export.sparse``),
+    with no row offsets (``measure.size``)."""
+    return nm is not None and list(nm) == [2, 4] and in_features % 4 == 0

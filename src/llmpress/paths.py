@@ -1,4 +1,4 @@
-"""Where llmpress keeps downloaded assets and converted models."""
+"""Where llmpress keeps downloaded assets and converted models; the permissions of what it writes."""
 
 import os
 from pathlib import Path
@@ -10,3 +10,22 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "llmpress"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_public(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions a plain ``open`` would:
+    0666 / 0777 less the umask. ``tempfile`` and safetensors create private (0600/0700) files."""
+    mask = _umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)

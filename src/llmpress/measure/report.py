@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from llmpress.errors import LlmpressError
-from llmpress.save import make_public
+from llmpress.paths import make_public
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from llmpress.errors import LlmpressError
-from llmpress.prune.masks import is_two_four
+from llmpress.compressed import is_two_four
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import re
 import torch
 from torch import Tensor
 
+from ..compressed import is_two_four  # noqa: F401  (re-exported: where the pruners look for it)
 from ..errors import LlmpressError
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -103,10 +104,3 @@ def mask_meta(mask: Tensor, nm: tuple[int, int] | None) -> dict:
     if nm is not None:
         meta["n:m"] = list(nm)
     return meta
-
-
-def is_two_four(nm, in_features: int) -> bool:
-    """Whether a layer with N:M pattern ``nm`` ([n, m] or None) and ``in_features`` columns is 2:4 over
-    whole groups of 4: what compressed-tensors' sparse-24-bitmask layout stores (``export.sparse``),
-    with no row offsets (``measure.size``)."""
-    return nm is not None and list(nm) == [2, 4] and in_features % 4 == 0
