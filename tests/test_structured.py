@@ -11,7 +11,7 @@ from llmpress import compress, load_model
 from llmpress.errors import LlmpressError
 from llmpress.measure import count_params, flops_per_token, size_report
 from llmpress.models.archs import arch_for, get_blocks
-from llmpress.prune.passes import ATTN, MLP, input_moments, taylor_importance
+from llmpress.prune.passes import input_moments, taylor_importance, width_linears
 from llmpress.prune.structured import (WidthConfig, WidthPlan, taylor_scores, apply_plan, dims, width_candidates,
                                        width_prune)
 from llmpress.save import save_model
@@ -131,7 +131,7 @@ def test_fluctuation_moments_match_plain_computation():
         return hook
 
     handles = [get_blocks(model, arch)[i].get_submodule(n).register_forward_pre_hook(record((i, n)))
-               for i in range(2) for n in (ATTN[3], MLP[2])]
+               for i in range(2) for n in (width_linears(arch)[0][3], width_linears(arch)[1][2])]
     _logits(model, ids)
     for h in handles:
         h.remove()

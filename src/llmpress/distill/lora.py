@@ -178,11 +178,6 @@ def _quantized_module(base: QuantizedLinear, result: Compressed) -> QuantizedLin
     return module
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def add_lora(model: nn.Module, names: Iterable[str], rank: int = 16, alpha: float = 32.0,
              masks: dict[str, Tensor] | None = None, dropout: float = 0.0) -> list[str]:
     """Wrap each named linear of ``model`` in a :class:`LoRALinear`, in place; returns the names.
@@ -195,7 +190,7 @@ def add_lora(model: nn.Module, names: Iterable[str], rank: int = 16, alpha: floa
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise LlmpressError(f"layer {name} already has a LoRA adapter: merge it first (merge_lora)")
-        _replace(model, name, LoRALinear(module, rank, alpha, dropout, masks.get(name)))
+        model.set_submodule(name, LoRALinear(module, rank, alpha, dropout, masks.get(name)))
         wrapped.append(name)
     log.info("added rank-%d LoRA adapters to %d layers", rank, len(wrapped))
     return wrapped
@@ -205,7 +200,7 @@ def merge_lora(model: nn.Module, mode: str = "auto") -> list[str]:
     """Replace every :class:`LoRALinear` in ``model`` by its merged module, in place; returns the names."""
     found = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
     for name, module in found:
-        _replace(model, name, module.merged(mode))
+        model.set_submodule(name, module.merged(mode))
     return [name for name, _ in found]
 
 

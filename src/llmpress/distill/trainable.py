@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from ..calib import block_prefix
 from ..compressed import Compressed
 from ..errors import LlmpressError
 from ..models.archs import Arch, block_linears, get_blocks
@@ -83,7 +84,7 @@ class Student:
         updates = {name: {"distilled": "norms" if self.train == "norms" else "full"} for name in self.layer_names}
         for name, module in self.qat.items():
             plain, result = module.finalize()
-            _replace(self.model, name, plain)
+            self.model.set_submodule(name, plain)
             if results is not None:
                 results[name] = result
             updates[name] = {"distilled": "qat"}
@@ -93,24 +94,12 @@ class Student:
                 old = results.get(name)
                 results[name] = dataclasses.replace(merged_result(module, old.meta if old else None),
                                                     mask=old.mask if old else None)
-            _replace(self.model, name, module.merged("dense"))
+            self.model.set_submodule(name, module.merged("dense"))
             updates[name] = {"distilled": "qlora" if quantized else "lora"}
         self.qat, self.lora, self._masked, self.params = {}, {}, [], []
         for pname, param in self.model.named_parameters():
             param.requires_grad_(self._requires_grad.get(pname, True))
         return updates
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def _prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
-    for name, module in model.named_modules():
-        if module is blocks:
-            return f"{name}."
-    raise RuntimeError("block list not found in model")
 
 
 def _norms(block: nn.Module) -> list[nn.Module]:
@@ -151,7 +140,7 @@ def prepare_student(model: nn.Module, arch: Arch, layers: dict[str, dict],
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     blocks = get_blocks(model, arch)
-    prefix = _prefix(model, blocks)
+    prefix = block_prefix(model, blocks)
     student = Student(model, [], {}, {}, train=train, _requires_grad=flags)
     for i, block in enumerate(blocks):
         for rel, module in block_linears(block, arch).items():
@@ -191,12 +180,12 @@ def _prepare_linear(student: Student, name: str, module: nn.Module, meta: dict,
         base = QuantizedLinear.from_compressed(module, result, meta, cache_weight=qlora_cache) \
             if result is not None else module
         wrapped = LoRALinear(base, rank, alpha, mask=mask)
-        _replace(student.model, name, wrapped)
+        student.model.set_submodule(name, wrapped)
         student.lora[name] = wrapped
         return
     if result is not None:
         wrapped = QATLinear.from_linear(module, result, meta)
-        _replace(student.model, name, wrapped)
+        student.model.set_submodule(name, wrapped)
         student.qat[name] = wrapped
         module = wrapped
     module.weight.requires_grad_(True)

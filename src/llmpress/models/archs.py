@@ -60,6 +60,15 @@ class Arch:
         return tuple(name for group in self.groups for name in group)
 
 
+def attention_mlp(arch: Arch) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The (q, k, v, o) and (gate, up, down) linears of a block with separate q/k/v projections and a gated
+    MLP, read from ``arch.groups``; None for any other layout (fused qkv, ungated MLP)."""
+    if [len(group) for group in arch.groups] != [3, 1, 2, 1]:
+        return None
+    qkv, o, gate_up, down = arch.groups
+    return qkv + o, gate_up + down
+
+
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 

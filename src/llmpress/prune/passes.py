@@ -10,21 +10,30 @@ import torch
 from torch import Tensor, nn
 
 from ..calib import run_blocks
-from ..models.archs import Arch, get_blocks
+from ..errors import LlmpressError
+from ..models.archs import Arch, attention_mlp, get_blocks
 from ..progress import bar
 from ..stats import MeanVarStats
 
-ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def width_linears(arch: Arch) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(q, k, v, o) and (gate, up, down) of ``arch`` (``models.archs.attention_mlp``); other layouts raise."""
+    names = attention_mlp(arch)
+    if names is None:
+        raise LlmpressError(f"width pruning needs separate q/k/v projections and a gated MLP, which "
+                            f"'{arch.name}' does not have: use depth pruning or an unstructured method")
+    return names
 
 
 def input_moments(model: nn.Module, arch: Arch, samples: Tensor, device: torch.device,
                   batch_size: int, progress: bool = False) -> list[dict[str, tuple[Tensor, Tensor]]]:
     """Per block, (mean, variance) of the inputs of o_proj and down_proj over the calibration tokens."""
+    attn, mlp = width_linears(arch)
     acc: dict[int, dict[str, MeanVarStats]] = {}
 
     def hook(i: int, block: nn.Module) -> list:
-        acc[i] = {ATTN[3]: MeanVarStats(), MLP[2]: MeanVarStats()}
+        acc[i] = {attn[3]: MeanVarStats(), mlp[2]: MeanVarStats()}
         return [block.get_submodule(n).register_forward_pre_hook(lambda _m, a, s=s: s.add_batch(a[0]))
                 for n, s in acc[i].items()]
 
@@ -36,7 +45,8 @@ def taylor_importance(model: nn.Module, arch: Arch, samples: Tensor, device: tor
                       batch_size: int, progress: bool = False) -> list[dict[str, tuple[Tensor, Tensor | None]]]:
     """Per block and linear, |W ⊙ ∂L/∂W| and |b ⊙ ∂L/∂b|, L = mean LM loss over ``samples`` (LLM-Pruner)."""
     blocks = get_blocks(model, arch)
-    linears = [[b.get_submodule(n) for n in ATTN + MLP] for b in blocks]
+    names = sum(width_linears(arch), ())
+    linears = [[b.get_submodule(n) for n in names] for b in blocks]
     wanted = {id(p) for row in linears for m in row for p in m.parameters()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     home = next(model.parameters()).device
@@ -53,7 +63,7 @@ def taylor_importance(model: nn.Module, arch: Arch, samples: Tensor, device: tor
                 (loss * batch.shape[0] / samples.shape[0]).backward()
         return [{n: ((m.weight * m.weight.grad).abs().detach().cpu(),
                      None if m.bias is None else (m.bias * m.bias.grad).abs().detach().cpu())
-                 for n, m in zip(ATTN + MLP, row)} for row in linears]
+                 for n, m in zip(names, row)} for row in linears]
     finally:
         for p, flag in flags:
             p.grad = None
