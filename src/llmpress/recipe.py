@@ -20,10 +20,11 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
+from .config import Check, Config, PositiveInt
 from .data.sources import parse_spec
 from .errors import LlmpressError, first_line
 from .registry import builtin_recipes, get_method
@@ -32,26 +33,18 @@ CALIBRATION_DTYPES = ("float32", "bfloat16", "auto")
 
 
 @dataclass(frozen=True)
-class CalibrationConfig:
-    data: str = "austen:calib"
-    samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-    batch_size: int = 8
-    dtype: str = "float32"  # calibration forward passes: float32 | bfloat16 | auto
+class CalibrationConfig(Config):
+    label = "calibration"
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.data, str):
-            raise LlmpressError(f"calibration data={self.data!r} is invalid: name a text, e.g. austen:calib")
+    data: Annotated[str, Check(advice="name a text, e.g. austen:calib")] = "austen:calib"
+    samples: PositiveInt = 128
+    seq_len: PositiveInt = 512
+    seed: Annotated[int, Check(ge=-2**63, lt=2**64, advice="use an integer from 0 to 2**63")] = 0
+    batch_size: PositiveInt = 8
+    dtype: Annotated[str, Check(choices=CALIBRATION_DTYPES)] = "float32"  # calibration forward passes
+
+    def check(self) -> None:
         parse_spec(self.data)  # a malformed spec fails when the recipe is read, used or not
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64:
-            raise LlmpressError(f"calibration seed={self.seed!r} is invalid: use an integer from 0 to 2**63")
-        if self.dtype not in CALIBRATION_DTYPES:
-            raise LlmpressError(f"calibration dtype={self.dtype!r} is invalid: use one of {', '.join(CALIBRATION_DTYPES)}")
-        for name in ("samples", "seq_len", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LlmpressError(f"calibration {name}={value!r} is invalid: use a positive integer")
 
 
 @dataclass(frozen=True)

@@ -23,42 +23,33 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..config import Config
 from ..data import calibration_samples
 from ..errors import LlmpressError
+from .config import AtLeastOne, AtLeastZero, SamplingTemperature, TopP
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(Config):
     """What the teacher writes. ``data``: prompt source (a data spec), or None = data-free;
     ``prompts``: sequences; ``prompt_len``: tokens of each prompt (data-free: 1 random token);
     ``new_tokens``: tokens generated per sequence; ``temperature`` (0 = greedy), ``top_k`` (0 = off),
     ``top_p`` (1 = off); ``greedy_first``: the first generated tokens taken greedily (LLM-QAT's hybrid)."""
 
-    data: str | None = "austen:calib"
-    prompts: int = 64
-    prompt_len: int = 32
-    new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    greedy_first: int = 0
-    batch_size: int = 8
-    seed: int = 0
+    label = "generation"
 
-    def __post_init__(self) -> None:
-        for name, low in (("prompts", 1), ("prompt_len", 1), ("new_tokens", 1), ("batch_size", 1),
-                          ("top_k", 0), ("greedy_first", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise LlmpressError(f"generation {name}={value!r} is invalid: use an integer >= {low}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise LlmpressError(f"generation temperature={self.temperature!r} is invalid: use a number >= 0 "
-                                "(0 = greedy)")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise LlmpressError(f"generation top_p={self.top_p!r} is invalid: use a number in (0, 1]")
+    data: str | None = "austen:calib"
+    prompts: AtLeastOne = 64
+    prompt_len: AtLeastOne = 32
+    new_tokens: AtLeastOne = 256
+    temperature: SamplingTemperature = 1.0
+    top_k: AtLeastZero = 50
+    top_p: TopP = 1.0
+    greedy_first: AtLeastZero = 0
+    batch_size: AtLeastOne = 8
+    seed: AtLeastZero = 0
 
 
 def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:

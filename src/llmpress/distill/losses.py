@@ -27,13 +27,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
+from ..config import Check, Config
 from ..errors import LlmpressError
+from .config import LossBeta, LossTemperature, LossWeight
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "ce")
+LOSS_ADVICE = "use one of " + ", ".join(LOSSES)
 CHUNK_TOKENS = 256  # positions per chunk: 256 x 49,152 fp32 = 50 MB per temporary
 
 
@@ -230,35 +234,24 @@ def hidden_mse(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor
     return total / len(student_hidden)
 
 
-def _check_number(name: str, value: object, low: float, high: float | None = None,
-                  low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and <= {high}")
-        raise LlmpressError(f"distillation loss {name}={value!r} is invalid: use a number {bound}")
-
-
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(Config):
     """kind: one of LOSSES ("ce" = plain next-token training, e.g. on teacher-generated text);
     temperature: softmax temperature of the logit losses (T² scaling); beta: JSD mixing weight;
     hidden_weight: weight of the per-block hidden-state MSE; ce_weight: weight of a next-token CE
     term on the training tokens, added to a distillation loss."""
 
-    kind: str = "forward_kl"
-    temperature: float = 1.0
-    beta: float = 0.5
-    hidden_weight: float = 0.0
-    ce_weight: float = 0.0
+    label = "distillation loss"
 
-    def __post_init__(self) -> None:
+    kind: Annotated[str, Check(advice=LOSS_ADVICE)] = "forward_kl"
+    temperature: LossTemperature = 1.0
+    beta: LossBeta = 0.5
+    hidden_weight: LossWeight = 0.0
+    ce_weight: LossWeight = 0.0
+
+    def check(self) -> None:
         if self.kind not in LOSSES:
-            raise LlmpressError(f"unknown distillation loss '{self.kind}': use one of {', '.join(LOSSES)}")
-        _check_number("temperature", self.temperature, 0.0, low_open=True)
-        _check_number("beta", self.beta, 0.0, 1.0)
-        _check_number("hidden_weight", self.hidden_weight, 0.0)
-        _check_number("ce_weight", self.ce_weight, 0.0)
+            raise LlmpressError(f"unknown distillation loss '{self.kind}': {LOSS_ADVICE}")
         if self.kind == "ce" and self.ce_weight > 0:
             raise LlmpressError("ce_weight adds cross-entropy to a distillation loss, but kind is already 'ce': "
                                 "set ce_weight to 0 or pick a distillation kind")

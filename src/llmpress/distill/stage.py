@@ -20,14 +20,17 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass, fields
+from typing import Annotated
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..data.sources import parse_spec
+from ..config import Check, PositiveInt
 from ..errors import LlmpressError
-from .config import TrainConfig
+from .config import (AtLeastOne, AtLeastZero, LossBeta, LossTemperature, LossWeight, SamplingTemperature, TopP,
+                     TrainConfig)
 from ..registry import Method, register
 
 log = logging.getLogger(__name__)
@@ -55,47 +58,36 @@ class DistillConfig(TrainConfig):
     ``gen_batch_size``; ``generated_path`` keeps the JSON-lines file.
     """
 
-    train: str = "all"
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
+    label = "distill"
+
+    train: Annotated[str, Check(choices=TRAIN_CHOICES)] = "all"
+    lora_rank: PositiveInt = 16
+    lora_alpha: Annotated[float, Check(gt=0, advice="use a positive number, e.g. 32")] = 32.0
     loss: str = "forward_kl"
-    temperature: float = 1.0
-    beta: float = 0.5
-    hidden_weight: float = 0.0
-    ce_weight: float = 0.0
+    temperature: LossTemperature = 1.0
+    beta: LossBeta = 0.5
+    hidden_weight: LossWeight = 0.0
+    ce_weight: LossWeight = 0.0
     checkpoint_dir: str | None = None
     resume: bool = False
     keep_checkpoint: bool = False
-    source: str = "data"
+    source: Annotated[str, Check(choices=SOURCES)] = "data"
     data: str = "austen:calib"
-    samples: int = 256
-    seq_len: int = 512
-    prompts: int = 64
-    prompt_len: int = 32
-    new_tokens: int = 256
-    gen_temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    greedy_first: int = 0
-    gen_batch_size: int = 8
+    samples: PositiveInt = 256
+    seq_len: Annotated[int, Check(ge=2, advice="use a positive integer")] = 512
+    prompts: AtLeastOne = 64
+    prompt_len: AtLeastOne = 32
+    new_tokens: AtLeastOne = 256
+    gen_temperature: SamplingTemperature = 1.0
+    top_k: AtLeastZero = 50
+    top_p: TopP = 1.0
+    greedy_first: AtLeastZero = 0
+    gen_batch_size: AtLeastOne = 8
     generated_path: str | None = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         object.__setattr__(self, "loss", LOSS_ALIASES.get(self.loss, self.loss))
-        if self.train not in TRAIN_CHOICES:
-            raise LlmpressError(f"distill train={self.train!r} is invalid: use one of {', '.join(TRAIN_CHOICES)}")
-        if self.source not in SOURCES:
-            raise LlmpressError(f"distill source={self.source!r} is invalid: use one of {', '.join(SOURCES)}")
-        for name in ("lora_rank", "samples", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "seq_len" else 1):
-                raise LlmpressError(f"distill {name}={value!r} is invalid: use a positive integer")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise LlmpressError(f"distill lora_alpha={self.lora_alpha!r} is invalid: use a positive number, e.g. 32")
-        for name in ("resume", "keep_checkpoint"):
-            if not isinstance(getattr(self, name), bool):
-                raise LlmpressError(f"distill {name}={getattr(self, name)!r} is invalid: use true or false")
         if self.resume and not self.checkpoint_dir:
             raise LlmpressError("distill resume needs checkpoint_dir: name the folder of the interrupted run")
         if self.source != "data-free":

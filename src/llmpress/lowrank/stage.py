@@ -22,11 +22,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
 from ..calib import block_prefix, block_stats
+from ..config import Check, Config, PositiveInt
 from ..errors import LlmpressError
 from ..linalg import single_threaded
 from ..measure import count_params, flops_per_token
@@ -42,7 +44,7 @@ SCOPES = ("model", "linears")
 
 
 @dataclass(frozen=True)
-class SVDConfig:
+class SVDConfig(Config):
     """Budget of a low-rank stage.
 
     keep: the fraction to keep, 0 < keep < 1 (0.8 = "keep 80% of the parameters").
@@ -54,32 +56,19 @@ class SVDConfig:
     min_rank: the smallest rank a factorized layer may get.
     """
 
-    keep: float = 0.8
-    scope: str = "model"
-    min_rank: int = 1
-    flops_seq_len: int = 1024
-
-    def __post_init__(self) -> None:
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep < 1:
-            raise LlmpressError(f"keep={self.keep!r} is out of range: use a fraction between 0 and 1, e.g. 0.8")
-        if self.scope not in SCOPES:
-            raise LlmpressError(f"scope={self.scope!r} is invalid: use one of {', '.join(SCOPES)}")
-        for name in ("min_rank", "flops_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LlmpressError(f"{name}={value!r} is invalid: use a positive integer")
+    keep: Annotated[float, Check(gt=0, lt=1, verdict="out of range",
+                                 advice="use a fraction between 0 and 1, e.g. 0.8")] = 0.8
+    scope: Annotated[str, Check(choices=SCOPES)] = "model"
+    min_rank: PositiveInt = 1
+    flops_seq_len: PositiveInt = 1024
 
 
 @dataclass(frozen=True)
 class ASVDConfig(SVDConfig):
     """SVDConfig plus alpha: the exponent of the activation scale S_jj = mean|X_j|^alpha (ASVD: 0.5)."""
 
-    alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 2:
-            raise LlmpressError(f"alpha={self.alpha!r} is out of range: use a number from 0 to 2 (ASVD uses 0.5)")
+    alpha: Annotated[float, Check(ge=0, le=2, verdict="out of range",
+                                  advice="use a number from 0 to 2 (ASVD uses 0.5)")] = 0.5
 
 
 @dataclass(frozen=True)
@@ -87,11 +76,6 @@ class SVDLLMConfig(SVDConfig):
     """SVDConfig plus update_u: re-solve U by least squares given V after truncation."""
 
     update_u: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.update_u, bool):
-            raise LlmpressError(f"update_u={self.update_u!r} is invalid: use true or false")
 
 
 def collect_input_stats(model: nn.Module, arch: Arch, samples: Tensor, *, xtx: bool, absmean: bool,

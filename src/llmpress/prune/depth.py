@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..calib import run_blocks
+from ..config import Check, Config, PositiveInt
 from ..errors import LlmpressError
 from ..measure.size import count_params
 from ..models.archs import Arch, block_linears, get_blocks
@@ -35,26 +37,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class DepthConfig:
+class DepthConfig(Config):
     """target: fraction of all (unique) parameters to remove, rounded to whole blocks; blocks: remove
     exactly this many blocks instead (0 = use target); metric: "bi" (ShortGPT block influence) or "ppl"
     (greedy measured loss); ppl_samples: calibration windows used by "ppl"."""
 
-    target: float = 0.2
-    blocks: int = 0
-    metric: str = "bi"
-    ppl_samples: int = 8
+    label = "depth"
 
-    def __post_init__(self) -> None:
-        t = self.target
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
-            raise LlmpressError(f"depth target={t!r} is out of range: use a fraction in (0, 1), e.g. 0.2")
-        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 0:
-            raise LlmpressError(f"depth blocks={self.blocks!r} is invalid: use a block count >= 1, or 0 to use target")
-        if self.metric not in ("bi", "ppl"):
-            raise LlmpressError(f"depth metric={self.metric!r} is invalid: use 'bi' or 'ppl'")
-        if isinstance(self.ppl_samples, bool) or not isinstance(self.ppl_samples, int) or self.ppl_samples < 1:
-            raise LlmpressError(f"depth ppl_samples={self.ppl_samples!r} is invalid: use a positive integer")
+    target: Annotated[float, Check(gt=0, lt=1, verdict="out of range",
+                                   advice="use a fraction in (0, 1), e.g. 0.2")] = 0.2
+    blocks: Annotated[int, Check(ge=0, advice="use a block count >= 1, or 0 to use target")] = 0
+    metric: Annotated[Literal["bi", "ppl"], Check(advice="use 'bi' or 'ppl'")] = "bi"
+    ppl_samples: PositiveInt = 8
 
 
 def block_influence(inputs: Tensor, outputs: Tensor) -> float:
@@ -130,8 +124,7 @@ def remove_blocks(model: nn.Module, arch: Arch, indices: list[int]) -> None:
         raise LlmpressError(f"cannot remove blocks {sorted(drop)} of {len(blocks)}: keep at least one, indices in range")
     old = len(blocks)
     kept = [b for i, b in enumerate(blocks) if i not in drop]
-    parent, _, leaf = arch.blocks.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, nn.ModuleList(kept))
+    model.set_submodule(arch.blocks, nn.ModuleList(kept))
     for new_index, block in enumerate(kept):
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):

@@ -10,31 +10,29 @@ kept instead (``llmpress.prune.masks``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
 from ..compressed import Compressed
+from ..config import Check, Config
 from ..errors import LlmpressError
-from .masks import mask_meta, nm_mask, parse_pattern
+from .masks import Pattern, Sparsity, mask_meta, nm_mask, parse_pattern
 from ..registry import Method, register
 
 
 @dataclass(frozen=True)
-class MagnitudeConfig:
+class MagnitudeConfig(Config):
     """sparsity: fraction of weights removed, in [0, 1); scope: "layer" or "row";
     pattern: "unstructured" or "N:M" (then sparsity must be 1 − N/M, e.g. 0.5 for "2:4")."""
 
-    sparsity: float = 0.5
-    scope: str = "layer"
-    pattern: str = "unstructured"
+    sparsity: Sparsity = 0.5
+    scope: Annotated[Literal["layer", "row"], Check(advice="use 'layer' or 'row'")] = "layer"
+    pattern: Pattern = "unstructured"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         s = self.sparsity
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
-            raise LlmpressError(f"sparsity={s!r} is out of range: use a fraction in [0, 1), e.g. 0.5")
-        if self.scope not in ("layer", "row"):
-            raise LlmpressError(f"scope={self.scope!r} is invalid: use 'layer' or 'row'")
         nm = parse_pattern(self.pattern)
         if nm is not None and abs(s - (1 - nm[0] / nm[1])) > 1e-9:
             raise LlmpressError(f"sparsity={s!r} contradicts pattern {self.pattern!r}: set sparsity to "

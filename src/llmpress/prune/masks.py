@@ -12,25 +12,37 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from ..compressed import is_two_four  # noqa: F401  (re-exported: where the pruners look for it)
+from ..config import Check, check_value
 from ..errors import LlmpressError
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
+def _n_m(pattern: str) -> tuple[int, int] | None:
+    """(N, M) of an "N:M" pattern with 0 < N < M, else None."""
+    match = _NM.match(pattern)
+    if not match or not 0 < int(match.group(1)) < int(match.group(2)):
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+Sparsity = Annotated[float, Check(ge=0, lt=1, verdict="out of range", advice="use a fraction in [0, 1), e.g. 0.5",
+                                  label="")]
+Pattern = Annotated[str, Check(rule=lambda p: p == "unstructured" or _n_m(p) is not None, label="",
+                               advice="use 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4' (keep 2 of every 4 "
+                                      "weights) or '4:8'")]
+
+
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
     """``"unstructured"`` -> None; ``"N:M"`` (0 < N < M) -> (N, M); anything else raises LlmpressError."""
-    if pattern == "unstructured":
-        return None
-    match = _NM.match(pattern) if isinstance(pattern, str) else None
-    if not match or not 0 < int(match.group(1)) < int(match.group(2)):
-        raise LlmpressError(f"pattern={pattern!r} is invalid: use 'unstructured' or 'N:M' with 0 < N < M, "
-                            "e.g. '2:4' (keep 2 of every 4 weights) or '4:8'")
-    return int(match.group(1)), int(match.group(2))
+    check_value("pattern", pattern, Pattern)
+    return None if pattern == "unstructured" else _n_m(pattern)
 
 
 def resolve_sparsity(sparsity: float | None, pattern: str) -> tuple[float, tuple[int, int] | None]:
@@ -43,8 +55,7 @@ def resolve_sparsity(sparsity: float | None, pattern: str) -> tuple[float, tuple
     implied = 0.5 if nm is None else 1 - nm[0] / nm[1]
     if sparsity is None:
         return implied, nm
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise LlmpressError(f"sparsity={sparsity!r} is out of range: use a fraction in [0, 1), e.g. 0.5")
+    check_value("sparsity", sparsity, Sparsity)
     if nm is not None and not math.isclose(sparsity, implied):
         raise LlmpressError(f"sparsity={sparsity!r} contradicts pattern {pattern!r} ({implied:.0%} of the weights "
                             f"go): leave sparsity out or set it to {implied:g}")

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
 from ..calib import block_stats
+from ..config import Check, Config
 from ..errors import LlmpressError
 from ..models.archs import Arch, block_linears, linear_weight
 from ..registry import BlockPlan, Method, register
+from .masks import Sparsity
 from .sparsegpt import SparseGPTConfig
 from .wanda import WandaConfig, wanda_scores
 
@@ -34,26 +37,18 @@ PRUNERS = ("wanda", "sparsegpt")
 
 
 @dataclass(frozen=True)
-class OWLConfig:
+class OWLConfig(Config):
     """sparsity: overall fraction removed; pruner: "wanda" or "sparsegpt" (each block at its own ratio);
     outlier_factor: M, a score is an outlier above M·mean (5 in the paper); max_deviation: λ, block
     sparsities spread over [target − 2λ, target + 2λ] at most, over 2λ in all (0.08 in the paper)."""
 
-    sparsity: float = 0.5
-    pruner: str = "wanda"
-    outlier_factor: float = 5.0
-    max_deviation: float = 0.08
+    sparsity: Sparsity = 0.5
+    pruner: Annotated[str, Check(choices=PRUNERS)] = "wanda"
+    outlier_factor: Annotated[float, Check(ge=0, advice="use a non-negative number")] = 5.0
+    max_deviation: Annotated[float, Check(ge=0, advice="use a non-negative number")] = 0.08
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         s = self.sparsity
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
-            raise LlmpressError(f"sparsity={s!r} is out of range: use a fraction in [0, 1), e.g. 0.5")
-        if self.pruner not in PRUNERS:
-            raise LlmpressError(f"pruner={self.pruner!r} is invalid: use one of {', '.join(PRUNERS)}")
-        for name in ("outlier_factor", "max_deviation"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise LlmpressError(f"{name}={v!r} is invalid: use a non-negative number")
         if 2 * self.max_deviation > s or s + 2 * self.max_deviation >= 1:
             raise LlmpressError(f"max_deviation={self.max_deviation} could push a block's sparsity out of [0, 1) "
                                 f"at sparsity {s}: use less than {min(s, 1 - s) / 2:g}")

@@ -24,23 +24,24 @@ result packs as an ordinary quantized layer whose zeros are exact.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from ..compressed import Compressed
+from ..config import Check, Config
 from ..errors import LlmpressError
 from ..linalg import inverse_cholesky_upper, prepare_hessian, single_threaded
 from ..primitives import compute_qparams, dequantize, group_count, qrange
-from ..quant.rtn import check_bits, check_flags, check_group_size
-from .masks import lowest_mask, mask_meta, nm_mask, resolve_sparsity
+from ..quant.rtn import Bits, GroupSize
+from .masks import Pattern, Sparsity, lowest_mask, mask_meta, nm_mask, resolve_sparsity
 from ..registry import Method, register
 
 
 @dataclass(frozen=True)
-class SparseGPTConfig:
+class SparseGPTConfig(Config):
     """sparsity: fraction removed (default 0.5, or 1 − N/M); pattern: "unstructured" or "N:M";
     block_size: columns per adaptive mask selection and lazy update (128 in the paper);
     damp: λ = damp·mean(diag H); bits: quantize the kept weights jointly (2–8, None = no);
@@ -50,31 +51,24 @@ class SparseGPTConfig:
     engine compresses a block's linears group by group in forward order, each group's Hessian taken
     with the groups before it already compressed (as GPTQ's ``--true-sequential``)."""
 
-    sparsity: float | None = None
-    pattern: str = "unstructured"
-    block_size: int = 128
-    damp: float = 0.01
-    bits: int | None = None
-    group_size: int = 64
+    label = "sparsegpt"
+
+    sparsity: Sparsity | None = None
+    pattern: Pattern = "unstructured"
+    block_size: Annotated[int, Check(ge=1, advice="use a positive integer such as 128", label="")] = 128
+    damp: Annotated[float, Check(gt=0, advice="use a positive number such as 0.01", label="")] = 0.01
+    bits: Bits | None = None
+    group_size: GroupSize = 64
     sym: bool = True
     keep_zeros: bool = False
     true_sequential: bool = False
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         sparsity, nm = resolve_sparsity(self.sparsity, self.pattern)
         size = self.block_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise LlmpressError(f"block_size={size!r} is invalid: use a positive integer such as 128")
         if nm is not None and size % nm[1]:
             raise LlmpressError(f"block_size={size} is not a multiple of M={nm[1]} in pattern {self.pattern!r}: "
                                 f"use e.g. block_size {nm[1] * max(1, 128 // nm[1])}")
-        damp = self.damp
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < math.inf:
-            raise LlmpressError(f"damp={damp!r} is invalid: use a positive number such as 0.01")
-        if self.bits is not None:
-            check_bits(self.bits)
-        check_group_size(self.group_size)
-        check_flags(self, ("sym", "keep_zeros", "true_sequential"), "sparsegpt")
         if self.keep_zeros and (sparsity != 0 or nm is not None):
             raise LlmpressError("keep_zeros=true keeps an earlier stage's mask, so it selects nothing itself: "
                                 "set sparsity: 0 and leave pattern unstructured")

@@ -27,14 +27,16 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..config import Check, Config, PositiveInt
 from ..errors import LlmpressError
 from ..measure.size import count_params
 from ..models.archs import Arch, get_blocks
-from .passes import ATTN, MLP, calibration_loss, input_moments, taylor_importance
+from .passes import calibration_loss, input_moments, taylor_importance, width_linears
 from ..registry import Method, register
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ BIAS_FLAGS: dict[str, tuple[str | None, str | None]] = {
 
 
 @dataclass(frozen=True)
-class WidthConfig:
+class WidthConfig(Config):
     """target: fraction of parameters removed; scope "model" (all unique parameters, tied embeddings
     once) or "blocks" (decoder-block parameters); prune "both" | "heads" | "mlp"; metric
     "fluctuation" (FLAP) | "taylor" (LLM-Pruner); bias: FLAP bias compensation where the config can
@@ -59,30 +61,18 @@ class WidthConfig:
     samples for Taylor gradients; measure_samples: samples for split="measure"; channel_multiple: the kept
     MLP width is a multiple of this."""
 
-    target: float = 0.2
-    scope: str = "model"
-    prune: str = "both"
-    metric: str = "fluctuation"
-    bias: bool = False
-    split: str = "score"
-    grad_samples: int = 16
-    measure_samples: int = 8
-    channel_multiple: int = 1
+    label = "width"
 
-    def __post_init__(self) -> None:
-        t = self.target
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
-            raise LlmpressError(f"width target={t!r} is out of range: use a fraction in (0, 1), e.g. 0.2")
-        for name, allowed in (("scope", ("model", "blocks")), ("prune", PRUNE), ("metric", METRICS),
-                              ("split", ("score", "measure"))):
-            if getattr(self, name) not in allowed:
-                raise LlmpressError(f"width {name}={getattr(self, name)!r} is invalid: use one of {', '.join(allowed)}")
-        for name in ("grad_samples", "measure_samples", "channel_multiple"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LlmpressError(f"width {name}={value!r} is invalid: use a positive integer")
-        if not isinstance(self.bias, bool):
-            raise LlmpressError(f"width bias={self.bias!r} is invalid: use true or false")
+    target: Annotated[float, Check(gt=0, lt=1, verdict="out of range",
+                                   advice="use a fraction in (0, 1), e.g. 0.2")] = 0.2
+    scope: Literal["model", "blocks"] = "model"
+    prune: Annotated[str, Check(choices=PRUNE)] = "both"
+    metric: Annotated[str, Check(choices=METRICS)] = "fluctuation"
+    bias: bool = False
+    split: Literal["score", "measure"] = "score"
+    grad_samples: PositiveInt = 16
+    measure_samples: PositiveInt = 8
+    channel_multiple: PositiveInt = 1
 
 
 @dataclass(frozen=True)
@@ -184,11 +174,6 @@ def shrink_linear(linear: nn.Linear, rows: Tensor | None = None, cols: Tensor | 
     return new
 
 
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
 @dataclass(frozen=True)
 class _Dims:
     kv_groups: int
@@ -196,6 +181,8 @@ class _Dims:
     head_dim: int
     channels: int
     hidden: int
+    attn: tuple[str, ...]  # q, k, v, o (``width_linears``)
+    mlp: tuple[str, ...]  # gate, up, down
 
 
 def dims(model: nn.Module, arch: Arch) -> _Dims:
@@ -206,10 +193,12 @@ def dims(model: nn.Module, arch: Arch) -> _Dims:
                             f"{', '.join(sorted(BIAS_FLAGS))} (separate q/k/v projections and a gated MLP)")
     text = model.config.get_text_config()
     heads, kv = int(text.num_attention_heads), int(text.num_key_value_heads or text.num_attention_heads)
+    attn, mlp = width_linears(arch)
     block = get_blocks(model, arch)[0]
-    q = block.get_submodule(ATTN[0]).weight
+    q = block.get_submodule(attn[0]).weight
     head_dim = q.shape[0] // heads
-    return _Dims(kv, heads // kv, head_dim, block.get_submodule(MLP[0]).weight.shape[0], int(text.hidden_size))
+    return _Dims(kv, heads // kv, head_dim, block.get_submodule(mlp[0]).weight.shape[0], int(text.hidden_size),
+                 attn, mlp)
 
 
 def _part_params(block: nn.Module, names: tuple[str, ...], skip_bias: str) -> int:
@@ -225,7 +214,7 @@ def _part_params(block: nn.Module, names: tuple[str, ...], skip_bias: str) -> in
 def unit_params(model: nn.Module, arch: Arch, d: _Dims) -> tuple[int, int]:
     """Parameters one KV group and one MLP channel hold in one layer (output biases stay)."""
     block = get_blocks(model, arch)[0]
-    return (_part_params(block, ATTN, ATTN[3]) // d.kv_groups, _part_params(block, MLP, MLP[2]) // d.channels)
+    return (_part_params(block, d.attn, d.attn[3]) // d.kv_groups, _part_params(block, d.mlp, d.mlp[2]) // d.channels)
 
 
 def budget(model: nn.Module, arch: Arch, cfg: WidthConfig) -> int:
@@ -243,9 +232,11 @@ def taylor_scores(imp: dict, d: _Dims) -> tuple[Tensor, Tensor]:
         return w.double().sum(1) + (0 if b is None else b.double())
 
     qw = d.per_group * d.head_dim
-    groups = (group_sum(rows(ATTN[0]), qw) + group_sum(rows(ATTN[1]), d.head_dim)
-              + group_sum(rows(ATTN[2]), d.head_dim) + group_sum(imp[ATTN[3]][0].double().sum(0), qw))
-    channels = rows(MLP[0]) + rows(MLP[1]) + imp[MLP[2]][0].double().sum(0)
+    q, k, v, o = d.attn
+    gate, up, down = d.mlp
+    groups = (group_sum(rows(q), qw) + group_sum(rows(k), d.head_dim)
+              + group_sum(rows(v), d.head_dim) + group_sum(imp[o][0].double().sum(0), qw))
+    channels = rows(gate) + rows(up) + imp[down][0].double().sum(0)
     return groups, channels
 
 
@@ -258,8 +249,9 @@ def scores(model: nn.Module, arch: Arch, d: _Dims, cfg: WidthConfig, moments, sa
         pairs = [taylor_scores(imp, d) for imp in imps]
     else:
         qw = d.per_group * d.head_dim
-        pairs = [(group_sum(fluctuation(m[ATTN[3]][1], b.get_submodule(ATTN[3]).weight.data.cpu()), qw),
-                  fluctuation(m[MLP[2]][1], b.get_submodule(MLP[2]).weight.data.cpu()))
+        o, down = d.attn[3], d.mlp[2]
+        pairs = [(group_sum(fluctuation(m[o][1], b.get_submodule(o).weight.data.cpu()), qw),
+                  fluctuation(m[down][1], b.get_submodule(down).weight.data.cpu()))
                  for b, m in zip(blocks, moments)]
     return torch.stack([g for g, _ in pairs]), torch.stack([c for _, c in pairs])
 
@@ -278,7 +270,7 @@ def enable_output_biases(model: nn.Module, arch: Arch) -> tuple[bool, bool]:
     blocks = get_blocks(model, arch)
     text = model.config.get_text_config()
     done = []
-    for names, flag in zip((ATTN, MLP), BIAS_FLAGS[model.config.model_type]):
+    for names, flag in zip(width_linears(arch), BIAS_FLAGS[model.config.model_type]):
         if blocks[0].get_submodule(names[-1]).bias is not None:
             done.append(True)
         elif flag is not None:
@@ -300,20 +292,21 @@ def apply_plan(model: nn.Module, arch: Arch, plan: WidthPlan, d: _Dims, moments=
         q_rows = _index(plan.keep_groups[i], qw)
         kv_rows = _index(plan.keep_groups[i], d.head_dim)
         channels = torch.tensor(plan.keep_channels[i], dtype=torch.long)
-        for out_name, kept, size in ((ATTN[3], q_rows, d.kv_groups * qw), (MLP[2], channels, d.channels)):
+        (q, k, v, o), (gate, up, down) = d.attn, d.mlp
+        for out_name, kept, size in ((o, q_rows, d.kv_groups * qw), (down, channels, d.channels)):
             out = block.get_submodule(out_name)
             if moments is not None and out.bias is not None:
                 removed = torch.ones(size, dtype=torch.bool)
                 removed[kept] = False
                 delta = compensation(out.weight.data.cpu(), moments[i][out_name][0], removed)
                 out.bias.data += delta.to(out.bias.dtype).to(out.bias.device)
-        for name, rows in zip(ATTN[:3], (q_rows, kv_rows, kv_rows)):
-            _replace(block, name, shrink_linear(block.get_submodule(name), rows=rows))
-        _replace(block, ATTN[3], shrink_linear(block.get_submodule(ATTN[3]), cols=q_rows))
-        for name in MLP[:2]:
-            _replace(block, name, shrink_linear(block.get_submodule(name), rows=channels))
-        _replace(block, MLP[2], shrink_linear(block.get_submodule(MLP[2]), cols=channels))
-        mlp = block.get_submodule(MLP[0].rpartition(".")[0])
+        for name, rows in zip((q, k, v), (q_rows, kv_rows, kv_rows)):
+            block.set_submodule(name, shrink_linear(block.get_submodule(name), rows=rows))
+        block.set_submodule(o, shrink_linear(block.get_submodule(o), cols=q_rows))
+        for name in (gate, up):
+            block.set_submodule(name, shrink_linear(block.get_submodule(name), rows=channels))
+        block.set_submodule(down, shrink_linear(block.get_submodule(down), cols=channels))
+        mlp = block.get_submodule(gate.rpartition(".")[0])
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(plan.keep_channels[i])
     text = model.config.get_text_config()
@@ -375,11 +368,11 @@ def _meta(model: nn.Module, arch: Arch, plan: WidthPlan, d: _Dims, cfg: WidthCon
     prefix = arch.blocks + "."
     out: dict[str, dict] = {}
     for i, block in enumerate(get_blocks(model, arch)):
-        for name in ATTN + MLP:
+        for name in d.attn + d.mlp:
             m = block.get_submodule(name)
             meta = {"method": "width", "shape": [m.out_features, m.in_features], "metric": cfg.metric,
                     "base_params": base}
-            if name in ATTN:
+            if name in d.attn:
                 meta["kv_groups_kept"] = list(plan.keep_groups[i])
             else:
                 meta["channels_removed"] = plan.channels_removed

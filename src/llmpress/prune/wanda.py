@@ -12,34 +12,34 @@ N:M sparsity. The kept weights are left as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from torch import Tensor
 
 from ..compressed import Compressed
-from ..errors import LlmpressError
-from ..quant.rtn import check_flags
-from .masks import mask_meta, resolve_sparsity, select_mask
+from ..config import Check, Config
+from .masks import Pattern, Sparsity, mask_meta, resolve_sparsity, select_mask
 from ..registry import Method, register
 
 
 @dataclass(frozen=True)
-class WandaConfig:
+class WandaConfig(Config):
     """sparsity: fraction removed in [0, 1) (default 0.5, or 1 − N/M with a pattern);
     pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8"); scope: comparison group of unstructured
     pruning, "row" (the paper's per-output choice) or "layer"; true_sequential: the engine prunes a
     block's linears group by group in forward order, each group's input norms taken with the groups
     before it already pruned (the inputs the layer will really see), instead of all from the dense block."""
 
-    sparsity: float | None = None
-    pattern: str = "unstructured"
-    scope: str = "row"
+    label = "wanda"
+
+    sparsity: Sparsity | None = None
+    pattern: Pattern = "unstructured"
+    scope: Annotated[Literal["row", "layer"], Check(advice="use 'row' (per output, as in the paper) or 'layer'",
+                                                    label="")] = "row"
     true_sequential: bool = False
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         resolve_sparsity(self.sparsity, self.pattern)
-        check_flags(self, ("true_sequential",), "wanda")
-        if self.scope not in ("row", "layer"):
-            raise LlmpressError(f"scope={self.scope!r} is invalid: use 'row' (per output, as in the paper) or 'layer'")
 
 
 def wanda_scores(weight: Tensor, col_norm: Tensor) -> Tensor:

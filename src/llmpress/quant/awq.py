@@ -21,14 +21,15 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import LlmpressError
+from ..config import Check, Config
 from ..models.archs import Arch, linear_weight, set_linear_weight
 from ..primitives import expand_groups, qparams_from_range, qrange
-from .rtn import check_bits, check_flags, check_group_size
+from .rtn import Bits, GroupSize
 from .smoothing import fold_scales, foldable_feeds, sample_inputs
 from ..registry import Method, register
 from .rtn import rtn_recipe
@@ -36,13 +37,8 @@ from .rtn import rtn_recipe
 log = logging.getLogger(__name__)
 
 
-def _positive_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LlmpressError(f"awq {name}={value!r} is invalid: use an integer >= {minimum}")
-
-
 @dataclass(frozen=True)
-class AWQConfig:
+class AWQConfig(Config):
     """bits/group_size/sym: the grid the next stage rounds to (use the same there).
 
     n_grid: α steps in [0, 1) for the scale search; duo_scaling: s = mean|x|^α / mean|ŵ|^(1-α)
@@ -51,26 +47,17 @@ class AWQConfig:
     calibration tokens kept per input for the searches (bounds memory and time).
     """
 
-    bits: int = 4
-    group_size: int = 64
+    label = "awq"
+
+    bits: Bits = 4
+    group_size: GroupSize = 64
     sym: bool = False
-    n_grid: int = 20
+    n_grid: Annotated[int, Check(ge=1)] = 20
     duo_scaling: bool = False
     clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    max_tokens: int = 4096
-
-    def __post_init__(self) -> None:
-        check_bits(self.bits)
-        check_group_size(self.group_size)
-        check_flags(self, ("sym", "duo_scaling", "clip"), "awq")
-        _positive_int("n_grid", self.n_grid)
-        _positive_int("clip_grid", self.clip_grid)
-        _positive_int("max_tokens", self.max_tokens, 16)
-        shrink = self.max_shrink
-        if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not 0 < shrink <= 1:
-            raise LlmpressError(f"awq max_shrink={shrink!r} is invalid: use a number in (0, 1], e.g. 0.5")
+    clip_grid: Annotated[int, Check(ge=1)] = 20
+    max_shrink: Annotated[float, Check(gt=0, le=1, advice="use a number in (0, 1], e.g. 0.5")] = 0.5
+    max_tokens: Annotated[int, Check(ge=16)] = 4096
 
     @property
     def group(self) -> int | None:

@@ -24,47 +24,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 from torch import Tensor
 
 from ..compressed import Compressed
-from ..errors import LlmpressError
+from ..config import Check, Config
 from ..linalg import inverse_cholesky_upper, prepare_hessian, single_threaded
 from ..primitives import compute_qparams, dequantize, expand_groups, qrange, search_qparams
-from .rtn import check_bits, check_flags, check_group_size
+from .rtn import Bits, GroupSize
 from ..registry import Method, register
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
+class GPTQConfig(Config):
     """bits: 2–8; group_size: columns per scale (-1 = per output channel); sym: zero point 0;
     act_order: process columns by decreasing diag(H), static groups; damp: λ = damp·mean(diag H);
     block_size: columns per lazy batch update; mse: clip search per group (``search_qparams``);
     true_sequential: the engine quantizes a block's linears group by group in forward order, each
     group's Hessian taken with the groups before it already quantized (GPTQ's ``--true-sequential``)."""
 
-    bits: int = 4
-    group_size: int = 64
+    bits: Bits = 4
+    group_size: GroupSize = 64
     sym: bool = True
     act_order: bool = False
-    damp: float = 0.01
-    block_size: int = 128
+    damp: Annotated[float, Check(gt=0, advice="use a positive number such as 0.01 (the fraction of "
+                                              "mean(diag H) added to the diagonal)")] = 0.01
+    block_size: Annotated[int, Check(ge=1, advice="use a positive integer such as 128")] = 128
     mse: bool = False
     true_sequential: bool = False
-
-    def __post_init__(self) -> None:
-        check_bits(self.bits)
-        check_group_size(self.group_size)
-        check_flags(self, ("sym", "act_order", "mse", "true_sequential"))
-        damp = self.damp
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (0 < damp < math.inf):
-            raise LlmpressError(f"damp={damp!r} is invalid: use a positive number such as 0.01 (the fraction of "
-                                "mean(diag H) added to the diagonal)")
-        size = self.block_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise LlmpressError(f"block_size={size!r} is invalid: use a positive integer such as 128")
 
 
 def gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:

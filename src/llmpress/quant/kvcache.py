@@ -31,13 +31,14 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Annotated, Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
 from ..compressed import Compressed
+from ..config import Check, Config
 from ..errors import LlmpressError
 from ..registry import Method, register
 
@@ -49,28 +50,19 @@ PARAM_BYTES = 2  # scale and offset are stored in fp16
 
 
 @dataclass(frozen=True)
-class KVCacheConfig:
+class KVCacheConfig(Config):
     """bits: 2, 4, 8 (16 = off); group_size: channels per group of one token (capped at head_dim:
     64 = one group per head at head_dim 64) or, for keys with key_axis "channel", tokens per group
     of one channel; key_axis: "token" or "channel" (KIVI); residual_tokens: newest tokens kept in
     full precision (KIVI's residual)."""
 
-    bits: int = 8
-    group_size: int = 64
-    key_axis: str = "token"
-    residual_tokens: int = 0
+    label = "kv-cache"
 
-    def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in KV_BITS:
-            raise LlmpressError(f"kv-cache bits={self.bits!r} is not supported: use 2, 4, 8, or 16 for no quantization")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
-            raise LlmpressError(f"kv-cache group_size={self.group_size!r} is invalid: use a positive integer "
-                                "that divides head_dim, e.g. 64")
-        if self.key_axis not in KEY_AXES:
-            raise LlmpressError(f"kv-cache key_axis={self.key_axis!r} is invalid: use 'token' or 'channel'")
-        r = self.residual_tokens
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise LlmpressError(f"kv-cache residual_tokens={r!r} is invalid: use an integer >= 0")
+    bits: Annotated[int, Check(choices=KV_BITS, verdict="not supported",
+                               advice="use 2, 4, 8, or 16 for no quantization")] = 8
+    group_size: Annotated[int, Check(ge=1, advice="use a positive integer that divides head_dim, e.g. 64")] = 64
+    key_axis: Annotated[str, Check(choices=KEY_AXES, advice="use 'token' or 'channel'")] = "token"
+    residual_tokens: Annotated[int, Check(ge=0)] = 0
 
     @property
     def enabled(self) -> bool:

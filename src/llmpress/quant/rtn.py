@@ -10,50 +10,47 @@ GPTQ repository's MSE search, ``llmpress.primitives.search_qparams``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 from torch import Tensor
 
 from ..compressed import Compressed
-from ..errors import LlmpressError
+from ..config import Check, Config, check_value
 from ..primitives import compute_qparams, dequantize, quantize, search_qparams
 from ..registry import Method, register
 
+Bits = Annotated[int, Check(ge=2, le=8, verdict="out of range", label="")]
+GroupSize = Annotated[int | None, Check(rule=lambda g: g > 0 or g == -1, label="",  # -1 or None: one group per row
+                                        advice="use a positive integer, or -1 for one group per row")]
+
 
 def check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise LlmpressError(f"bits={bits!r} is out of range: use an integer from 2 to 8")
+    """``bits`` must be an integer from 2 to 8 (the :data:`Bits` annotation, for a plain argument)."""
+    check_value("bits", bits, Bits)
 
 
 def check_group_size(group_size: int | None) -> None:
-    ok = group_size is None or (isinstance(group_size, int) and not isinstance(group_size, bool)
-                                and (group_size > 0 or group_size == -1))
-    if not ok:
-        raise LlmpressError(f"group_size={group_size!r} is invalid: use a positive integer, or -1 for one group per row")
+    """``group_size`` must be positive or -1 (None, one group per row, passes too)."""
+    check_value("group_size", group_size, GroupSize)
 
 
 def check_flags(config: object, names: tuple[str, ...], method: str = "") -> None:
     """Each named field of ``config`` must be a real bool (YAML true/false), not 0/1 or a string."""
-    prefix = f"{method} " if method else ""
     for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, bool):
-            raise LlmpressError(f"{prefix}{name}={value!r} is invalid: use true or false")
+        check_value(name, getattr(config, name), bool, method)
 
 
 @dataclass(frozen=True)
-class RTNConfig:
+class RTNConfig(Config):
     """bits: 2–8; group_size: columns per scale (-1 = per output channel); sym: zero point fixed at 0;
     mse: search the clip range per group instead of using the full [min, max]."""
 
-    bits: int = 4
-    group_size: int = 64
+    label = "rtn"
+
+    bits: Bits = 4
+    group_size: GroupSize = 64
     sym: bool = True
     mse: bool = False
-
-    def __post_init__(self) -> None:
-        check_bits(self.bits)
-        check_group_size(self.group_size)
-        check_flags(self, ("sym", "mse"), "rtn")
 
 
 def rtn(weight: Tensor, cfg: RTNConfig) -> Compressed:

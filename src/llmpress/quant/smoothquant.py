@@ -21,14 +21,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
+from ..config import Check, Config
 from ..errors import LlmpressError
 from ..models.archs import Arch, linear_weight
 from ..stats import AbsMaxStats
-from .rtn import check_flags
 from .smoothing import fold_scales, foldable_feeds
 from .w8a8 import PATHS, W8A8Linear
 from ..registry import Method, register
@@ -39,26 +40,23 @@ MIN_VALUE = 1e-5  # absmax values and scales are clamped to at least this (as th
 
 
 @dataclass(frozen=True)
-class SmoothQuantConfig:
+class SmoothQuantConfig(Config):
     """alpha: migration strength in [0, 1] (0.5 in the paper; 0.8-0.9 for very outlier-heavy
     models); smooth: fold the scales (False: plain W8A8, the paper's baseline); quantize:
     replace the linears by W8A8Linear (False: smooth only, leaving float weights for a
     later weight-quantization stage); path: the int8 GEMM ("auto", "int_mm" or "fp32")."""
 
-    alpha: float = 0.5
+    label = "smoothquant"
+
+    alpha: Annotated[float, Check(ge=0.0, le=1.0, verdict="out of range",
+                                  advice="use a number from 0 to 1 (0.5 is typical)")] = 0.5
     smooth: bool = True
     quantize: bool = True
-    path: str = "auto"
+    path: Annotated[str, Check(choices=PATHS, verdict="unknown")] = "auto"
 
-    def __post_init__(self) -> None:
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
-            raise LlmpressError(f"smoothquant alpha={a!r} is out of range: use a number from 0 to 1 (0.5 is typical)")
-        check_flags(self, ("smooth", "quantize"), "smoothquant")
+    def check(self) -> None:
         if not (self.smooth or self.quantize):
             raise LlmpressError("smoothquant with smooth=false and quantize=false does nothing: enable one of them")
-        if self.path not in PATHS:
-            raise LlmpressError(f"smoothquant path={self.path!r} is unknown: use one of {', '.join(PATHS)}")
 
 
 def smoothquant_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
