@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 from llmpress import compress, evaluate
 from llmpress.errors import LlmpressError
-from llmpress.quant.kvcache import (
-    KVCacheConfig, QuantizedKVCache, QuantizedKVLayer, dequantize_kv, fake_quantize_kv, kv_bytes_per_token,
-    kv_config_from_meta, pack_codes, quantize_kv, unpack_codes,
+from llmpress.quant.kvcache import QuantizedKVCache, QuantizedKVLayer
+from llmpress.quant.kvgrid import (
+    KVCacheConfig, dequantize_kv, fake_quantize_kv, kv_bytes_per_token, kv_config_from_meta, pack_codes, quantize_kv,
+    unpack_codes,
 )
 from llmpress.recipe import load_recipe
 from tiny_models import TOKENIZER_TEXT, random_ids, tiny_model, tiny_tokenizer
