@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import llmpress
-from llmpress.export.readers import folder_format, readers
+from llmpress.export.formats import folder_format, readers
 from llmpress.models.loader import load_model
 from llmpress.quant import w8a8
 

@@ -18,15 +18,13 @@ from .data import calibration_samples, describe_spec, eval_windows
 from .calib import calibration_dtype
 from .engine import compress_blocks, merge_meta, run_plan
 from .errors import LlmpressError
-from .export.compressed_tensors import save_compressed_tensors
-from .export.sparse import save_sparse
-from .lowrank.module import lowrank_modules, save_factorized
+from .export import formats
 from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
 from .models.archs import arch_for
 from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
 from .recipe import Recipe, load_recipe
 from .registry import get_method
-from .save import check_output, check_space, save_model
+from .save import check_output, check_space
 
 log = logging.getLogger(__name__)
 
@@ -169,19 +167,12 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     result = CompressResult(loaded.model, loaded.tokenizer, recipe, layers, time.perf_counter() - start,
                             mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"],
                             results=results)
-    if out is not None:
-        if lowrank_modules(loaded.model):  # factorized layers: llmpress safetensors + config entry, or dense U·V
-            result.out = save_factorized(loaded.model, loaded.tokenizer, out, result.meta, format)
-        elif format == "compressed-tensors" and _sparse_only(layers):
-            result.out = save_sparse(loaded.model, loaded.tokenizer, layers, results, out, result.meta)
-        elif _packable(format, arch, layers, results):
-            result.out = save_compressed_tensors(loaded.model, loaded.tokenizer, layers, results, out, result.meta)
-        else:
-            result.out = save_model(loaded.model, loaded.tokenizer, out, result.meta)
+    if out is not None:  # the format table (llmpress.export.formats) chooses and writes
+        result.out = formats.save(loaded.model, loaded.tokenizer, out, result.meta, layers, results, format)
     return result
 
 
-FORMATS = ("auto", "compressed-tensors", "dense")
+FORMATS = formats.REQUESTS  # "auto" and the families of the format table: compressed-tensors, dense
 
 
 def _check_plan(model: torch.nn.Module, recipe: Recipe, out: str | Path | None) -> None:
@@ -221,21 +212,6 @@ def _segments(stages) -> list[tuple[bool, list]]:
         else:
             segments.append((False, [stage]))
     return segments
-
-
-def _sparse_only(layers: dict) -> bool:
-    """Some layer pruned and none quantized: saved as compressed-tensors sparse-bitmask when asked (format
-    "compressed-tensors"); "auto" keeps such models dense, which plain transformers 5.x loads."""
-    return any(m.get("sparsity") for m in layers.values()) and not any(m.get("bits") for m in layers.values())
-
-
-def _packable(format: str, arch, layers: dict, results: dict) -> bool:
-    """Whether to write compressed-tensors: asked for, or "auto" and some weight-only quantized nn.Linear."""
-    if format != "auto":
-        return format == "compressed-tensors"
-    weight_only = [n for n, meta in layers.items() if meta.get("bits") and not meta.get("act_bits")]
-    return bool(weight_only) and not arch.transposed and all(
-        results.get(n) is not None and results[n].qweight is not None for n in weight_only)
 
 
 LONG_EVAL_TOKENS = 4 * 16 * 1024  # four times the default evaluation (16 windows of 1024 tokens)

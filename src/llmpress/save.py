@@ -1,13 +1,19 @@
-"""Write a compressed model to a folder without ever leaving a half-written one.
+"""Write a folder without ever leaving a half-written one: the writer every storage format uses.
 
 Everything goes to a hidden temporary folder beside the target
 (``.NAME.tmp-PID-XXXX``), which is renamed into place only when complete; an
 existing target is never touched. A run killed while saving (SIGKILL, power
 loss) leaves that folder behind: the next run with the same ``--out`` finds
 it, says so in one log line and removes it, when the process named in it is
-gone. The folder is a plain transformers folder plus ``llmpress.json``
-(recipe, per-layer metadata, notes) that ``llmpress eval`` reads for size
-accounting. Files get ordinary permissions (0644 under the usual umask).
+gone. The folder is what ``model.save_pretrained`` writes plus ``llmpress.json``
+(recipe, per-layer metadata, notes, the tools that read the folder) that
+``llmpress eval`` reads for size accounting. Files get ordinary permissions
+(0644 under the usual umask).
+
+This module chooses no format: :func:`save_model` writes the model exactly as it is
+(its config, its modules' state dict). Which format holds a compressed model, and what
+goes into ``config.json`` and ``llmpress.json`` for it, is the table in
+``llmpress.export.formats`` (``formats.save``), whose entries all write through here.
 """
 
 from __future__ import annotations
@@ -22,28 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LlmpressError
-from .models.loader import META_FILE
+from .paths import make_public
 
 log = logging.getLogger(__name__)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def make_public(path: Path) -> None:
-    """Give ``path`` (a file, or a folder and everything in it) the permissions a plain ``open`` would:
-    0666 / 0777 less the umask. ``tempfile`` and safetensors create private (0600/0700) files."""
-    mask = _umask()
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-    if path.is_dir():
-        for root, dirs, files in os.walk(path):
-            for name in dirs:
-                os.chmod(os.path.join(root, name), 0o777 & ~mask)
-            for name in files:
-                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+META_FILE = "llmpress.json"
 
 
 def check_new_path(value: str | Path, flag: str, what: str | None = None) -> Path:
@@ -138,28 +127,21 @@ def remove_stale(path: Path) -> None:
 
 def save_model(model, tokenizer, out: str | Path, meta: dict,
                finish: Callable[[Path], None] | None = None) -> Path:
-    """Save model, tokenizer and ``meta`` to ``out`` via a temporary folder and an atomic rename.
+    """Save model, tokenizer and ``meta`` (as ``llmpress.json``) to ``out`` via a temporary folder and an
+    atomic rename; the model is written as it is (``save_pretrained``), with no format of its own.
 
     ``finish(folder)`` runs on the temporary folder right after the model is written (an exporter's last
-    touches: renamed weight files, config entries). ``meta["readers"]`` (the tools that read the folder,
-    ``llmpress.export.readers``) is filled in from the finished ``config.json`` unless the caller gave it.
+    touches: renamed weight files, config entries). ``meta["readers"]`` (the tools that read the folder)
+    is the caller's to give: ``llmpress.export.formats`` fills it in for the format it wrote.
     """
     path = check_output(out)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
-    from .quant.w8a8 import w8a8_quantization_config
-
-    w8a8 = w8a8_quantization_config(model)  # int8 weight+activation layers: a compressed-tensors W8A8 folder
     try:
-        if w8a8 is not None:
-            model.config.quantization_config = w8a8
         model.save_pretrained(tmp)
         if finish is not None:
             finish(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        from .export.readers import readers  # export/ builds on this module: import at call time
-
-        meta = {**meta, "readers": meta.get("readers") or readers(tmp)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         make_public(tmp)  # mkdtemp and safetensors make private files; the result is an ordinary folder
         if path.exists():  # appeared while we worked: never replace it
@@ -168,7 +150,4 @@ def save_model(model, tokenizer, out: str | Path, meta: dict,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if w8a8 is not None:
-            del model.config.quantization_config
     return path

@@ -35,6 +35,16 @@ compressed execution works on CPU for symmetric schemes only (for
 asymmetric ones compressed-tensors allocates unpacked zero points and the
 load reports a size mismatch). vLLM serves the folder directly
 (``vllm serve out``; as far as we know its WNA16 kernels take 4 and 8 bits; not tried here).
+
+Zero points must be integers. compressed-tensors 0.20.1 has ``QuantizationArgs.zp_dtype``, but
+its pack-quantized decompressor always unpacks ``weight_zero_point`` from int32 words
+(``unpack_from_int32`` raises "Expected torch.int32" for anything else), so neither transformers
+nor vLLM could read a float zero point from this layout, and rounding one (HQQ's, meta
+``"zero_float": True``) changes the weights. :func:`can_save` refuses such layers with that
+reason, and "auto" then saves the model dense, which stores the weights exactly.
+
+This module is the ``pack-quantized`` entry of the format table (:data:`FORMAT`,
+``llmpress.export.formats``).
 """
 
 from __future__ import annotations
@@ -45,7 +55,6 @@ import logging
 import math
 import re
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,15 +63,17 @@ from transformers.pytorch_utils import Conv1D
 
 from ..compressed import Compressed
 from ..errors import LlmpressError
+from ..lowrank.module import LowRankLinear
 from ..primitives import expand_groups
-from ..quant.qlinear import QuantizedLinear, dequantize_packed
+from ..quant.qlinear import QuantizedLinear, dequantize_packed, integer_zero
 from ..save import save_model
-from .readers import readers
-from .sparse import is_sparse_config, load_sparse
+from .base import Folder, Format
+from .staging import swapped
+from .tools import LLMPRESS, LM_EVAL, TRANSFORMERS_CT, VLLM
 
 log = logging.getLogger(__name__)
 
-FORMAT = "pack-quantized"
+PACKED = "pack-quantized"  # compressed-tensors' name of the layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,25 +124,73 @@ def regroup(result: Compressed, group_size: int | None, new_group_size: int | No
     return dataclasses.replace(result, scale=every(result.scale), zero=zero)
 
 
-def _quantized_layers(model: nn.Module, layers: dict, results: dict[str, Compressed]):
-    """{name: (module, result in storage grouping, scheme)} per exportable layer; names of dense Conv1D ones."""
+def _layer_key(name: str, result: Compressed, layers: dict) -> tuple[int, int, bool] | None:
+    """(bits, group size, sym) of a weight-quantized layer with codes, else None."""
+    meta = layers.get(name) or result.meta
+    if result.qweight is None or meta.get("bits") is None:
+        return None
+    return int(meta["bits"]), meta.get("group_size", -1), bool(meta.get("sym", True))
+
+
+def can_save(model: nn.Module, layers: dict, results: dict[str, Compressed]) -> str | None:
+    """None when the quantized linears in ``results`` can be stored pack-quantized exactly, else why not."""
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        return ("format compressed-tensors cannot hold factorized (low-rank) layers: use --format auto "
+                "(llmpress safetensors) or --format dense")
+    if hasattr(model.config, "quantization_config"):
+        return "this model already carries a quantization_config: export a plain (dequantized) model"
     for name, meta in layers.items():
         if meta.get("act_bits"):
-            raise LlmpressError(f"layer {name} also quantizes activations (W8A8); this exporter writes weight-only "
-                                "schemes: save this model with llmpress.save.save_model instead")
+            return (f"layer {name} also quantizes activations (W8A8), and pack-quantized writes weight-only "
+                    "schemes: save it with --format auto, which writes W8A8 models int-quantized")
+    linears, convs = 0, 0
+    for name, result in results.items():
+        key = _layer_key(name, result, layers)
+        if key is None:
+            continue
+        module = model.get_submodule(name)
+        if isinstance(module, Conv1D):
+            convs += 1
+            continue
+        if not isinstance(module, nn.Linear):
+            return (f"module {name} is a {type(module).__name__}, not nn.Linear: pass the results computed for "
+                    "this model")
+        meta = layers.get(name) or result.meta
+        if meta.get("zero_float") or result.meta.get("zero_float") or not (key[2] or integer_zero(result.zero)):
+            return (f"layer {name} has float zero points ({meta.get('method', 'its method')}'s grid), and "
+                    "pack-quantized stores integer ones only: save it with --format dense, which is exact")
+        linears += 1
+    if not linears and convs:
+        return ("only GPT-2 Conv1D layers are quantized, and compressed-tensors packs nn.Linear only: save this "
+                "model with --format dense")
+    if not linears:
+        return ("no quantized nn.Linear layers to export: run a quantization method first (e.g. recipe "
+                "rtn-w4-g64) and pass its results")
+    return None
+
+
+def fits(model: nn.Module, layers: dict, results: dict[str, Compressed]) -> bool:
+    """Some linear weight-only quantized, every such layer with its codes, no GPT-2 Conv1D (``Arch.transposed``):
+    what "auto" packs."""
+    weight_only = [n for n, meta in layers.items() if meta.get("bits") and not meta.get("act_bits")]
+    return bool(weight_only) and all(results.get(n) is not None and results[n].qweight is not None
+                                     for n in weight_only) and not any(isinstance(m, Conv1D) for m in model.modules())
+
+
+def _quantized_layers(model: nn.Module, layers: dict, results: dict[str, Compressed]):
+    """{name: (module, result in storage grouping, scheme)} per exportable layer; names of dense Conv1D ones.
+
+    Call after :func:`can_save` said yes."""
     found, dense = {}, []
     for name, result in results.items():
-        meta = layers.get(name) or result.meta
-        if result.qweight is None or meta.get("bits") is None:
+        key = _layer_key(name, result, layers)
+        if key is None:
             continue
         module = model.get_submodule(name)
         if isinstance(module, Conv1D):
             dense.append(name)
             continue
-        if not isinstance(module, nn.Linear):
-            raise LlmpressError(f"module {name} is a {type(module).__name__}, not nn.Linear: "
-                                "pass the results computed for this model")
-        found[name] = (module, result, (int(meta["bits"]), meta.get("group_size", -1), bool(meta.get("sym", True))))
+        found[name] = (module, result, key)
     if dense:
         log.warning("%d Conv1D layers (GPT-2) are saved dense: compressed-tensors packs nn.Linear only", len(dense))
     widths: dict[tuple, list[int]] = {}
@@ -159,33 +218,10 @@ def quantization_config(schemes: dict[Scheme, list[str]], ignore: list[str]) -> 
     for i, (scheme, names) in enumerate(sorted(schemes.items(), key=lambda kv: -len(kv[1]))):
         groups[f"group_{i}"] = {"targets": ["Linear"] if len(schemes) == 1 else sorted(names),
                                 "weights": scheme.weights(), "input_activations": None,
-                                "output_activations": None, "format": FORMAT}
-    return {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+                                "output_activations": None, "format": PACKED}
+    return {"quant_method": "compressed-tensors", "format": PACKED, "quantization_status": "compressed",
             "config_groups": groups, "ignore": sorted(ignore), "kv_cache_scheme": None,
             "global_compression_ratio": None}
-
-
-@contextmanager
-def _swapped(model: nn.Module, replacements: dict[str, nn.Module], config: dict):
-    """Temporarily put ``replacements`` into ``model`` and ``config`` into its config."""
-    originals = {}
-    had_config = hasattr(model.config, "quantization_config")
-    old_config = getattr(model.config, "quantization_config", None)
-    try:
-        for name, module in replacements.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            originals[name] = (parent, child, getattr(parent, child))
-            setattr(parent, child, module)
-        model.config.quantization_config = config
-        yield model
-    finally:
-        for parent, child, module in originals.values():
-            setattr(parent, child, module)
-        if had_config:
-            model.config.quantization_config = old_config
-        elif hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
 
 
 def save_compressed_tensors(model: nn.Module, tokenizer, layers: dict[str, dict],
@@ -198,15 +234,10 @@ def save_compressed_tensors(model: nn.Module, tokenizer, layers: dict[str, dict]
     ``CompressResult.meta``) goes into ``llmpress.json`` with ``layers`` and an ``export``
     record. Written through a temporary folder renamed into place, like ``save_model``.
     """
-    if hasattr(model.config, "quantization_config"):
-        raise LlmpressError("this model already carries a quantization_config: export a plain (dequantized) model")
+    reason = can_save(model, layers, results)
+    if reason is not None:
+        raise LlmpressError(reason)
     chosen, dense = _quantized_layers(model, layers, results)
-    if not chosen and dense:
-        raise LlmpressError("only GPT-2 Conv1D layers are quantized, and compressed-tensors packs nn.Linear "
-                            "only: save this model with llmpress.save.save_model instead")
-    if not chosen:
-        raise LlmpressError("no quantized nn.Linear layers to export: run a quantization method first "
-                            "(e.g. recipe rtn-w4-g64) and pass its results")
     schemes: dict[Scheme, list[str]] = {}
     replacements = {}
     for name, (module, result, scheme) in chosen.items():
@@ -218,10 +249,10 @@ def save_compressed_tensors(model: nn.Module, tokenizer, layers: dict[str, dict]
     scale_dtype = str(next(iter(replacements.values())).weight_scale.dtype).removeprefix("torch.")
     meta = {**(extra_meta or {})}
     meta.setdefault("layers", layers)
-    meta["export"] = {"format": "compressed-tensors", "compression_format": FORMAT, "scale_dtype": scale_dtype,
+    meta["export"] = {"format": "compressed-tensors", "compression_format": PACKED, "scale_dtype": scale_dtype,
                       "packed_layers": len(replacements), "dense_conv1d_layers": dense}
     meta["readers"] = readers({"quantization_config": config})
-    with _swapped(model, replacements, config):
+    with swapped(model, replacements, config):
         path = save_model(model, tokenizer, out, meta)
     log.info("saved %d packed layers (%d schemes) to %s", len(replacements), len(schemes), path)
     return path
@@ -230,7 +261,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, layers: dict[str, dict]
 def _readable(group: dict, config: dict) -> bool:
     """Whether :func:`dense_state_dict` can read this config group (weight-only pack-quantized int)."""
     weights = group.get("weights") or {}
-    return ((group.get("format") or config.get("format")) == FORMAT and weights.get("type", "int") == "int"
+    return ((group.get("format") or config.get("format")) == PACKED and weights.get("type", "int") == "int"
             and weights.get("strategy") in ("group", "channel") and not group.get("input_activations"))
 
 
@@ -286,8 +317,6 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     config = AutoConfig.from_pretrained(path)
     qconfig = config.quantization_config
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
-    if is_sparse_config(qconfig):  # pruned weights as bitmask + values (export/sparse.py)
-        return load_sparse(path, config, dtype)
     groups = qconfig.get("config_groups") or {}
     ours = Path(path).is_dir() and bool(groups) and all(_readable(g, qconfig) for g in groups.values())
     installed = importlib.util.find_spec("compressed_tensors") is not None
@@ -304,3 +333,42 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
 
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class needs a path; a state dict has none
     return model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+
+
+def _groups_formats(folder: Folder) -> tuple[int, set]:
+    groups = folder.quantization.get("config_groups") or {}
+    fallback = folder.quantization.get("format")
+    return len(groups), {(g or {}).get("format") or fallback for g in groups.values()}
+
+
+def detect(folder: Folder) -> bool:
+    """compressed-tensors with every config group pack-quantized (one group, or several: mixed schemes)."""
+    count, formats = _groups_formats(folder)
+    return count > 0 and formats == {PACKED}
+
+
+def kind(config: dict) -> str:
+    """"pack-quantized", or "pack-quantized-mixed" for several config groups (transformers cannot read those)."""
+    return PACKED if _groups_formats(Folder(None, config))[0] == 1 else f"{PACKED}-mixed"
+
+
+def readers(config: dict) -> list[str]:
+    """One group: llmpress, transformers (compressed-tensors), vLLM, and lm-eval for symmetric schemes
+    (its default loading runs the compressed layers, which fails for asymmetric ones); several: llmpress, vLLM."""
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    if len(groups) > 1:
+        return [LLMPRESS, VLLM]
+    symmetric = all(((g or {}).get("weights") or {}).get("symmetric", True) for g in groups.values())
+    return [LLMPRESS, TRANSFORMERS_CT, VLLM, *([LM_EVAL] if symmetric else [])]
+
+
+def load(path: Path, config, dtype: torch.dtype) -> nn.Module:
+    return load_compressed_tensors(path, dtype)
+
+
+def save(model: nn.Module, tokenizer, out: str | Path, meta: dict, layers: dict,
+         results: dict[str, Compressed]) -> Path:
+    return save_compressed_tensors(model, tokenizer, layers, results, out, meta)
+
+
+FORMAT = Format("pack-quantized", "compressed-tensors", True, detect, load, fits, can_save, save, readers, kind)

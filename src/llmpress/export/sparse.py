@@ -33,6 +33,10 @@ byte for byte what compressed-tensors wrote.
 Quantized models (pruned or not) are saved pack-quantized instead (see
 ``compressed_tensors.py``): that layout has no sparsity, so a pruned + int4
 model is stored as plain int4 with its zeros as codes.
+
+This module is the ``sparse`` entry of the format table (:data:`FORMAT`,
+``llmpress.export.formats``): chosen for ``format="compressed-tensors"`` when some layer is pruned
+and none quantized; "auto" keeps such models dense, which plain transformers 5.x loads.
 """
 
 from __future__ import annotations
@@ -44,9 +48,12 @@ import numpy
 import torch
 from torch import Tensor, nn
 
-from ..compressed import Compressed
+from ..compressed import Compressed, is_two_four
 from ..errors import LlmpressError
-from ..prune.masks import is_two_four
+from ..lowrank.module import LowRankLinear
+from .base import Folder, Format
+from .staging import save_renamed, swapped
+from .tools import LLMPRESS
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +145,10 @@ def save_sparse(model: nn.Module, tokenizer, layers: dict[str, dict], results: d
     ``layers``/``results``: the per-layer meta and :class:`Compressed` results of the
     compression (masks); written through a temporary folder like ``llmpress.save.save_model``.
     """
-    from .compressed_tensors import _swapped
-    from .readers import readers
-    from .staging import save_renamed
-
-    if hasattr(model.config, "quantization_config"):
-        raise LlmpressError("this model already carries a quantization_config: export a plain (dequantized) model")
+    reason = can_save(model, layers, results)
+    if reason is not None:
+        raise LlmpressError(reason)
     chosen = sparse_layers(model, layers, results)
-    if not chosen:
-        raise LlmpressError("no pruned nn.Linear layers to export sparse: run a pruning method first "
-                            "(e.g. recipe wanda-50)")
     layout = choose_layout({n: m for n, (_, m) in chosen.items()}, layers)
     replacements = {n: SparseLinear(sparse_tensors(mod.weight, mask, layout), mod.bias)
                     for n, (mod, mask) in chosen.items()}
@@ -160,7 +161,7 @@ def save_sparse(model: nn.Module, tokenizer, layers: dict[str, dict], results: d
     meta.setdefault("layers", layers)
     meta["export"] = {"format": "compressed-tensors", "compression_format": layout, "sparse_layers": len(chosen)}
     meta["readers"] = readers({"quantization_config": config})
-    with _swapped(model, replacements, config):
+    with swapped(model, replacements, config):
         path = save_renamed(model, tokenizer, out, meta, WEIGHTS_STEM)
     log.info("saved %d sparse layers (%s) to %s", len(chosen), layout, path)
     return path
@@ -189,3 +190,47 @@ def load_sparse(path: str | Path, config, dtype: torch.dtype = torch.float32) ->
         del config.quantization_config
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     return model_class.from_pretrained(None, config=config, state_dict=tensors, dtype=dtype)
+
+
+def sparse_only(layers: dict) -> bool:
+    """Some layer pruned and none quantized: what this format stores (quantized models are pack-quantized)."""
+    return any(m.get("sparsity") for m in layers.values()) and not any(m.get("bits") for m in layers.values())
+
+
+def fits(model: nn.Module, layers: dict, results: dict[str, Compressed] | None) -> bool:
+    return sparse_only(layers)
+
+
+def can_save(model: nn.Module, layers: dict, results: dict[str, Compressed] | None) -> str | None:
+    """None when the pruned linears of ``layers`` can be stored sparse exactly, else why not."""
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        return ("format compressed-tensors cannot hold factorized (low-rank) layers: use --format auto "
+                "(llmpress safetensors) or --format dense")
+    if hasattr(model.config, "quantization_config"):
+        return "this model already carries a quantization_config: export a plain (dequantized) model"
+    pruned = [n for n, m in layers.items() if m.get("sparsity")]
+    if not any(type(model.get_submodule(n)) is nn.Linear for n in pruned):
+        return "no pruned nn.Linear layers to export sparse: run a pruning method first (e.g. recipe wanda-50)"
+    return None
+
+
+def detect(folder: Folder) -> bool:
+    return is_sparse_config(folder.quantization)
+
+
+def kind(config: dict) -> str:
+    """The layout: sparse-bitmask or sparse-24-bitmask."""
+    return config["quantization_config"]["sparsity_config"]["format"]
+
+
+def readers(config: dict) -> list[str]:
+    """llmpress only: transformers 5.x cannot decompress these layouts and refuses the folder (see above)."""
+    return [LLMPRESS]
+
+
+def save(model: nn.Module, tokenizer, out: str | Path, meta: dict, layers: dict,
+         results: dict[str, Compressed]) -> Path:
+    return save_sparse(model, tokenizer, layers, results, out, meta)
+
+
+FORMAT = Format("sparse", "compressed-tensors", False, detect, load_sparse, fits, can_save, save, readers, kind)

@@ -1,4 +1,7 @@
-"""Save a folder that plain transformers must refuse rather than misread, atomically.
+"""What the formats share when saving: modules swapped in for the write, and folders transformers must refuse.
+
+:func:`swapped` puts a format's storage modules (packed, sparse) and its ``quantization_config``
+into the model for the duration of one ``save_pretrained``, and restores the model afterwards.
 
 Some layouts llmpress writes cannot be read by the installed transformers: factorized
 (low-rank) layers, and compressed-tensors' sparse-bitmask layouts, whose decompressors
@@ -19,9 +22,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
+from torch import nn
+
 from ..errors import LlmpressError
+from ..save import save_model
 
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
@@ -70,7 +77,6 @@ def save_renamed(model, tokenizer, out: str | Path, meta: dict, stem: str,
     after ``model.save_pretrained``), so ``out`` still appears complete or not at all, and a killed run
     leaves only the temporary folder ``save_model`` knows how to find and remove.
     """
-    from ..save import save_model
 
     def finish(folder: Path) -> None:
         rename_weights(folder, stem)
@@ -78,3 +84,28 @@ def save_renamed(model, tokenizer, out: str | Path, meta: dict, stem: str,
             edit_config(folder, config_change)
 
     return save_model(model, tokenizer, out, meta, finish)
+
+
+@contextmanager
+def swapped(model: nn.Module, replacements: dict[str, nn.Module], config: dict | None):
+    """Temporarily put ``replacements`` (module name -> module) into ``model`` and ``config`` (when given)
+    into its config as ``quantization_config``; both are restored afterwards, also on an error."""
+    originals = {}
+    had_config = hasattr(model.config, "quantization_config")
+    old_config = getattr(model.config, "quantization_config", None)
+    try:
+        for name, module in replacements.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            originals[name] = (parent, child, getattr(parent, child))
+            setattr(parent, child, module)
+        if config is not None:
+            model.config.quantization_config = config
+        yield model
+    finally:
+        for parent, child, module in originals.values():
+            setattr(parent, child, module)
+        if had_config:
+            model.config.quantization_config = old_config
+        elif hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config

@@ -118,7 +118,7 @@ def ensure_smollm2() -> Path:
     folder = cache_dir() / "models" / "smollm2-135m"
     if (folder / "config.json").is_file():
         return folder
-    from .loader import load_gguf
+    from ..export.gguf import load_gguf
 
     gguf = gguf_path()
     log.info("converting %s to a safetensors cache (once, ~20 s)", gguf.name)

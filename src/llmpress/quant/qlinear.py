@@ -35,13 +35,22 @@ def _group(group_size: int | None) -> int | None:
     return None if group_size is None or group_size <= 0 else group_size
 
 
+def integer_zero(zero: Tensor | None) -> bool:
+    """Whether zero points are whole numbers, what pack-quantized can store (None: none to store).
+
+    HQQ's zero points are floats (meta ``"zero_float": True``); rounding them would change the weights.
+    """
+    return zero is None or not zero.is_floating_point() or bool(torch.equal(zero, zero.round()))
+
+
 def packed_tensors(result: Compressed, bits: int, group_size: int | None, sym: bool,
                    dtype: torch.dtype) -> dict[str, Tensor]:
     """The pack-quantized tensors of one layer: ``weight_packed``, ``weight_scale``, ``weight_shape``
     and, when asymmetric, ``weight_zero_point`` (int32, packed along the output dim).
 
     ``result.qweight`` (out, in) int8 codes; ``result.scale``/``result.zero`` (out, groups).
-    Scales are cast to ``dtype`` (the model's dtype).
+    Scales are cast to ``dtype`` (the model's dtype). Zero points must be whole numbers
+    (:func:`integer_zero`): a float zero point is refused, never rounded.
     """
     if result.qweight is None or result.scale is None:
         raise LlmpressError("this layer has no integer codes to pack: only quantized layers can be packed")
@@ -56,7 +65,10 @@ def packed_tensors(result: Compressed, bits: int, group_size: int | None, sym: b
         "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }
     if not sym:
-        zero = result.zero.round().to(torch.int8)
+        if result.zero is None or not integer_zero(result.zero):
+            raise LlmpressError("this asymmetric layer's zero points are not integers (e.g. HQQ's float zero "
+                                "points), and packed layers store integer ones only: keep the layer dense")
+        zero = result.zero.to(torch.int8)
         tensors["weight_zero_point"] = pack_int(zero.t().contiguous(), bits).t().contiguous()
     return tensors
 
