@@ -217,3 +217,20 @@ def test_prepare_student_norms_and_errors():
         prepare_student(model, arch, layers, results, "everything")
     with pytest.raises(LlmpressError, match="no integer codes"):
         prepare_student(model, arch, layers, {}, "all")
+
+
+@pytest.mark.parametrize("group", [16, 24, -1])
+def test_qat_on_float_zero_grid_starts_and_ends_on_hqq_codes(group):
+    """HQQ's zero points are floats: QAT must round as round(W/s + z), so an untrained layer reproduces
+    HQQ's weight exactly and finalizes to HQQ's own codes (round(W/s) + z would leave fractional codes)."""
+    from llmpress.quant.hqq import HQQConfig, hqq
+
+    W = torch.randn(8, 48, generator=torch.Generator().manual_seed(3)) * 0.02
+    result = hqq(W, HQQConfig(bits=3, group_size=group))
+    assert not torch.equal(result.zero, result.zero.round())  # the case this test is about
+    layer = nn.Linear(48, 8, bias=False)
+    qat = QATLinear.from_linear(layer, result)
+    assert torch.equal(qat.quantized_weight().detach(), result.weight)
+    module, new = qat.finalize()
+    assert torch.equal(new.qweight, result.qweight)
+    assert torch.equal(module.weight.detach(), result.weight)

@@ -79,13 +79,19 @@ def qparams_from_range(lo: Tensor, hi: Tensor, bits: int, sym: bool) -> tuple[Te
     return scale, zero
 
 
-def quantize(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int | None) -> Tensor:
-    """Integer codes (int8, same shape as W) on the grid given by per-group scale/zero."""
+def quantize(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int | None,
+             float_zero: bool = False) -> Tensor:
+    """Integer codes (int8, same shape as W) on the grid given by per-group scale/zero.
+
+    ``round(W / s) + z`` for integer zero points (compressed-tensors); ``round(W / s + z)`` when the
+    zero points are floats (HQQ), where adding z after rounding would leave non-integer codes.
+    """
     cols = W.shape[1]
     s = expand_groups(scale, cols, group_size)
     z = expand_groups(zero, cols, group_size)
     qmin, qmax = qrange(bits)
-    return torch.clamp(torch.round(W.float() / s) + z, qmin, qmax).to(torch.int8)
+    codes = torch.round(W.float() / s + z) if float_zero else torch.round(W.float() / s) + z
+    return torch.clamp(codes, qmin, qmax).to(torch.int8)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero: Tensor, group_size: int | None) -> Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..compressed import Compressed
+from ..config import PositiveInt, check_value
 from ..errors import LlmpressError
 from ..primitives import dequantize, quantize
 from ..quant.packing import unpack_int
@@ -77,8 +78,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
                  mask: Tensor | None = None) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise LlmpressError(f"LoRA rank={rank!r} is invalid: use a positive integer")
+        check_value("rank", rank, PositiveInt, label="LoRA")
         if not 0.0 <= dropout < 1.0:
             raise LlmpressError(f"LoRA dropout={dropout!r} is invalid: use a number in [0, 1)")
         in_features, out_features = _features(base)

@@ -46,28 +46,30 @@ def _grouped_view(W: Tensor, group: int | None) -> tuple[int, int] | None:
 
 
 def _round_trip(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int | None,
-                clipped: bool) -> tuple[Tensor, Tensor | None]:
+                clipped: bool, float_zero: bool = False) -> tuple[Tensor, Tensor | None]:
     """dequantize(quantize(W)) in fp32, and (clipped) where the unrounded code is inside [qmin, qmax].
 
     With whole groups this is primitives' arithmetic op for op — round(W / s) + z, clamp,
     (q - z) * s, all in fp32 — on an (out, groups, g) view with broadcast scale/zero, so no
     expanded (out, in) copies of scale and zero are made (3.6x faster on a 1536x576 layer, one thread:
     1.0 vs 3.7 ms); exact integers survive primitives' int8 round trip, so the values are bit-identical
-    (tests/test_qat.py checks it). A partial last group goes through primitives itself.
+    (tests/test_qat.py checks it). A partial last group goes through primitives itself. ``float_zero``:
+    the grid's zero points are floats (HQQ), rounded as round(W / s + z) (``primitives.quantize``).
     """
     qmin, qmax = qrange(bits)
     view = _grouped_view(W, group)
     if view is None:
-        out = dequantize(quantize(W, scale, zero, bits, group), scale, zero, group)
+        out = dequantize(quantize(W, scale, zero, bits, group, float_zero), scale, zero, group)
         if not clipped:
             return out, None
         cols = W.shape[1]
-        raw = torch.round(W.float() / expand_groups(scale, cols, group)) + expand_groups(zero, cols, group)
+        s, z = expand_groups(scale, cols, group), expand_groups(zero, cols, group)
+        raw = torch.round(W.float() / s + z) if float_zero else torch.round(W.float() / s) + z
         return out, (raw >= qmin) & (raw <= qmax)
     rows = W.shape[0]
     s, z = scale[:, :view[0]].unsqueeze(-1), zero[:, :view[0]].unsqueeze(-1)
     t = W.float().reshape(rows, *view) / s
-    t = t.round_().add_(z)
+    t = t.add_(z).round_() if float_zero else t.round_().add_(z)
     inside = ((t >= qmin) & (t <= qmax)).reshape(W.shape) if clipped else None
     return t.clamp_(qmin, qmax).sub_(z).mul_(s).reshape(W.shape), inside
 
@@ -77,8 +79,8 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int | None,
-                clipped: bool) -> Tensor:
-        out, inside = _round_trip(W, scale, zero, bits, group, clipped)
+                clipped: bool, float_zero: bool = False) -> Tensor:
+        out, inside = _round_trip(W, scale, zero, bits, group, clipped, float_zero)
         if clipped:
             ctx.save_for_backward(inside)
         ctx.clipped = clipped
@@ -89,11 +91,11 @@ class _FakeQuantSTE(torch.autograd.Function):
         if ctx.clipped:
             (inside,) = ctx.saved_tensors
             grad = grad * inside
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def fake_quantize_ste(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int | None,
-                      sym: bool = True, *, clipped: bool = False) -> Tensor:
+                      sym: bool = True, *, clipped: bool = False, float_zero: bool = False) -> Tensor:
     """W (out, in) rounded onto a fixed grid and dequantized, with a straight-through gradient.
 
     ``scale``/``zero`` (out, groups): contiguous groups of ``group_size`` columns along ``in``
@@ -101,14 +103,15 @@ def fake_quantize_ste(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group_s
     ``llmpress.primitives.dequantize(quantize(W, ...))`` (bit for bit, cast to W's dtype); the gradient
     w.r.t. W is the incoming gradient unchanged, or, with ``clipped=True``, zeroed where
     round(W / scale) + zero falls outside [qmin, qmax]. ``sym`` is informational (a
-    symmetric grid has zero == 0); the grid itself is fully given by scale and zero.
+    symmetric grid has zero == 0); the grid itself is fully given by scale and zero. ``float_zero``:
+    the zero points are floats (HQQ) and the codes round(W / scale + zero).
     """
     group = _group(group_size)
     groups = group_count(W.shape[1], group)
     if tuple(scale.shape) != (W.shape[0], groups) or tuple(zero.shape) != tuple(scale.shape):
         raise ValueError(f"scale {tuple(scale.shape)} / zero {tuple(zero.shape)} do not fit a weight "
                          f"{tuple(W.shape)} with group_size {group_size}: expected ({W.shape[0]}, {groups})")
-    return _FakeQuantSTE.apply(W, scale, zero, bits, group, clipped)
+    return _FakeQuantSTE.apply(W, scale, zero, bits, group, clipped, float_zero)
 
 
 class QATLinear(nn.Module):
@@ -129,6 +132,7 @@ class QATLinear(nn.Module):
         self.register_buffer("scale", scale.detach().to(weight.device, torch.float32).clone())
         self.register_buffer("zero", zero.detach().to(weight.device, torch.float32).clone())
         self.result: Compressed | None = None  # the result this layer started from (mask, meta kept at finalize)
+        self.float_zero = False  # float zero points (HQQ): codes are round(W / s + z)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, result: Compressed, meta: dict | None = None,
@@ -155,12 +159,13 @@ class QATLinear(nn.Module):
         module = cls(W.to(linear.weight.device, linear.weight.dtype), linear.bias, result.scale, zero,
                      int(meta["bits"]), group, bool(meta.get("sym", True)), clipped, conv1d)
         module.result = result
+        module.float_zero = bool(meta.get("zero_float"))
         return module
 
     def quantized_weight(self) -> Tensor:
         """The weight the forward uses: the latent weight rounded onto the grid (STE gradient)."""
         return fake_quantize_ste(self.weight, self.scale, self.zero, self.bits, self.group_size, self.sym,
-                                 clipped=self.clipped)
+                                 clipped=self.clipped, float_zero=self.float_zero)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -177,7 +182,7 @@ class QATLinear(nn.Module):
     @torch.no_grad()
     def codes(self) -> Tensor:
         """int8 codes (out, in): the grid's rounding of the current weight."""
-        return quantize(self.weight, self.scale, self.zero, self.bits, _group(self.group_size))
+        return quantize(self.weight, self.scale, self.zero, self.bits, _group(self.group_size), self.float_zero)
 
     @torch.no_grad()
     def finalize(self) -> tuple[nn.Module, Compressed]:

@@ -20,10 +20,12 @@ by the global rank allocation. Computation is in float64; factors come back in f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
+from ..config import Check, check_value
 from ..errors import LlmpressError
 
 DAMP_STEPS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1)  # relative to mean(diag(XᵀX)), tried in order
@@ -54,8 +56,8 @@ def tail_curve(sigma: Tensor, squared: bool = False) -> Tensor:
 def _check_rank(W: Tensor, rank: int) -> None:
     if W.dim() != 2:
         raise LlmpressError(f"weight must be a 2-D (out, in) matrix, got shape {tuple(W.shape)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(W.shape):
-        raise LlmpressError(f"rank={rank!r} is out of range for a {tuple(W.shape)} weight: use 1 to {min(W.shape)}")
+    check_value("rank", rank, Annotated[int, Check(ge=1, le=min(W.shape), verdict=f"out of range for a {tuple(W.shape)} "
+                                                   "weight", advice=f"use 1 to {min(W.shape)}")])
 
 
 def spectrum(M: Tensor) -> tuple[Tensor, Tensor, bool]:

@@ -18,10 +18,12 @@ readers that assume 32//b codes per word will not read it.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
+from ..config import Check, check_value
 from ..errors import LlmpressError
 
 _WORD = 32
@@ -33,8 +35,7 @@ def packed_width(columns: int, bits: int) -> int:
 
 
 def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise LlmpressError(f"bits={bits!r} cannot be packed: use an integer from 1 to 8")
+    check_value("bits", bits, Annotated[int, Check(ge=1, le=8, verdict="out of range: it cannot be packed")])
 
 
 def pack_int(q: Tensor, bits: int) -> Tensor:
