@@ -24,6 +24,7 @@ demo: assets
 	$(VENV)/bin/llmpress demo
 
 test: assets
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 clean:

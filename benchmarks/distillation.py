@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from _common import Bench
 
 import llmpress
+from _common import Bench
 from llmpress.data import calibration_samples
 from llmpress.distill.stage import SOURCES, DistillConfig, distill_model, training_ids
 from llmpress.export.compressed_tensors import save_compressed_tensors

@@ -43,7 +43,10 @@ def shared_stats(bench: Bench) -> tuple[dict, float]:
 
 
 def run(bench: Bench, name: str, stats: dict) -> dict:
-    """One single-stage low-rank recipe on a fresh copy, reusing the shared statistics (they do not depend on the budget)."""
+    """One single-stage low-rank recipe on a fresh copy, reusing the shared statistics.
+
+    The statistics do not depend on the budget, so every recipe can share them.
+    """
     stage = load_recipe(name).stages[0]
     model = copy.deepcopy(bench.base.model)
     with PeakMemory() as mem:

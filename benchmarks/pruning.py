@@ -1,4 +1,4 @@
-"""Pruning benchmark: magnitude / Wanda / SparseGPT / OWL / structured pruning on SmolLM2-135M, llm-compressor beside it.
+"""Pruning benchmark: magnitude, Wanda, SparseGPT, OWL and structured pruning on SmolLM2-135M, llm-compressor beside it.
 
     python benchmarks/pruning.py [--recipes a,b] [--seeds 0,1,2] [--peer-python /path/to/python-with-llmcompressor]
 
@@ -6,9 +6,10 @@ Same calibration (128 x 512, austen:calib, seed 0 unless --seed) and evaluation 
 quantization benchmark. Prints one Markdown table (perplexity, bits per weight of the compressed linears and
 the compressed size as ``llmpress.measure.size_report`` counts it, compression wall time, peak memory; and,
 where llm-compressor is installed, its WandaPruningModifier / SparseGPTModifier with the same settings on the
-same windows, refused when the two toolkits changed different parameters), then a second table with what each model really takes on disk when saved
-(``compressed-tensors``: sparse-bitmask / sparse-24-bitmask for pruned models, pack-quantized for quantized
-ones; structured pruning saves smaller dense matrices). Folders are written in the model's dtype (fp32 here).
+same windows, refused when the two toolkits changed different parameters), then a second table with what each
+model really takes on disk when saved (``compressed-tensors``: sparse-bitmask / sparse-24-bitmask for pruned models,
+pack-quantized for quantized ones; structured pruning saves smaller dense matrices). Folders are written in the
+model's dtype (fp32 here).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Bench, main
-
 import llmpress
+from _common import Bench, main
 from llmpress.measure import perplexity, size_report
 from llmpress.measure.size import folder_bytes
 

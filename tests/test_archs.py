@@ -13,16 +13,23 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import EXTRA_TYPES, HEADS, TINY_TYPES, random_ids, tiny_config, tiny_model
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 from transformers.pytorch_utils import Conv1D
 
 from llmpress.errors import LlmpressError
 from llmpress.models.archs import (
-    ARCHS, Arch, arch_for, block_linears, discover_arch, get_blocks, linear_input_size,
-    linear_weight, set_linear_weight,
+    ARCHS,
+    Arch,
+    arch_for,
+    block_linears,
+    discover_arch,
+    get_blocks,
+    linear_input_size,
+    linear_weight,
+    set_linear_weight,
 )
+from tiny_models import EXTRA_TYPES, HEADS, TINY_TYPES, random_ids, tiny_config, tiny_model
 
 ALL_TYPES = TINY_TYPES + EXTRA_TYPES
 # Types whose table lists a v->o fold that GQA removes; built with MHA to test that fold.

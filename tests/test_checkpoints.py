@@ -15,7 +15,6 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import random_ids, tiny_model
 
 import llmpress
 from llmpress.distill.checkpoint import CHECKPOINT, META_KEY
@@ -27,6 +26,7 @@ from llmpress.engine import compress_blocks
 from llmpress.errors import LlmpressError
 from llmpress.models.archs import arch_for
 from llmpress.recipe import load_recipe
+from tiny_models import random_ids, tiny_model
 
 FAST = {"dtype": "float32", "log_every": 1, "warmup": 0}
 W4 = [{"method": "rtn", "args": {"bits": 4, "group_size": 32, "sym": False}}]

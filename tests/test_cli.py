@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from tiny_models import tiny_model
 
 from llmpress import cli
 from llmpress.cli import main
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")

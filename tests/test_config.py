@@ -149,7 +149,9 @@ def test_method_configs_use_the_base():
     assert refused(RTNConfig, bits="4") == "bits='4' is out of range: use an integer from 2 to 8"
     assert refused(RTNConfig, sym=1) == "rtn sym=1 is invalid: use true or false"
     assert refused(GPTQConfig, act_order="yes") == "act_order='yes' is invalid: use true or false"
-    assert refused(MagnitudeConfig, sparsity=True) == "sparsity=True is out of range: use a fraction in [0, 1), e.g. 0.5"
+    assert refused(MagnitudeConfig, sparsity=True) == (
+        "sparsity=True is out of range: use a fraction in [0, 1), e.g. 0.5"
+    )
     with pytest.raises(LlmpressError, match=r"^bits=True is out of range: use an integer from 2 to 8$"):
         check_bits(True)
     check_group_size(None)

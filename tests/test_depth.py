@@ -9,14 +9,16 @@ from transformers import AutoModelForCausalLM
 from llmpress import compress, load_model
 from llmpress.errors import LlmpressError
 from llmpress.models.archs import arch_for, get_blocks
-from llmpress.prune.depth import (DepthConfig, block_influences, blocks_for, depth_prune, greedy_by_loss,
-                                  remove_blocks)
+from llmpress.prune.depth import DepthConfig, block_influences, blocks_for, depth_prune, greedy_by_loss, remove_blocks
 from llmpress.save import save_model
 from tiny_models import random_ids, tiny_model
 
 THREE = {
     "llama": {"num_hidden_layers": 3},
-    "gemma3_text": {"num_hidden_layers": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "gemma3_text": {
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    },
     "gpt2": {"n_layer": 3},
 }
 

@@ -7,9 +7,9 @@ from torch import nn
 from llmpress.compressed import Compressed
 from llmpress.engine import Placement, compress_blocks
 from llmpress.models.archs import arch_for, block_linears, get_blocks, linear_weight
+from llmpress.quant.rtn import RTNConfig, rtn
 from llmpress.recipe import load_recipe
 from llmpress.registry import Method, methods
-from llmpress.quant.rtn import RTNConfig, rtn
 from llmpress.stats import ColumnNormStats, HessianStats
 from tiny_models import TINY_TYPES, random_ids, tiny_model
 
@@ -228,7 +228,7 @@ def test_true_sequential_equals_group_by_group_whole_model_reference(model_type,
         shared = input_representatives(arch, modules)
         for rep in dict.fromkeys(shared.values()):
             acc = HessianStats()
-            handle = modules[rep].register_forward_hook(lambda _m, args, _o: acc.add_batch(args[0]))
+            handle = modules[rep].register_forward_hook(lambda _m, args, _o, acc=acc: acc.add_batch(args[0]))
             _logits(reference, ids)
             handle.remove()
             for name in [n for n in modules if shared[n] == rep]:

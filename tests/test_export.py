@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model, tiny_tokenizer
 from torch import nn
 
 import llmpress
@@ -20,6 +19,7 @@ from llmpress.quant.qlinear import QuantizedLinear, replace_linears
 from llmpress.quant.rtn import RTNConfig, rtn
 from llmpress.recipe import load_recipe
 from llmpress.save import save_model
+from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
 
 def rtn_stage(bits, group, sym, **where):
@@ -152,7 +152,8 @@ def test_config_and_tensors_follow_compressed_tensors_schema(tmp_path):
     name = "model.layers.0.self_attn.q_proj"
     assert f"{name}.weight" not in tensors and tensors[f"{name}.weight_packed"].shape == (96, 12)
     assert tensors[f"{name}.weight_scale"].dtype == torch.float32 and tensors[f"{name}.weight_scale"].shape == (96, 3)
-    assert tensors[f"{name}.weight_zero_point"].shape == (12, 3) and tensors[f"{name}.weight_shape"].tolist() == [96, 96]
+    assert tensors[f"{name}.weight_zero_point"].shape == (12, 3)
+    assert tensors[f"{name}.weight_shape"].tolist() == [96, 96]
     assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (96, 4)  # 128 columns, group 32
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32
 

@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
 
 import llmpress
 from llmpress import api
@@ -17,6 +16,7 @@ from llmpress.models.archs import arch_for
 from llmpress.primitives import dequantize
 from llmpress.quant.qlinear import QuantizedLinear, integer_zero, packed_tensors
 from llmpress.recipe import load_recipe
+from tiny_models import random_ids, tiny_model
 
 NAMES = [f.name for f in formats.FORMATS]
 

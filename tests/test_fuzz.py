@@ -20,12 +20,12 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_gguf, tiny_model, tiny_tokenizer
 
 from llmpress.cli import main
 from llmpress.data import austen
 from llmpress.recipe import CALIBRATION_DTYPES
 from llmpress.registry import builtin_recipes, methods
+from tiny_models import tiny_gguf, tiny_model, tiny_tokenizer
 
 METHODS = methods()
 BUILTIN_RECIPES = builtin_recipes()
@@ -430,7 +430,8 @@ def bad_command_line(draw, tiny_dir: Path, parent: Path) -> list[str]:
         flag = draw(st.sampled_from(INT_FLAGS))
         argv += [f"{flag}={draw(junk.filter(lambda v: not _is_int(v)))}"]
     elif poison == "device":
-        argv += [f"--device={draw(st.one_of(junk, st.sampled_from(['meta', 'mps', 'xla', 'cuda:9', 'cuda:-1', 'cpu:x', 'gpu'])))}"]
+        bad_devices = st.sampled_from(["meta", "mps", "xla", "cuda:9", "cuda:-1", "cpu:x", "gpu"])
+        argv += [f"--device={draw(st.one_of(junk, bad_devices))}"]
     elif poison == "model":
         argv = ([argv[0], str(parent / "missing-model")] + argv[2:] if command in ("compress", "eval")
                 else argv + [f"--model={parent / 'missing-model'}"] if command == "demo" else argv + ["model"])

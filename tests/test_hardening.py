@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_gguf, tiny_model, tiny_tokenizer
 
 from llmpress import save as save_module
 from llmpress.cli import main
 from llmpress.errors import LlmpressError
 from llmpress.recipe import load_recipe
+from tiny_models import tiny_gguf, tiny_model, tiny_tokenizer
 
 TESTS = Path(__file__).resolve().parent
 

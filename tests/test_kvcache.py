@@ -12,7 +12,13 @@ from llmpress import compress, evaluate
 from llmpress.errors import LlmpressError
 from llmpress.quant.kvcache import QuantizedKVCache, QuantizedKVLayer
 from llmpress.quant.kvgrid import (
-    KVCacheConfig, dequantize_kv, fake_quantize_kv, kv_bytes_per_token, kv_config_from_meta, pack_codes, quantize_kv,
+    KVCacheConfig,
+    dequantize_kv,
+    fake_quantize_kv,
+    kv_bytes_per_token,
+    kv_config_from_meta,
+    pack_codes,
+    quantize_kv,
     unpack_codes,
 )
 from llmpress.recipe import load_recipe
@@ -25,7 +31,8 @@ def _kv(shape=(2, 3, 32, 16), seed=0):
     """Keys-like data: per-channel offsets and scales (one-signed channels), plus noise."""
     g = torch.Generator().manual_seed(seed)
     b, h, t, d = shape
-    return torch.randn(shape, generator=g) * torch.rand(1, h, 1, d, generator=g) * 3 + torch.randn(1, h, 1, d, generator=g) * 5
+    return (torch.randn(shape, generator=g) * torch.rand(1, h, 1, d, generator=g) * 3
+            + torch.randn(1, h, 1, d, generator=g) * 5)
 
 
 def _fp16_directed(value: float, up: bool) -> float:

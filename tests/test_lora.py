@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from test_qat import MIXED, compressed_tiny, reference_codes
-from tiny_models import random_ids, tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -13,6 +11,8 @@ from llmpress.errors import LlmpressError
 from llmpress.primitives import dequantize
 from llmpress.quant.qlinear import QuantizedLinear
 from llmpress.quant.rtn import RTNConfig, rtn
+from test_qat import MIXED, compressed_tiny, reference_codes
+from tiny_models import random_ids, tiny_model
 
 
 def _perturb(lora: LoRALinear, seed: int = 0) -> None:

@@ -11,8 +11,17 @@ import torch
 
 from llmpress import compress
 from llmpress.errors import LlmpressError
-from llmpress.lowrank import (ASVDConfig, LowRankLinear, SVDConfig, SVDLLMConfig, allocate_ranks, asvd_factorize,
-                              break_even, svd_factorize, svd_llm_factorize)
+from llmpress.lowrank import (
+    ASVDConfig,
+    LowRankLinear,
+    SVDConfig,
+    SVDLLMConfig,
+    allocate_ranks,
+    asvd_factorize,
+    break_even,
+    svd_factorize,
+    svd_llm_factorize,
+)
 from llmpress.lowrank.allocate import layer_params
 from llmpress.lowrank.factorize import least_squares_u, tail_curve
 from llmpress.measure import count_params, flops_per_token, size_report
@@ -92,7 +101,8 @@ def _curves(shapes, seed=0):
     out = []
     for m, n in shapes:
         decay = torch.rand(1, generator=g).item() * 0.5 + 0.02
-        sigma = torch.exp(-decay * torch.arange(min(m, n), dtype=torch.float64)) * (1 + torch.rand(1, generator=g).item())
+        scale = 1 + torch.rand(1, generator=g).item()
+        sigma = torch.exp(-decay * torch.arange(min(m, n), dtype=torch.float64)) * scale
         out.append(tail_curve(sigma))
     return out
 

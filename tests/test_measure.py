@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
     Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -18,7 +19,6 @@ from transformers import (
     LlamaForCausalLM,
     OPTConfig,
     Phi3Config,
-    AutoModelForCausalLM,
 )
 
 from llmpress.errors import LlmpressError
@@ -90,7 +90,9 @@ def test_uniform_logits_give_vocab_size_perplexity(windows):
     assert perplexity(model, windows)["perplexity"] == pytest.approx(VOCAB, rel=1e-6)
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(5, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 4)])
+@pytest.mark.parametrize(
+    "bad", [torch.zeros(5, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 4)]
+)
 def test_perplexity_rejects_bad_windows(llama, bad):
     with pytest.raises(LlmpressError):
         perplexity(llama, bad)
@@ -126,19 +128,26 @@ def test_count_params_nonzero_sees_pruning():
 
 FAKE_LAYERS = {
     # 4-bit, group 64, symmetric: 64*64*4/8 packed + 64 rows * 1 group * 2 B scales
-    "model.layers.0.self_attn.q_proj": {"shape": [64, 64], "bits": 4, "group_size": 64, "sym": True, "sparsity": 0, "n:m": None},
+    "model.layers.0.self_attn.q_proj": {"shape": [64, 64], "bits": 4, "group_size": 64, "sym": True,
+                                        "sparsity": 0, "n:m": None},
     # 4-bit, group 32, asymmetric: 32*64/2 + 32*2 groups * 2 B + 32*2 zero points * 4 bit / 8
-    "model.layers.0.self_attn.k_proj": {"shape": [32, 64], "bits": 4, "group_size": 32, "sym": False, "sparsity": 0, "n:m": None},
+    "model.layers.0.self_attn.k_proj": {"shape": [32, 64], "bits": 4, "group_size": 32, "sym": False,
+                                        "sparsity": 0, "n:m": None},
     # 8-bit per-channel symmetric: 128*64 + 128 scales * 2 B
-    "model.layers.0.mlp.gate_proj": {"shape": [128, 64], "bits": 8, "group_size": None, "sym": True, "sparsity": 0, "n:m": None},
+    "model.layers.0.mlp.gate_proj": {"shape": [128, 64], "bits": 8, "group_size": None, "sym": True,
+                                     "sparsity": 0, "n:m": None},
     # 50 % unstructured sparse, not quantized: bitmask 128*64/8 + 4096 values * 2 B + 128 int64 row offsets
-    "model.layers.0.mlp.up_proj": {"shape": [128, 64], "bits": None, "group_size": None, "sym": True, "sparsity": 0.5, "n:m": None},
+    "model.layers.0.mlp.up_proj": {"shape": [128, 64], "bits": None, "group_size": None, "sym": True,
+                                   "sparsity": 0.5, "n:m": None},
     # 2:4: 8192/2 kept values * 2 B + bitmask 64*128/8
-    "model.layers.1.mlp.down_proj": {"shape": [64, 128], "bits": None, "group_size": None, "sym": True, "sparsity": 0.5, "n:m": [2, 4]},
+    "model.layers.1.mlp.down_proj": {"shape": [64, 128], "bits": None, "group_size": None, "sym": True,
+                                     "sparsity": 0.5, "n:m": [2, 4]},
     # 50 % sparse and 4-bit g64 sym: stored pack-quantized, zeros included: 8192 * 4/8 + 128 scales * 2 B
-    "model.layers.1.mlp.up_proj": {"shape": [128, 64], "bits": 4, "group_size": 64, "sym": True, "sparsity": 0.5, "n:m": None},
+    "model.layers.1.mlp.up_proj": {"shape": [128, 64], "bits": 4, "group_size": 64, "sym": True,
+                                   "sparsity": 0.5, "n:m": None},
     # 4:8 is saved sparse-bitmask: 4096 kept values * 2 B + bitmask 128*64/8 + 128 int64 row offsets
-    "model.layers.1.mlp.gate_proj": {"shape": [128, 64], "bits": None, "group_size": None, "sym": True, "sparsity": 0.5, "n:m": [4, 8]},
+    "model.layers.1.mlp.gate_proj": {"shape": [128, 64], "bits": None, "group_size": None, "sym": True,
+                                     "sparsity": 0.5, "n:m": [4, 8]},
 }
 LAYER_BYTES = [
     64 * 64 * 4 // 8 + 64 * 2,
@@ -236,7 +245,8 @@ def test_sparse_flops_discount_zeros_only():
     layers = {"model.layers.0.mlp.up_proj": {"shape": [128, 64], "sparsity": 0.5}}
     from_config = flops_per_token(model.config, SEQ, layers=layers)
     assert from_config["sparse_flops_per_token"] == 188416 - 2 * 64 * 64
-    with_model = flops_per_token(model.config, SEQ, layers={**layers, "model.layers.1.mlp.gate_proj": {"n:m": [2, 4]}}, model=model)
+    with_nm = {**layers, "model.layers.1.mlp.gate_proj": {"n:m": [2, 4]}}
+    with_model = flops_per_token(model.config, SEQ, layers=with_nm, model=model)
     assert with_model["sparse_flops_per_token"] == 188416 - 2 * 64 * 64 - 2 * 64 * 64
 
 
@@ -248,10 +258,14 @@ def _tiny(config_cls, **kw):
     "model_fn",
     [
         lambda: _tiny(GPT2Config, n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64),
-        lambda: _tiny(GPTNeoXConfig, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=256),
-        lambda: _tiny(OPTConfig, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256, vocab_size=256, word_embed_proj_dim=64),
-        lambda: _tiny(Phi3Config, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=256, pad_token_id=0),
-        lambda: _tiny(Gemma3TextConfig, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=256),
+        lambda: _tiny(GPTNeoXConfig, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=256, vocab_size=256),
+        lambda: _tiny(OPTConfig, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
+                      vocab_size=256, word_embed_proj_dim=64),
+        lambda: _tiny(Phi3Config, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=256, pad_token_id=0),
+        lambda: _tiny(Gemma3TextConfig, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=256),
     ],
     ids=["gpt2", "gpt_neox", "opt", "phi3", "gemma3"],
 )

@@ -24,7 +24,6 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
 from torch import nn
 from torch.nn import functional as F
 
@@ -32,6 +31,7 @@ import llmpress
 from llmpress.export.formats import folder_format, readers
 from llmpress.models.loader import load_model
 from llmpress.quant import w8a8
+from tiny_models import random_ids, tiny_model
 
 IDS = random_ids(2, 24, seed=11)
 

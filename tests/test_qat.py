@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -16,6 +15,7 @@ from llmpress.primitives import compute_qparams, dequantize, quantize
 from llmpress.quant.qlinear import QuantizedLinear
 from llmpress.quant.rtn import RTNConfig, rtn
 from llmpress.recipe import Recipe
+from tiny_models import random_ids, tiny_model
 
 
 def reference_codes(W, scale, zero, bits, group):

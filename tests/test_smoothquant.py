@@ -10,8 +10,16 @@ from llmpress.engine import compress_blocks
 from llmpress.errors import LlmpressError
 from llmpress.models.archs import arch_for, block_linears, get_blocks
 from llmpress.quant.smoothquant import SmoothQuantConfig, smoothquant_scales
-from llmpress.quant.w8a8 import (W8A8Linear, int8_matmul, int_mm_supported, is_w8a8_config, load_w8a8_folder,
-                                 quantize_a8_per_token, quantize_w8, w8a8_quantization_config)
+from llmpress.quant.w8a8 import (
+    W8A8Linear,
+    int8_matmul,
+    int_mm_supported,
+    is_w8a8_config,
+    load_w8a8_folder,
+    quantize_a8_per_token,
+    quantize_w8,
+    w8a8_quantization_config,
+)
 from llmpress.recipe import Stage, load_recipe
 from llmpress.save import save_model
 from tiny_models import random_ids, tiny_model

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import random_ids, tiny_model
 
 import llmpress
 from llmpress.errors import LlmpressError
@@ -17,6 +16,7 @@ from llmpress.export.sparse import (
     unpack_bitmask,
 )
 from llmpress.measure.size import layer_bytes
+from tiny_models import random_ids, tiny_model
 
 
 def _logits(model, ids):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_models import TOKENIZER_TEXT, tiny_model, tiny_tokenizer
 
 import llmpress
 from llmpress.errors import LlmpressError
@@ -11,6 +10,7 @@ from llmpress.primitives import compute_qparams, dequantize
 from llmpress.prune.magnitude import MagnitudeConfig, magnitude
 from llmpress.prune.sparsegpt import SparseGPTConfig, sparsegpt
 from llmpress.prune.wanda import WandaConfig, wanda
+from tiny_models import TOKENIZER_TEXT, tiny_model, tiny_tokenizer
 
 
 def inputs(n, d, seed):

@@ -12,8 +12,15 @@ from llmpress.errors import LlmpressError
 from llmpress.measure import count_params, flops_per_token, size_report
 from llmpress.models.archs import arch_for, get_blocks
 from llmpress.prune.passes import input_moments, taylor_importance, width_linears
-from llmpress.prune.structured import (WidthConfig, WidthPlan, taylor_scores, apply_plan, dims, width_candidates,
-                                       width_prune)
+from llmpress.prune.structured import (
+    WidthConfig,
+    WidthPlan,
+    apply_plan,
+    dims,
+    taylor_scores,
+    width_candidates,
+    width_prune,
+)
 from llmpress.save import save_model
 from tiny_models import random_ids, tiny_model
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_models import TOKENIZER_TEXT, tiny_model, tiny_tokenizer
 
 import llmpress
 from llmpress.errors import LlmpressError
@@ -10,6 +9,7 @@ from llmpress.prune.magnitude import MagnitudeConfig, magnitude
 from llmpress.prune.masks import nm_mask, parse_pattern, unstructured_mask
 from llmpress.prune.owl import OWLConfig, outlier_ratio, owl_sparsities
 from llmpress.prune.wanda import WandaConfig, wanda
+from tiny_models import TOKENIZER_TEXT, tiny_model, tiny_tokenizer
 
 
 def reference_row_mask(scores, k):
