@@ -83,8 +83,8 @@ def test_weight_is_exactly_what_the_stored_grid_gives(dtype):
     reloaded = dequantize(out.qweight, stored_scale.float(), stored_zero.float(), 64)
     assert out.qweight.dtype == torch.int8 and out.qweight.shape == W.shape
     assert out.weight.dtype == torch.float32 and torch.equal(out.weight, reloaded)
-    assert out.meta == {"method": "hqq", "bits": 4, "group_size": 64, "sym": False, "zero_float": True,
-                        "param_dtype": dtype}
+    assert out.record() == {"method": "hqq", "bits": 4, "group_size": 64, "sym": False, "zero_float": True,
+                           "param_dtype": dtype}
     assert not torch.equal(out.zero, out.zero.round())  # the zero points are floats, not integers
 
 

@@ -17,7 +17,7 @@ def test_layer_scope_exact_count_and_threshold(sparsity):
     assert torch.equal(r.weight, W * r.mask)
     if 0 < k < W.numel():
         assert W[~r.mask].abs().max() <= W[r.mask].abs().min()
-    assert r.meta["sparsity"] == pytest.approx(k / W.numel())
+    assert r.sparsity.fraction == pytest.approx(k / W.numel())
 
 
 def test_row_scope_exact_per_row():

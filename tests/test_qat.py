@@ -88,7 +88,7 @@ def _quantized_linear(bits=4, group=16, sym=True, seed=0):
 def test_qat_trains_and_finalize_lands_on_the_same_grid(sym):
     bits, group = 3, 16
     linear, result = _quantized_linear(bits, group, sym)
-    meta = dict(result.meta)
+    meta = result.record()
     qat = QATLinear.from_linear(linear, result, meta)
     x = torch.randn(32, 48)
     assert torch.equal(qat(x), linear(x))  # starts exactly at the quantized layer
@@ -104,7 +104,7 @@ def test_qat_trains_and_finalize_lands_on_the_same_grid(sym):
     module, new = qat.finalize()
     assert isinstance(module, nn.Linear) and module.bias is linear.bias
     assert torch.equal(new.scale, result.scale) and torch.equal(new.zero, result.zero)
-    assert new.meta == meta and new.weight is None
+    assert new.record() == meta and new.weight is None
     assert new.qweight.dtype == torch.int8
     assert int(new.qweight.min()) >= -(2 ** (bits - 1)) and int(new.qweight.max()) <= 2 ** (bits - 1) - 1
     assert torch.equal(new.qweight.long(), reference_codes(qat.weight.detach(), result.scale, result.zero, bits, group))

@@ -38,7 +38,7 @@ def test_wanda_unstructured_is_exact_per_row_and_matches_reference(sparsity):
     assert ((~r.mask).sum(dim=1) == k).all()
     assert torch.equal(r.mask, reference_row_mask(W.abs() * norms, k))
     assert torch.equal(r.weight, W * r.mask)
-    assert r.meta == {"method": "wanda", "sparsity": pytest.approx(k / 70)}
+    assert r.record() == {"method": "wanda", "sparsity": pytest.approx(k / 70)}
 
 
 @pytest.mark.parametrize("pattern, cols", [("2:4", 64), ("4:8", 64), ("2:4", 70), ("1:3", 30)])
@@ -52,7 +52,7 @@ def test_nm_masks_keep_exactly_n_of_every_m(pattern, cols):
     assert (kept == n).all()
     assert (r.mask[:, full:].sum(-1) <= n).all()
     assert torch.equal(r.mask, reference_nm_mask(W.abs() * norms, n, m))
-    assert r.meta["n:m"] == [n, m]
+    assert r.sparsity.nm == (n, m)
     mag = magnitude(W, MagnitudeConfig(pattern=pattern, sparsity=1 - n / m))
     assert torch.equal(mag.mask, reference_nm_mask(W.abs(), n, m))
 

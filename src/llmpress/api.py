@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .data import calibration_samples, describe_spec, eval_windows
 from .calib import calibration_dtype
+from .data import calibration_samples, describe_spec, eval_windows
 from .engine import compress_blocks, merge_meta, run_plan
 from .errors import LlmpressError
 from .export import formats

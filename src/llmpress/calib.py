@@ -14,8 +14,9 @@ tables per layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,11 +74,12 @@ class BlockInputs:
         """
         dtype = float_dtype(block)
         outputs = []
+        caught: tuple[type[Exception], ...] = () if stop is None else (stop,)  # () catches nothing
         with torch.inference_mode():
             for h, (extra, kw) in self.batches(block_index, dtype):
                 try:
                     outputs.append(hidden_of(block(h, *extra, **kw)))
-                except stop or ():
+                except caught:
                     pass
         return outputs
 

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_window_args(e)
     e.add_argument("--base", help="also evaluate this base model on the same windows, side by side")
     e.add_argument("--kv-bits", type=int, choices=[2, 4, 8, 16],
-                   help="quantize the KV cache to this many bits while evaluating (16 = off; default: the model's recipe)")
+                   help="quantize the KV cache to this many bits while evaluating "
+                        "(16 = off; default: the model's recipe)")
     e.add_argument("--json", help="write the result (one JSON object) to this file")
     e.add_argument("--report", help="write report.json and report.md to this new folder")
     _add_common(e)
@@ -148,7 +149,8 @@ def cmd_compress(args) -> None:
     n = len(result.layers)
     print(f"compressed {n} linear layers with '{result.recipe.name}' in {result.seconds:.1f}s -> {result.out}")
     tools = readers(result.out)
-    only = " only (other tools refuse it; --format dense writes a folder every tool reads)" if tools == ["llmpress"] else ""
+    only = (" only (other tools refuse it; --format dense writes a folder every tool reads)"
+            if tools == ["llmpress"] else "")
     print(f"readable by: {', '.join(tools)}{only}")
 
 

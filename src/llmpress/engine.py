@@ -20,8 +20,8 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 from torch import nn
@@ -115,7 +115,7 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
             if method.kind == "runtime":  # e.g. KV-cache quantization: applied at inference, not to weights
                 continue
             if method.kind == "block":
-                done = method.fn(block, arch, chosen, lambda: inputs.run(block, i), stage.config)
+                done = method.fn(block, arch, chosen, lambda block=block, i=i: inputs.run(block, i), stage.config)
                 shadow.stale()
                 for name, meta in done.items():
                     layers[f"{prefix}{i}.{name}"] = merge_meta(layers.get(f"{prefix}{i}.{name}"), meta)
@@ -137,7 +137,7 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                     args = [stats[name][s] for s in method.stats]
                     result: Compressed = method.fn(W, *args, stage.config)
                     set_linear_weight(module, arch, result.weight)
-                    meta = dict(result.meta, shape=list(W.shape))
+                    meta = dict(result.record(), shape=list(W.shape))
                     if result.loss is not None:
                         meta["loss"] = result.loss
                     layers[full] = merge_meta(layers.get(full), meta)

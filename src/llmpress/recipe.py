@@ -89,7 +89,8 @@ class Recipe:
         data = _mapping(data, where, {"name", "calibration", "stages"})
         stages = data.get("stages")
         if not isinstance(stages, list) or not stages:
-            raise LlmpressError(f"{where} needs a non-empty list 'stages', e.g. stages: [{{method: rtn, args: {{bits: 4}}}}]")
+            raise LlmpressError(f"{where} needs a non-empty list 'stages', "
+                                "e.g. stages: [{method: rtn, args: {bits: 4}}]")
         calib = _build(CalibrationConfig, data.get("calibration") or {}, f"{where}: calibration")
         built = tuple(_stage(s, f"{where}: stage {i + 1}") for i, s in enumerate(stages))
         if not isinstance(data.get("name", name), (str, type(None))):
@@ -151,7 +152,8 @@ def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
     path = Path(text).expanduser()
     if _is_file_spec(text):
         if not path.is_file():
-            raise LlmpressError(f"recipe file {path} does not exist: check the path, or use a built-in recipe ({', '.join(builtin_recipes())})")
+            raise LlmpressError(f"recipe file {path} does not exist: check the path, or use a built-in recipe "
+                                f"({', '.join(builtin_recipes())})")
         return Recipe.from_dict(_read_yaml(path), name=path.stem)
     raise LlmpressError(f"unknown recipe '{text}': give a YAML file, a built-in name ({', '.join(builtin_recipes())}) "
                         "or built-in names joined by '+'")

@@ -85,7 +85,8 @@ def _call(part: str, text: str) -> dict:
         base = builtin_recipes()[name]
         if len(base["stages"]) != 1:
             raise LlmpressError(f"built-in recipe '{name}' has {len(base['stages'])} stages, so '{part.strip()}' "
-                                "cannot tell which one the arguments are for: write the stages out, or use a YAML recipe")
+                                "cannot tell which one the arguments are for: write the stages out, "
+                                "or use a YAML recipe")
         stage = dict(base["stages"][0])
     else:
         stage = {"method": get_method(name).name}

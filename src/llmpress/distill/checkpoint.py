@@ -135,7 +135,8 @@ def _check_run(path: Path, header: dict, cfg: TrainConfig, data: dict) -> None:
     changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
     if changed:
         raise _fail(path, f"was written with a different {changed[0]} ({saved.get(changed[0])!r}, now "
-                          f"{getattr(cfg, changed[0])!r})", "resume with the same settings, or use a new checkpoint folder")
+                          f"{getattr(cfg, changed[0])!r})",
+                          "resume with the same settings, or use a new checkpoint folder")
     if header["data"] != data:
         raise _fail(path, f"was written for other training data ({header['data']}, now {data})",
                     "resume with the same data, samples and seq_len, or use a new checkpoint folder")
@@ -150,7 +151,8 @@ def _restore_params(path: Path, tensors: dict[str, Tensor], named: dict[str, nn.
     for name, p in named.items():
         if saved[name].shape != p.shape or saved[name].dtype != p.dtype:
             raise _fail(path, f"holds {name} as {saved[name].dtype} {tuple(saved[name].shape)}, the student has "
-                              f"{p.dtype} {tuple(p.shape)}", "use the same model and recipe, or a new checkpoint folder")
+                              f"{p.dtype} {tuple(p.shape)}",
+                              "use the same model and recipe, or a new checkpoint folder")
     with torch.no_grad():
         for name, p in named.items():
             p.copy_(saved[name])

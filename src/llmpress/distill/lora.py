@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..compressed import Compressed
+from ..compressed import Compressed, Grid
 from ..config import PositiveInt, check_value
 from ..errors import LlmpressError
 from ..primitives import dequantize, quantize
@@ -122,9 +122,9 @@ class LoRALinear(nn.Module):
         scale, zero = grid_of(self.base)
         group = _group(self.base.group_size)
         q = quantize(self.merged_weight(), scale, zero, self.base.bits, group)
-        meta = {"bits": self.base.bits, "group_size": self.base.group_size, "sym": self.base.sym}
+        grid = Grid(self.base.bits, self.base.group_size, self.base.sym)
         return Compressed(weight=None, qweight=q.cpu(), scale=scale.cpu(), zero=zero.cpu(),
-                          mask=None if self.mask is None else self.mask.cpu(), meta=meta)
+                          mask=None if self.mask is None else self.mask.cpu(), grid=grid)
 
     @torch.no_grad()
     def merged(self, mode: str = "auto") -> nn.Module:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..compressed import Compressed
+from ..compressed import Compressed, Grid
 from ..errors import LlmpressError
 from ..primitives import dequantize, expand_groups, group_count, qrange, quantize
 
@@ -139,11 +139,11 @@ class QATLinear(nn.Module):
                     clipped: bool = False) -> QATLinear:
         """Wrap a quantized ``linear`` (nn.Linear or Conv1D) given the engine's ``result`` for it.
 
-        ``meta`` (the layer's record from compress; default ``result.meta``) gives ``bits``,
-        ``group_size`` and ``sym``. The weight starts at the dequantized codes.
+        The grid is ``result.grid``, or that of ``meta`` (the layer's record from compress) when given.
+        The weight starts at the dequantized codes.
         """
-        meta = result.meta if meta is None else meta
-        if result.qweight is None or result.scale is None or meta.get("bits") is None:
+        grid = result.grid if meta is None else Grid.of(meta)
+        if result.qweight is None or result.scale is None or grid is None:
             raise LlmpressError("QAT needs a quantized layer: pass the engine's result with integer codes "
                                 "and a meta with 'bits'")
         conv1d = isinstance(linear, Conv1D)
@@ -153,13 +153,12 @@ class QATLinear(nn.Module):
         if tuple(result.qweight.shape) != shape:
             raise LlmpressError(f"codes of shape {tuple(result.qweight.shape)} do not fit a layer with (out, in) "
                                 f"weight {shape}: pass the result computed for this layer")
-        group = meta.get("group_size", -1)
         zero = result.zero if result.zero is not None else torch.zeros_like(result.scale)
-        W = dequantize(result.qweight, result.scale, zero, _group(group))
+        W = dequantize(result.qweight, result.scale, zero, grid.group)
         module = cls(W.to(linear.weight.device, linear.weight.dtype), linear.bias, result.scale, zero,
-                     int(meta["bits"]), group, bool(meta.get("sym", True)), clipped, conv1d)
+                     grid.bits, grid.group_size, grid.sym, clipped, conv1d)
         module.result = result
-        module.float_zero = bool(meta.get("zero_float"))
+        module.float_zero = grid.float_zero
         return module
 
     def quantized_weight(self) -> Tensor:
@@ -205,8 +204,8 @@ class QATLinear(nn.Module):
             module.weight = nn.Parameter(W, requires_grad=self.weight.requires_grad)
             if self.bias is not None:
                 module.bias = self.bias
-        base = self.result or Compressed(weight=None, meta={"bits": self.bits, "group_size": self.group_size,
-                                                            "sym": self.sym})
+        base = self.result or Compressed(weight=None, grid=Grid(self.bits, self.group_size, self.sym,
+                                                                self.float_zero))
         zero = self.zero.cpu() if base.zero is not None or not self.sym else None
         new = dataclasses.replace(base, weight=None, qweight=q.cpu(), scale=self.scale.cpu(), zero=zero,
                                   meta=dict(base.meta), loss=None)

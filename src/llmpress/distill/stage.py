@@ -20,18 +20,26 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass, fields
-from typing import Annotated
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
-from ..data.sources import parse_spec
 from ..config import Check, PositiveInt
+from ..data.sources import parse_spec
 from ..errors import LlmpressError
-from .config import (AtLeastOne, AtLeastZero, LossBeta, LossTemperature, LossWeight, SamplingTemperature, TopP,
-                     TrainConfig)
 from ..registry import Method, register
+from .config import (
+    AtLeastOne,
+    AtLeastZero,
+    LossBeta,
+    LossTemperature,
+    LossWeight,
+    SamplingTemperature,
+    TopP,
+    TrainConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +59,8 @@ class DistillConfig(TrainConfig):
     Loss (``llmpress.distill.losses.LossConfig``): ``loss`` forward_kl | reverse_kl | jsd | ce,
     ``temperature``, ``beta`` (jsd), ``hidden_weight``, ``ce_weight``. Optimisation: the fields of
     ``TrainConfig``, inherited (``steps``, ``lr`` …); ``checkpoint_dir`` + ``resume`` continue an
-    interrupted run (the checkpoint is deleted when training finishes, unless ``keep_checkpoint``). Data: ``source`` data (windows of ``data``) | generated (the teacher continues
+    interrupted run (the checkpoint is deleted when training finishes, unless ``keep_checkpoint``). Data: ``source``
+    data (windows of ``data``) | generated (the teacher continues
     prompts from ``data``) | data-free (the teacher writes from a random first token); ``samples``
     windows of ``seq_len`` tokens are drawn (seeded) from that text. Generation: ``prompts``,
     ``prompt_len``, ``new_tokens``, ``gen_temperature``, ``top_k``, ``top_p``, ``greedy_first``,

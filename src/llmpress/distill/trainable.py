@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..calib import block_prefix
-from ..compressed import Compressed
+from ..compressed import Compressed, Grid, Sparsity
 from ..errors import LlmpressError
 from ..models.archs import Arch, block_linears, get_blocks
 from ..quant.qlinear import QuantizedLinear
@@ -104,7 +104,8 @@ class Student:
 
 def _norms(block: nn.Module) -> list[nn.Module]:
     """The block's normalisation layers (RMSNorm, LayerNorm, QK-norms), found by class name."""
-    return [m for m in block.modules() if "norm" in type(m).__name__.lower() and next(m.parameters(recurse=False), None) is not None]
+    return [m for m in block.modules()
+            if "norm" in type(m).__name__.lower() and next(m.parameters(recurse=False), None) is not None]
 
 
 def _mask_of(name: str, module: nn.Module, result: Compressed | None) -> Tensor:
@@ -117,7 +118,8 @@ def _mask_of(name: str, module: nn.Module, result: Compressed | None) -> Tensor:
 
 def _quantized(name: str, meta: dict, results: dict[str, Compressed] | None) -> Compressed | None:
     """The layer's engine result when the layer is weight-quantized, else None."""
-    if meta.get("bits") is None or meta.get("act_bits"):
+    grid = Grid.of(meta)
+    if grid is None or grid.act_bits:
         return None
     result = (results or {}).get(name)
     if result is None or result.qweight is None:
@@ -169,7 +171,7 @@ def _prepare_linear(student: Student, name: str, module: nn.Module, meta: dict,
                     results: dict[str, Compressed] | None, rank: int, alpha: float, qlora_cache: bool) -> None:
     """Set up one block linear for ``student.train``."""
     result = _quantized(name, meta, results)
-    mask = _mask_of(name, module, (results or {}).get(name)) if meta.get("sparsity") else None
+    mask = _mask_of(name, module, (results or {}).get(name)) if Sparsity.of(meta) else None
     if mask is not None:
         student.masks[name] = mask
     if student.train == "norms":

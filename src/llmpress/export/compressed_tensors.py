@@ -61,7 +61,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..compressed import Compressed
+from ..compressed import Compressed, Grid
 from ..errors import LlmpressError
 from ..lowrank.module import LowRankLinear
 from ..primitives import expand_groups
@@ -124,12 +124,16 @@ def regroup(result: Compressed, group_size: int | None, new_group_size: int | No
     return dataclasses.replace(result, scale=every(result.scale), zero=zero)
 
 
+def _grid(name: str, result: Compressed, layers: dict) -> Grid | None:
+    """The grid of a weight-quantized layer with codes (its record's, else the result's), else None."""
+    grid = Grid.of(layers.get(name)) if layers.get(name) else result.grid
+    return None if result.qweight is None else grid
+
+
 def _layer_key(name: str, result: Compressed, layers: dict) -> tuple[int, int, bool] | None:
     """(bits, group size, sym) of a weight-quantized layer with codes, else None."""
-    meta = layers.get(name) or result.meta
-    if result.qweight is None or meta.get("bits") is None:
-        return None
-    return int(meta["bits"]), meta.get("group_size", -1), bool(meta.get("sym", True))
+    grid = _grid(name, result, layers)
+    return None if grid is None else (grid.bits, grid.group_size, grid.sym)
 
 
 def can_save(model: nn.Module, layers: dict, results: dict[str, Compressed]) -> str | None:
@@ -140,7 +144,8 @@ def can_save(model: nn.Module, layers: dict, results: dict[str, Compressed]) -> 
     if hasattr(model.config, "quantization_config"):
         return "this model already carries a quantization_config: export a plain (dequantized) model"
     for name, meta in layers.items():
-        if meta.get("act_bits"):
+        grid = Grid.of(meta)
+        if grid is not None and grid.act_bits:
             return (f"layer {name} also quantizes activations (W8A8), and pack-quantized writes weight-only "
                     "schemes: save it with --format auto, which writes W8A8 models int-quantized")
     linears, convs = 0, 0
@@ -156,7 +161,8 @@ def can_save(model: nn.Module, layers: dict, results: dict[str, Compressed]) -> 
             return (f"module {name} is a {type(module).__name__}, not nn.Linear: pass the results computed for "
                     "this model")
         meta = layers.get(name) or result.meta
-        if meta.get("zero_float") or result.meta.get("zero_float") or not (key[2] or integer_zero(result.zero)):
+        float_zero = _grid(name, result, layers).float_zero or (result.grid is not None and result.grid.float_zero)
+        if float_zero or not (key[2] or integer_zero(result.zero)):
             return (f"layer {name} has float zero points ({meta.get('method', 'its method')}'s grid), and "
                     "pack-quantized stores integer ones only: save it with --format dense, which is exact")
         linears += 1
@@ -172,7 +178,8 @@ def can_save(model: nn.Module, layers: dict, results: dict[str, Compressed]) -> 
 def fits(model: nn.Module, layers: dict, results: dict[str, Compressed]) -> bool:
     """Some linear weight-only quantized, every such layer with its codes, no GPT-2 Conv1D (``Arch.transposed``):
     what "auto" packs."""
-    weight_only = [n for n, meta in layers.items() if meta.get("bits") and not meta.get("act_bits")]
+    grids = {n: Grid.of(meta) for n, meta in layers.items()}
+    weight_only = [n for n, grid in grids.items() if grid is not None and grid.act_bits is None]
     return bool(weight_only) and all(results.get(n) is not None and results[n].qweight is not None
                                      for n in weight_only) and not any(isinstance(m, Conv1D) for m in model.modules())
 
@@ -197,7 +204,7 @@ def _quantized_layers(model: nn.Module, layers: dict, results: dict[str, Compres
     for module, _, key in found.values():
         widths.setdefault(key, []).append(module.in_features)
     storage = {key: storage_group_size(key[1], w) for key, w in widths.items()}
-    for (bits, group, sym), size in storage.items():
+    for (bits, group, _sym), size in storage.items():
         if size is not None and size != group:
             log.warning("%d-bit group %d does not divide every layer width: stored as group %d (same weights, "
                         "%dx the scales) so that compressed-tensors can load it", bits, group, size, group // size)
@@ -242,7 +249,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, layers: dict[str, dict]
     replacements = {}
     for name, (module, result, scheme) in chosen.items():
         schemes.setdefault(scheme, []).append(name)
-        meta = {"bits": scheme.bits, "group_size": scheme.group_size or -1, "sym": scheme.sym}
+        meta = Grid(scheme.bits, scheme.group_size or -1, scheme.sym).to_record()
         replacements[name] = QuantizedLinear.from_compressed(module, result, meta)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in replacements]
     config = quantization_config(schemes, ignore)

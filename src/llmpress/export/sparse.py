@@ -48,7 +48,7 @@ import numpy
 import torch
 from torch import Tensor, nn
 
-from ..compressed import Compressed, is_two_four
+from ..compressed import Compressed, Grid, Sparsity
 from ..errors import LlmpressError
 from ..lowrank.module import LowRankLinear
 from .base import Folder, Format
@@ -115,7 +115,8 @@ class SparseLinear(nn.Module):
 
 def choose_layout(masks: dict[str, Tensor], layers: dict[str, dict]) -> str:
     """sparse-24-bitmask when every pruned layer is 2:4 (and its width a multiple of 4), else sparse-bitmask."""
-    two_four = all(is_two_four(layers.get(n, {}).get("n:m"), m.shape[1]) for n, m in masks.items())
+    found = {n: Sparsity.of(layers.get(n)) for n in masks}
+    two_four = all(s is not None and s.two_four(m.shape[1]) for s, m in zip(found.values(), masks.values()))
     return BITMASK_24 if masks and two_four else BITMASK
 
 
@@ -124,7 +125,7 @@ def sparse_layers(model: nn.Module, layers: dict[str, dict],
     """{name: (module, keep-mask)} for every pruned (sparsity > 0) nn.Linear listed in ``layers``."""
     found = {}
     for name, meta in layers.items():
-        if not meta.get("sparsity"):
+        if Sparsity.of(meta) is None:
             continue
         module = model.get_submodule(name)
         if type(module) is not nn.Linear:
@@ -194,7 +195,8 @@ def load_sparse(path: str | Path, config, dtype: torch.dtype = torch.float32) ->
 
 def sparse_only(layers: dict) -> bool:
     """Some layer pruned and none quantized: what this format stores (quantized models are pack-quantized)."""
-    return any(m.get("sparsity") for m in layers.values()) and not any(m.get("bits") for m in layers.values())
+    return (any(Sparsity.of(m) for m in layers.values())
+            and not any(Grid.of(m) for m in layers.values()))
 
 
 def fits(model: nn.Module, layers: dict, results: dict[str, Compressed] | None) -> bool:
@@ -208,7 +210,7 @@ def can_save(model: nn.Module, layers: dict, results: dict[str, Compressed] | No
                 "(llmpress safetensors) or --format dense")
     if hasattr(model.config, "quantization_config"):
         return "this model already carries a quantization_config: export a plain (dequantized) model"
-    pruned = [n for n, m in layers.items() if m.get("sparsity")]
+    pruned = [n for n, m in layers.items() if Sparsity.of(m)]
     if not any(type(model.get_submodule(n)) is nn.Linear for n in pruned):
         return "no pruned nn.Linear layers to export sparse: run a pruning method first (e.g. recipe wanda-50)"
     return None

@@ -56,8 +56,9 @@ def tail_curve(sigma: Tensor, squared: bool = False) -> Tensor:
 def _check_rank(W: Tensor, rank: int) -> None:
     if W.dim() != 2:
         raise LlmpressError(f"weight must be a 2-D (out, in) matrix, got shape {tuple(W.shape)}")
-    check_value("rank", rank, Annotated[int, Check(ge=1, le=min(W.shape), verdict=f"out of range for a {tuple(W.shape)} "
-                                                   "weight", advice=f"use 1 to {min(W.shape)}")])
+    limit = Check(ge=1, le=min(W.shape), verdict=f"out of range for a {tuple(W.shape)} weight",
+                  advice=f"use 1 to {min(W.shape)}")
+    check_value("rank", rank, Annotated[int, limit])
 
 
 def spectrum(M: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -123,7 +124,8 @@ def asvd_factorize(W: Tensor, act_scale: Tensor, rank: int, alpha: float = 0.5) 
     """
     _check_rank(W, rank)
     if act_scale.shape != (W.shape[1],):
-        raise LlmpressError(f"act_scale has shape {tuple(act_scale.shape)}: it needs one entry per input ({W.shape[1]})")
+        raise LlmpressError(f"act_scale has shape {tuple(act_scale.shape)}: it needs one entry per input "
+                            f"({W.shape[1]})")
     s = asvd_scale(act_scale, alpha)
     U, V, sq = _truncate(W.double() * s, rank)
     meta = {"method": "asvd", "rank": rank, "shape": list(W.shape), "alpha": alpha}

@@ -33,10 +33,10 @@ from ..errors import LlmpressError
 from ..linalg import single_threaded
 from ..measure import count_params, flops_per_token
 from ..models.archs import Arch, block_linears, get_blocks, linear_weight
+from ..registry import Method, register
 from .allocate import allocate_ranks, layer_params
 from .factorize import asvd_curve, asvd_factorize, svd_curve, svd_factorize, svd_llm_curve, svd_llm_factorize
 from .module import LowRankLinear, replace_with_factors
-from ..registry import Method, register
 
 log = logging.getLogger(__name__)
 

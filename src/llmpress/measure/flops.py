@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from llmpress.compressed import Sparsity
 from llmpress.errors import LlmpressError
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,10 @@ def _config_linear_shapes(config) -> tuple[list[tuple[int, int]], tuple[int, int
 def _density(spec: dict | None, weight: torch.Tensor | None) -> float:
     """Fraction of non-zero weights: from the compression record, else counted."""
     if spec is not None:
-        nm = spec.get("n:m")
-        if nm is not None:
-            return nm[0] / nm[1]
-        return 1.0 - float(spec.get("sparsity") or 0.0)
+        sparsity = Sparsity.of(spec)
+        if sparsity is None:
+            return 1.0
+        return sparsity.nm[0] / sparsity.nm[1] if sparsity.nm is not None else 1.0 - sparsity.fraction
     if weight is None or weight.numel() == 0:
         return 1.0
     return int(torch.count_nonzero(weight.detach()).item()) / weight.numel()

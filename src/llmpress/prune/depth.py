@@ -30,8 +30,8 @@ from ..config import Check, Config, PositiveInt
 from ..errors import LlmpressError
 from ..measure.size import count_params
 from ..models.archs import Arch, block_linears, get_blocks
-from .passes import calibration_loss
 from ..registry import Method, register
+from .passes import calibration_loss
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ def remove_blocks(model: nn.Module, arch: Arch, indices: list[int]) -> None:
     blocks = get_blocks(model, arch)
     drop = set(indices)
     if not drop or min(drop) < 0 or max(drop) >= len(blocks) or len(drop) >= len(blocks):
-        raise LlmpressError(f"cannot remove blocks {sorted(drop)} of {len(blocks)}: keep at least one, indices in range")
+        raise LlmpressError(f"cannot remove blocks {sorted(drop)} of {len(blocks)}: keep at least one, "
+                            "indices in range")
     old = len(blocks)
     kept = [b for i, b in enumerate(blocks) if i not in drop]
     model.set_submodule(arch.blocks, nn.ModuleList(kept))

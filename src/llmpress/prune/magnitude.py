@@ -18,8 +18,8 @@ from torch import Tensor
 from ..compressed import Compressed
 from ..config import Check, Config
 from ..errors import LlmpressError
-from .masks import Pattern, Sparsity, mask_meta, nm_mask, parse_pattern
 from ..registry import Method, register
+from .masks import Pattern, Sparsity, measured_sparsity, nm_mask, parse_pattern
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ def magnitude(weight: Tensor, cfg: MagnitudeConfig) -> Compressed:
     nm = parse_pattern(cfg.pattern)
     mask = prune_lowest(weight.abs(), cfg.sparsity, cfg.scope) if nm is None else nm_mask(weight.abs(), *nm)
     pruned = weight.float() * mask
-    return Compressed(weight=pruned, mask=mask, meta={"method": "magnitude", **mask_meta(mask, nm)})
+    return Compressed(weight=pruned, mask=mask, meta={"method": "magnitude"},
+                      sparsity=measured_sparsity(mask, nm))
 
 
 def magnitude_recipe(sparsity: float, pattern: str = "unstructured") -> dict:

@@ -17,6 +17,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
+from ..compressed import Sparsity as MaskSparsity
 from ..compressed import is_two_four  # noqa: F401  (re-exported: where the pruners look for it)
 from ..config import Check, check_value
 from ..errors import LlmpressError
@@ -109,9 +110,6 @@ def select_mask(scores: Tensor, sparsity: float, nm: tuple[int, int] | None, sco
     return nm_mask(scores, *nm) if nm is not None else unstructured_mask(scores, sparsity, scope)
 
 
-def mask_meta(mask: Tensor, nm: tuple[int, int] | None) -> dict:
-    """The size-accounting record of a mask: measured ``sparsity`` and, for N:M, ``n:m``."""
-    meta = {"sparsity": 1 - mask.float().mean().item()}
-    if nm is not None:
-        meta["n:m"] = list(nm)
-    return meta
+def measured_sparsity(mask: Tensor, nm: tuple[int, int] | None) -> MaskSparsity:
+    """What a keep-mask removed: the measured fraction of zeros and, for N:M, the pattern."""
+    return MaskSparsity(1 - mask.float().mean().item(), None if nm is None else tuple(nm))

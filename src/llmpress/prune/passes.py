@@ -16,7 +16,6 @@ from ..progress import bar
 from ..stats import MeanVarStats
 
 
-
 def width_linears(arch: Arch) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(q, k, v, o) and (gate, up, down) of ``arch`` (``models.archs.attention_mlp``); other layouts raise."""
     names = attention_mlp(arch)

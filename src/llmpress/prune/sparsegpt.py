@@ -30,14 +30,14 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from ..compressed import Compressed
+from ..compressed import Compressed, Grid
 from ..config import Check, Config
 from ..errors import LlmpressError
 from ..linalg import inverse_cholesky_upper, prepare_hessian, single_threaded
 from ..primitives import compute_qparams, dequantize, group_count, qrange
 from ..quant.rtn import Bits, GroupSize
-from .masks import Pattern, Sparsity, lowest_mask, mask_meta, nm_mask, resolve_sparsity
 from ..registry import Method, register
+from .masks import Pattern, Sparsity, lowest_mask, measured_sparsity, nm_mask, resolve_sparsity
 
 
 @dataclass(frozen=True)
@@ -98,14 +98,14 @@ def sparsegpt(weight: Tensor, hessian: Tensor, cfg: SparseGPTConfig) -> Compress
         Wt = W.T.contiguous()
         Q, loss = _solve(Wt, inverse_cholesky_upper(H), keep_t, sparsity, nm, cfg, grid)
     mask = keep_t.T.contiguous()
-    meta = {"method": "sparsegpt", **mask_meta(mask, nm)}
+    meta, sparsity = {"method": "sparsegpt"}, measured_sparsity(mask, nm)
     if grid is None:
-        return Compressed(weight=Q.T.float().contiguous(), mask=mask, meta=meta, loss=loss)
+        return Compressed(weight=Q.T.float().contiguous(), mask=mask, meta=meta, loss=loss, sparsity=sparsity)
     qweight = Q.T.to(torch.int8).contiguous()
     group = None if cfg.group_size == -1 else cfg.group_size
-    meta.update(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym)
     return Compressed(weight=dequantize(qweight, grid.scale, grid.zero, group), qweight=qweight,
-                      scale=grid.scale, zero=grid.zero, mask=mask, meta=meta, loss=loss)
+                      scale=grid.scale, zero=grid.zero, mask=mask, meta=meta, loss=loss, sparsity=sparsity,
+                      grid=Grid(cfg.bits, cfg.group_size, cfg.sym))
 
 
 class _Grid:

@@ -36,8 +36,8 @@ from ..config import Check, Config, PositiveInt
 from ..errors import LlmpressError
 from ..measure.size import count_params
 from ..models.archs import Arch, get_blocks
-from .passes import calibration_loss, input_moments, taylor_importance, width_linears
 from ..registry import Method, register
+from .passes import calibration_loss, input_moments, taylor_importance, width_linears
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ def _kept(scores: Tensor, remove: int) -> tuple[int, ...]:
     return tuple(sorted(order[remove:].tolist()))
 
 
-def _channels_for(budget: float, groups: int, g_params: int, c_params: int, n_channels: int, multiple: int) -> int | None:
+def _channels_for(budget: float, groups: int, g_params: int, c_params: int, n_channels: int,
+                  multiple: int) -> int | None:
     """MLP channels to remove per layer after ``groups`` KV groups, or None when infeasible."""
     rest = budget - groups * g_params
     if rest < -0.5 * g_params or max(0.0, rest) / c_params > n_channels - multiple + 0.5:

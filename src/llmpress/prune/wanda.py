@@ -18,8 +18,8 @@ from torch import Tensor
 
 from ..compressed import Compressed
 from ..config import Check, Config
-from .masks import Pattern, Sparsity, mask_meta, resolve_sparsity, select_mask
 from ..registry import Method, register
+from .masks import Pattern, Sparsity, measured_sparsity, resolve_sparsity, select_mask
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ def wanda(weight: Tensor, col_norm: Tensor, cfg: WandaConfig) -> Compressed:
     """
     sparsity, nm = resolve_sparsity(cfg.sparsity, cfg.pattern)
     mask = select_mask(wanda_scores(weight, col_norm), sparsity, nm, cfg.scope)
-    return Compressed(weight=weight.float() * mask, mask=mask, meta={"method": "wanda", **mask_meta(mask, nm)})
+    return Compressed(weight=weight.float() * mask, mask=mask, meta={"method": "wanda"},
+                      sparsity=measured_sparsity(mask, nm))
 
 
 register(Method("wanda", WandaConfig, wanda, ("col_norm",), "prune"), recipes={

@@ -29,10 +29,9 @@ from torch import Tensor, nn
 from ..config import Check, Config
 from ..models.archs import Arch, linear_weight, set_linear_weight
 from ..primitives import expand_groups, qparams_from_range, qrange
-from .rtn import Bits, GroupSize
-from .smoothing import fold_scales, foldable_feeds, sample_inputs
 from ..registry import Method, register
-from .rtn import rtn_recipe
+from .rtn import Bits, GroupSize, rtn_recipe
+from .smoothing import fold_scales, foldable_feeds, sample_inputs
 
 log = logging.getLogger(__name__)
 

@@ -23,18 +23,19 @@ each column keeps its own original group's qparams, so the result needs no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Callable
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
-from ..compressed import Compressed
+from ..compressed import Compressed, Grid
 from ..config import Check, Config
 from ..linalg import inverse_cholesky_upper, prepare_hessian, single_threaded
 from ..primitives import compute_qparams, dequantize, expand_groups, qrange, search_qparams
-from .rtn import Bits, GroupSize
 from ..registry import Method, register
+from .rtn import Bits, GroupSize
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,9 @@ def _gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
         scale, zero = groups.scale, groups.zero
     codes = codes_t if perm is None else codes_t[torch.argsort(perm)]
     qweight = codes.T.to(torch.int8).contiguous()
-    meta = {"method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
-            "act_order": cfg.act_order, "mse": cfg.mse}
+    meta = {"method": "gptq", "act_order": cfg.act_order, "mse": cfg.mse}
     return Compressed(weight=dequantize(qweight, scale, zero, group), qweight=qweight, scale=scale,
-                      zero=zero, meta=meta, loss=loss)
+                      zero=zero, meta=meta, loss=loss, grid=Grid(cfg.bits, cfg.group_size, cfg.sym))
 
 
 class _CurrentGroups:

@@ -41,7 +41,7 @@ from typing import Annotated, Literal
 import torch
 from torch import Tensor
 
-from ..compressed import Compressed
+from ..compressed import Compressed, Grid
 from ..config import Check, Config
 from ..primitives import dequantize, qrange
 from ..registry import Method, register
@@ -162,9 +162,10 @@ def hqq(weight: Tensor, cfg: HQQConfig) -> Compressed:
     s_full = scale.repeat_interleave(g, dim=1)[:, :cols]
     z_full = zero.repeat_interleave(g, dim=1)[:, :cols]
     q = torch.round(W / s_full + z_full).clamp_(qmin, qmax).to(torch.int8)
-    meta = {"method": "hqq", "bits": cfg.bits, "group_size": cfg.group_size, "sym": False, "zero_float": True,
-            "param_dtype": cfg.param_dtype}
-    return Compressed(weight=dequantize(q, scale, zero, group), qweight=q, scale=scale, zero=zero, meta=meta)
+    meta = {"method": "hqq", "param_dtype": cfg.param_dtype}
+    return Compressed(weight=dequantize(q, scale, zero, group), qweight=q, scale=scale, zero=zero, meta=meta,
+                      grid=Grid(cfg.bits, -1 if cfg.group_size is None else cfg.group_size, sym=False,
+                                float_zero=True))
 
 
 def hqq_recipe(bits: int, group: int) -> dict:

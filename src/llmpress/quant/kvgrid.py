@@ -191,7 +191,7 @@ def kv_bytes_per_token(cfg: KVCacheConfig, config) -> dict:
     return {"bytes_per_token": total, "fp16_bytes_per_token": float(fp16), "ratio": fp16 / total}
 
 
-def as_kv_config(value: "KVCacheConfig | dict | int | None") -> KVCacheConfig | None:
+def as_kv_config(value: KVCacheConfig | dict | int | None) -> KVCacheConfig | None:
     """A :class:`KVCacheConfig` from a config, a dict of its fields, or a bit width."""
     if value is None or isinstance(value, KVCacheConfig):
         return value

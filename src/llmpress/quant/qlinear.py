@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..compressed import Compressed
+from ..compressed import Compressed, Grid
 from ..errors import LlmpressError
 from ..primitives import expand_groups, group_count
 from .packing import pack_int, packed_width, unpack_int
@@ -38,7 +38,7 @@ def _group(group_size: int | None) -> int | None:
 def integer_zero(zero: Tensor | None) -> bool:
     """Whether zero points are whole numbers, what pack-quantized can store (None: none to store).
 
-    HQQ's zero points are floats (meta ``"zero_float": True``); rounding them would change the weights.
+    HQQ's zero points are floats (``Grid.float_zero``); rounding them would change the weights.
     """
     return zero is None or not zero.is_floating_point() or bool(torch.equal(zero, zero.round()))
 
@@ -121,11 +121,11 @@ class QuantizedLinear(nn.Module):
                         cache_weight: bool = False) -> QuantizedLinear:
         """Replace ``linear`` (``nn.Linear``, or GPT-2 ``Conv1D``) quantized as ``result``.
 
-        ``meta`` (the engine's per-layer record; default ``result.meta``) gives ``bits``,
-        ``group_size`` and ``sym``. The bias is shared with ``linear``, not copied.
+        The grid is ``result.grid``, or that of ``meta`` (the engine's per-layer record) when given.
+        The bias is shared with ``linear``, not copied.
         """
-        meta = result.meta if meta is None else meta
-        if result.qweight is None or meta.get("bits") is None:
+        grid = result.grid if meta is None else Grid.of(meta)
+        if result.qweight is None or grid is None:
             raise LlmpressError("from_compressed needs a quantized layer (integer codes and 'bits' in its meta)")
         weight = linear.weight
         out_features, in_features = result.qweight.shape
@@ -133,7 +133,7 @@ class QuantizedLinear(nn.Module):
         if tuple(weight.shape) != expected:
             raise LlmpressError(f"codes of shape {tuple(result.qweight.shape)} do not fit a layer with weight "
                                 f"{tuple(weight.shape)}: pass the result computed for this layer")
-        bits, group_size, sym = int(meta["bits"]), meta.get("group_size", -1), bool(meta.get("sym", True))
+        bits, group_size, sym = grid.bits, grid.group_size, grid.sym
         module = cls(in_features, out_features, bits, group_size, sym, bias=linear.bias is not None,
                      dtype=weight.dtype, device=weight.device, cache_weight=cache_weight)
         for name, tensor in packed_tensors(result, bits, group_size, sym, weight.dtype).items():
@@ -174,8 +174,8 @@ def replace_linears(model: nn.Module, results: dict[str, Compressed], layers: di
     layers = layers or {}
     replaced = 0
     for name, result in results.items():
-        meta = layers.get(name, result.meta)
-        if result.qweight is None or meta.get("bits") is None:
+        grid = Grid.of(layers[name]) if name in layers else result.grid
+        if result.qweight is None or grid is None:
             continue
         module = model.get_submodule(name)
         if not isinstance(module, (nn.Linear, Conv1D)):
@@ -183,7 +183,7 @@ def replace_linears(model: nn.Module, results: dict[str, Compressed], layers: di
                                 "pass the results computed for this model")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLinear.from_compressed(module, result, meta, cache_weight))
+        setattr(parent, child, QuantizedLinear.from_compressed(module, result, layers.get(name), cache_weight))
         replaced += 1
     log.info("replaced %d linear layers with QuantizedLinear", replaced)
     return model

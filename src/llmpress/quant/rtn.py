@@ -14,7 +14,7 @@ from typing import Annotated
 
 from torch import Tensor
 
-from ..compressed import Compressed
+from ..compressed import Compressed, Grid
 from ..config import Check, Config, check_value
 from ..primitives import compute_qparams, dequantize, quantize, search_qparams
 from ..registry import Method, register
@@ -59,15 +59,14 @@ def rtn(weight: Tensor, cfg: RTNConfig) -> Compressed:
     qparams = search_qparams if cfg.mse else compute_qparams
     scale, zero = qparams(weight, cfg.bits, group, cfg.sym)
     q = quantize(weight, scale, zero, cfg.bits, group)
-    meta = {"method": "rtn", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym}
-    if cfg.mse:
-        meta["mse"] = True
+    meta = {"method": "rtn", "mse": True} if cfg.mse else {"method": "rtn"}
     return Compressed(
         weight=dequantize(q, scale, zero, group),
         qweight=q,
         scale=scale,
         zero=zero,
         meta=meta,
+        grid=Grid(cfg.bits, cfg.group_size, cfg.sym),
     )
 
 

@@ -23,7 +23,7 @@ from ..models.archs import Arch, input_representatives, linear_weight, set_linea
 Feed = tuple[str, tuple[str, ...]]
 
 
-def foldable_feeds(arch: Arch, selected: "dict[str, nn.Module] | set[str]") -> list[Feed]:
+def foldable_feeds(arch: Arch, selected: dict[str, nn.Module] | set[str]) -> list[Feed]:
     """The feeds of ``arch`` (in block order) whose consumers are all among ``selected``."""
     return [(source, tuple(consumers)) for source, consumers in arch.feeds
             if all(name in selected for name in consumers)]
@@ -69,7 +69,7 @@ def _divide_linear_rows(linear: nn.Module, arch: Arch, scales: Tensor, name: str
 
 
 @torch.no_grad()
-def fold_scales(block: nn.Module, arch: Arch, source_name: str, consumer_names: "tuple[str, ...] | list[str]",
+def fold_scales(block: nn.Module, arch: Arch, source_name: str, consumer_names: tuple[str, ...] | list[str],
                 scales: Tensor) -> None:
     """Divide ``source_name``'s output channels by ``scales`` and multiply the consumers' input columns by them.
 

@@ -26,13 +26,14 @@ from typing import Annotated
 import torch
 from torch import Tensor, nn
 
+from ..compressed import Grid
 from ..config import Check, Config
 from ..errors import LlmpressError
 from ..models.archs import Arch, linear_weight
+from ..registry import Method, register
 from ..stats import AbsMaxStats
 from .smoothing import fold_scales, foldable_feeds
 from .w8a8 import PATHS, W8A8Linear
-from ..registry import Method, register
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def smoothquant_block(block: nn.Module, arch: Arch, modules: dict[str, nn.Module
     smoothed = {name for _, consumers in feeds for name in consumers}
     meta = {"method": "smoothquant", "alpha": cfg.alpha}
     if cfg.quantize:
-        meta.update(bits=8, group_size=-1, sym=True, act_bits=8)
+        meta.update(Grid(8, -1, sym=True, act_bits=8).to_record())
     done = {}
     for name, module in modules.items():
         shape = list(linear_weight(module, arch).shape)

@@ -278,7 +278,8 @@ def load_w8a8_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     missing = [k for k in missing if k not in tied and not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing:
-        raise LlmpressError(f"{folder} lacks {len(missing)} weights (e.g. {missing[0]}): it is not a complete checkpoint")
+        raise LlmpressError(f"{folder} lacks {len(missing)} weights (e.g. {missing[0]}): "
+                            "it is not a complete checkpoint")
     model.tie_weights()
     log.info("loaded %d W8A8 linears from %s", len(swapped), folder)
     return model.eval()
