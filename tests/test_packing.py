@@ -73,7 +73,7 @@ def test_equals_compressed_tensors_packing(bits):
 @pytest.mark.parametrize("call, needle", [
     (lambda: pack_int(torch.zeros(2, 4, dtype=torch.int32), 4), "2-D int8"),
     (lambda: pack_int(torch.full((2, 4), 8, dtype=torch.int8), 4), r"outside the 4-bit range \[-8, 7\]"),
-    (lambda: pack_int(torch.zeros(2, 4, dtype=torch.int8), 9), "bits=9 is out of range: it cannot be packed"),
+    (lambda: pack_int(torch.zeros(2, 4, dtype=torch.int8), 9), "bits=9 cannot be packed"),
     (lambda: unpack_int(torch.zeros(2, 3, dtype=torch.int32), 4, 64), "3 words per row cannot hold 64"),
 ])
 def test_bad_input_is_reported(call, needle):

@@ -95,16 +95,14 @@ def swapped(model: nn.Module, replacements: dict[str, nn.Module], config: dict |
     old_config = getattr(model.config, "quantization_config", None)
     try:
         for name, module in replacements.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            originals[name] = (parent, child, getattr(parent, child))
-            setattr(parent, child, module)
+            originals[name] = model.get_submodule(name)
+            model.set_submodule(name, module)
         if config is not None:
             model.config.quantization_config = config
         yield model
     finally:
-        for parent, child, module in originals.values():
-            setattr(parent, child, module)
+        for name, module in originals.items():
+            model.set_submodule(name, module)
         if had_config:
             model.config.quantization_config = old_config
         elif hasattr(model.config, "quantization_config"):

@@ -35,7 +35,10 @@ def packed_width(columns: int, bits: int) -> int:
 
 
 def _check_bits(bits: int) -> None:
-    check_value("bits", bits, Annotated[int, Check(ge=1, le=8, verdict="out of range: it cannot be packed")])
+    try:
+        check_value("bits", bits, Annotated[int, Check(ge=1, le=8)])
+    except LlmpressError:
+        raise LlmpressError(f"bits={bits!r} cannot be packed: use an integer from 1 to 8") from None
 
 
 def pack_int(q: Tensor, bits: int) -> Tensor:

@@ -181,9 +181,7 @@ def replace_linears(model: nn.Module, results: dict[str, Compressed], layers: di
         if not isinstance(module, (nn.Linear, Conv1D)):
             raise LlmpressError(f"module {name} is a {type(module).__name__}, not a linear layer: "
                                 "pass the results computed for this model")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLinear.from_compressed(module, result, layers.get(name), cache_weight))
+        model.set_submodule(name, QuantizedLinear.from_compressed(module, result, layers.get(name), cache_weight))
         replaced += 1
     log.info("replaced %d linear layers with QuantizedLinear", replaced)
     return model
