@@ -149,7 +149,7 @@ def _peer_key(calib: torch.Tensor, windows: torch.Tensor, spec: dict) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.numpy().tobytes())
     digest.update(json.dumps(spec, sort_keys=True).encode())
-    for script in PEER_SCRIPT.parent.glob("*.py"):
+    for script in sorted(PEER_SCRIPT.parent.glob("*.py")):  # sorted: the same key in every clone
         digest.update(script.read_bytes())
     return digest.hexdigest()[:24]
 

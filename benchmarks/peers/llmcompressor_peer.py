@@ -33,8 +33,8 @@ def modifiers(spec):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     kind = spec["kind"]
-    weights = weight_scheme(spec.get("bits", 4), spec.get("group_size", 64), spec.get("sym", True))
-    groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+    groups = {"group_0": {"targets": ["Linear"], "weights": weight_scheme(spec.get("bits", 4), spec.get("group_size", 64),
+                                                                          spec.get("sym", True))}}
     if kind == "rtn":
         return [QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     if kind == "gptq":
@@ -52,8 +52,8 @@ def modifiers(spec):
         return [SmoothQuantModifier(smoothing_strength=spec.get("alpha", 0.5)),
                 QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=["lm_head"])]
     if kind in ("wanda", "sparsegpt"):
-        from llmcompressor.modifiers.obcq import SparseGPTModifier
         from llmcompressor.modifiers.pruning import WandaPruningModifier
+        from llmcompressor.modifiers.obcq import SparseGPTModifier
 
         cls = WandaPruningModifier if kind == "wanda" else SparseGPTModifier
         # "targets"/"ignore" in the spec override these (e.g. to show the refusal of an unequal job)
