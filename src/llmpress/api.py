@@ -15,11 +15,14 @@ from pathlib import Path
 import torch
 
 from .calib import calibration_dtype
-from .data import calibration_samples, describe_spec, eval_windows
+from .data import calibration_samples, describe_spec, eval_windows, load_text
+from .data.sources import offline_if_unreachable
+from .data.tasks import LOCAL_TASKS, local_task_folder
 from .engine import compress_blocks, merge_meta, run_plan
 from .errors import LlmpressError
 from .export import formats
 from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
+from .measure.plots import error_records
 from .models.archs import arch_for
 from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
 from .recipe import Recipe, load_recipe
@@ -40,10 +43,11 @@ class CompressResult:
     out: Path | None = None
     notes: list[str] = field(default_factory=list)
     results: dict = field(default_factory=dict)  # layer name -> Compressed (codes, scales, mask) for export
+    blocks: dict[str, dict] = field(default_factory=dict)  # block name -> {"output_error": ...} (engine)
 
     @property
     def meta(self) -> dict:
-        return {"recipe": self.recipe.to_dict(), "layers": self.layers, "notes": self.notes,
+        return {"recipe": self.recipe.to_dict(), "layers": self.layers, "blocks": self.blocks, "notes": self.notes,
                 "compress_time_s": round(self.seconds, 3), "peak_memory_bytes": self.peak_memory_bytes}
 
 
@@ -117,6 +121,10 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     linear was weight-quantized and can be packed, else dense. A pruned, unquantized model asked for
     as "compressed-tensors" is written sparse-bitmask / sparse-24-bitmask (``llmpress.export.sparse``:
     real bytes; ``llmpress.load_model`` reads it, transformers 5.x no longer can).
+    Each rewritten linear's record gets its error against the original weight (``output_error`` on
+    the calibration data, or ``weight_error`` when the recipe has none; ``llmpress.engine``), and
+    ``blocks`` each block's output error; ``data``/``samples`` given to a recipe that needs no
+    calibration (RTN) are used for these output errors alone.
     >>> result = compress("smollm2-135m", "rtn-w4-g64", out="smollm2-w4")  # doctest: +SKIP
     """
     recipe = load_recipe(recipe)
@@ -128,14 +136,15 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
         raise LlmpressError(f"unknown format '{format}': use one of {', '.join(FORMATS)}")
     if out is not None:
         check_output(out)
-    if recipe.needs_calibration:
+    calibrate = recipe.needs_calibration or data is not None or samples is not None  # else weight errors only
+    if calibrate:
         describe_spec(recipe.calibration.data)
     dev = resolve_device(device)
     loaded = _loaded(model, tokenizer)
     arch = arch_for(loaded.model)
-    _check_plan(loaded.model, recipe, out)
+    _check_plan(loaded.model, recipe, out, calibrate)
     ids = None
-    if recipe.needs_calibration:
+    if calibrate:
         if loaded.tokenizer is None:
             raise LlmpressError("this recipe needs calibration text but the model has no tokenizer: pass one")
         c = recipe.calibration
@@ -144,6 +153,8 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     compute_dtype = calibration_dtype(recipe.calibration.dtype, dev)
     results: dict = {}
     teacher = _teacher(loaded.model, recipe)
+    blocks: dict[str, dict] = {}
+    touched: list[set[str]] = []  # the layers each segment rewrote
     with PeakMemory(dev) as mem:
         layers: dict[str, dict] = {}
         for model_stage, stages in _segments(recipe.stages):
@@ -156,17 +167,20 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
                 if method.kind == "plan":  # the method chose per-block settings; the engine runs them
                     done = run_plan(loaded.model, arch, done, ids, device=dev,
                                     batch_size=recipe.calibration.batch_size, progress=progress, results=results,
-                                    compute_dtype=compute_dtype)
+                                    compute_dtype=compute_dtype, block_records=blocks)
             else:
                 done = compress_blocks(loaded.model, arch, stages, ids, dev, recipe.calibration.batch_size,
-                                       progress=progress, results=results, compute_dtype=compute_dtype)
+                                       progress=progress, results=results, compute_dtype=compute_dtype,
+                                       block_records=blocks)
                 arch = arch_for(loaded.model)  # the stage may have changed the structure
             for name, meta in done.items():
                 layers[name] = merge_meta(layers.get(name), meta)
+            touched.append(set(done))
     del teacher
+    _keep_errors_of_one_segment(layers, blocks, touched)
     result = CompressResult(loaded.model, loaded.tokenizer, recipe, layers, time.perf_counter() - start,
                             mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"],
-                            results=results)
+                            results=results, blocks=blocks)
     if out is not None:  # the format table (llmpress.export.formats) chooses and writes
         result.out = formats.save(loaded.model, loaded.tokenizer, out, result.meta, layers, results, format)
     return result
@@ -175,9 +189,9 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
 FORMATS = formats.REQUESTS  # "auto" and the families of the format table: compressed-tensors, dense
 
 
-def _check_plan(model: torch.nn.Module, recipe: Recipe, out: str | Path | None) -> None:
+def _check_plan(model: torch.nn.Module, recipe: Recipe, out: str | Path | None, calibrate: bool) -> None:
     """What can be checked once the model is known, before any work: window lengths and disk space."""
-    if recipe.needs_calibration:
+    if calibrate:
         check_seq_len(model, recipe.calibration.seq_len, "calibration seq_len")
     for stage in recipe.stages:  # stages with windows of their own (distillation)
         seq_len = getattr(stage.config, "seq_len", None)
@@ -185,6 +199,28 @@ def _check_plan(model: torch.nn.Module, recipe: Recipe, out: str | Path | None) 
             check_seq_len(model, seq_len, f"{stage.method} seq_len", f"{stage.method}(seq_len=...)")
     if out is not None:
         check_space(out, param_bytes(model))
+
+
+ERROR_KEYS = ("output_error", "weight_error")
+
+
+def _keep_errors_of_one_segment(layers: dict[str, dict], blocks: dict[str, dict], touched: list[set[str]]) -> None:
+    """Drop the recorded errors that no longer compare the final weights with the original ones.
+
+    The engine measures each layer (and block) against its weights at the start of its own segment; a
+    layer that another segment also rewrote (distillation after GPTQ, a second engine run after a model
+    stage) has no error against the original, and nor has a block holding such a layer.
+    """
+    counts: dict[str, int] = {}
+    for names in touched:
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
+    redone = {name for name, count in counts.items() if count > 1}
+    for name in redone:
+        for key in ERROR_KEYS:
+            layers[name].pop(key, None)
+    for block in [b for b in blocks if any(name.startswith(b + ".") for name in redone)]:
+        del blocks[block]
 
 
 def _teacher(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module | None:
@@ -229,10 +265,25 @@ def _announce(windows: torch.Tensor, max_windows: int | None, description: str) 
                     "long: use --max-windows N for a shorter run", f"{tokens:,}", tokens / (16 * 1024))
 
 
+def _task_paths(tasks: list[str], include_path: list[str] | None, task_data: str) -> list[str]:
+    """Check the task request before any model is loaded; returns the include paths lm-eval needs
+    (the user's, plus the local tasks' folder, built from ``task_data`` when they are asked for)."""
+    from .measure.tasks import task_manager
+
+    paths = [str(Path(p).expanduser()) for p in include_path or []]
+    if any(t in LOCAL_TASKS for t in tasks):
+        describe_spec(task_data)
+        paths.append(str(local_task_folder(task_data, load_text(task_data))))
+    task_manager(paths, tasks)  # refuses unknown task names
+    return paths
+
+
 def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, seq_len: int = 1024,
              max_windows: int | None = 16, device: str = "cpu", layers: dict | None = None,
              measure_speed: bool = True, progress: bool = False, name: str | None = None,
-             kv_cache=None) -> dict:
+             kv_cache=None, tasks: list[str] | None = None, limit: int | float | None = None,
+             num_fewshot: int | None = None, include_path: list[str] | None = None,
+             task_data: str = "austen:eval2", task_batch_size: int = 8) -> dict:
     """Perplexity, size, FLOPs, speed and memory of ``model`` on consecutive windows of ``data``.
 
     Returns one JSON-able dict; its top-level keys ``perplexity``, ``params``, ``size_bytes``,
@@ -240,19 +291,27 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
     ``kv_cache`` (a ``KVCacheConfig``, its fields as a dict, or a bit width; 16 = off) quantizes the
     KV cache during the perplexity forward; by default the model's own recipe (a ``kv-cache``
     stage) decides. The report then has a ``kv_cache`` entry (setting and bytes per token).
+    ``tasks`` (lm-eval task names, with ``limit``/``num_fewshot``/``include_path`` as lm-eval's CLI takes them)
+    adds a ``tasks`` entry: per task the headline metric, its standard error, all metrics and the
+    per-document scores (``llmpress.measure.tasks``), with the KV-cache setting applied. The built-in local
+    tasks ``llmpress_lastword`` and ``llmpress_nextsent`` are built from ``task_data`` (``llmpress.data.tasks``).
     """
     description = describe_spec(data)  # a bad spec fails before the model is loaded
+    task_paths = _task_paths(tasks, include_path, task_data) if tasks else None
     runtime = get_method("kv-cache").runtime
     kv = runtime.coerce(kv_cache)
     dev = resolve_device(device)
+    blocks = None
     if isinstance(model, CompressResult):
         layers = model.layers if layers is None else layers
+        blocks = model.blocks
         kv = kv or runtime.from_meta(model.meta)
         model = LoadedModel(model.model, model.tokenizer, "compressed (in memory)", notes=model.notes)
     loaded = _loaded(model, tokenizer)
     if loaded.tokenizer is None:
         raise LlmpressError("the model has no tokenizer, so text cannot be evaluated: pass a tokenizer")
     layers = loaded.meta.get("layers") if layers is None else layers
+    blocks = loaded.meta.get("blocks") if blocks is None else blocks
     kv = kv or runtime.from_meta(loaded.meta)
     check_seq_len(loaded.model, seq_len)
     windows = eval_windows(loaded.tokenizer, data, seq_len, max_windows)
@@ -286,8 +345,19 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
     }
     if kv is not None:
         report["kv_cache"] = runtime.report(kv, loaded.model.config)
+    if tasks:
+        from .measure.tasks import run_tasks
+
+        with offline_if_unreachable():
+            report["tasks"] = run_tasks(loaded.model, loaded.tokenizer, tasks, include_path=task_paths,
+                                        limit=limit, num_fewshot=num_fewshot, batch_size=task_batch_size,
+                                        cache_factory=runtime.cache_factory(loaded.model, kv))
+        report["task_data"] = task_data if any(t in LOCAL_TASKS for t in tasks) else None
     if measure_speed:
-        report["speed"] = speed(loaded.model, dev)
+        report["speed"] = speed(loaded.model, dev, progress=progress)
+    errors = error_records(layers, blocks)
+    if errors:
+        report["errors"] = errors
     if "compress_time_s" in loaded.meta:
         report["compress_time_s"] = loaded.meta["compress_time_s"]
     return report

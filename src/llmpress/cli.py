@@ -44,6 +44,15 @@ def _add_eval_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
     p.add_argument("--max-windows", type=int, default=16, help="windows evaluated, 0 = all (default 16)")
     p.add_argument("--no-speed", action="store_true", help="skip the latency/throughput measurement")
+    t = p.add_argument_group("downstream tasks (lm-eval-harness; pip install 'llmpress[eval]')")
+    t.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy; built in and "
+                                   "offline: llmpress_lastword, llmpress_nextsent")
+    t.add_argument("--limit", type=float, help="documents per task (a fraction if < 1), as lm-eval's --limit")
+    t.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt, as lm-eval's --num_fewshot")
+    t.add_argument("--include-path", action="append", help="folder of your own lm-eval task YAMLs (repeatable)")
+    t.add_argument("--task-data", default="austen:eval2",
+                   help="text the built-in local tasks are made from (default austen:eval2)")
+    t.add_argument("--task-batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="built-in recipe name or YAML file (see 'llmpress recipes')")
     c.add_argument("--out", required=True, help="output folder (must not exist; its parent folder must)")
     c.add_argument("--data", help="calibration text, overrides the recipe (e.g. austen:calib, text:FILE)")
-    c.add_argument("--samples", type=int, help="calibration windows, overrides the recipe")
+    c.add_argument("--samples", type=int, help="calibration windows, overrides the recipe (a recipe without "
+                   "calibration, e.g. RTN, then measures each layer's output error on them)")
     c.add_argument("--seq-len", type=int, help="calibration window length, overrides the recipe")
     c.add_argument("--seed", type=int, help="calibration sampling seed, overrides the recipe")
     c.add_argument("--format", default="auto", choices=["auto", "compressed-tensors", "dense"],
@@ -71,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the KV cache to this many bits while evaluating "
                         "(16 = off; default: the model's recipe)")
     e.add_argument("--json", help="write the result (one JSON object) to this file")
-    e.add_argument("--report", help="write report.json and report.md to this new folder")
+    e.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
     _add_common(e)
 
     d = sub.add_parser("demo", help="compress the default model with a few recipes and compare them to the base")
@@ -79,13 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--recipes", default=",".join(DEMO_RECIPES), help="comma-separated recipe names or files")
     _add_eval_window_args(d)
     d.add_argument("--json", help="write the report (JSON) to this file")
-    d.add_argument("--report", help="write report.json and report.md to this new folder")
+    d.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
     _add_common(d)
+
+    m = sub.add_parser("compare", help="evaluate several model folders on the same windows and plot them together")
+    m.add_argument("folders", nargs="+", help="model folders, e.g. written by 'llmpress compress --out'")
+    m.add_argument("--base", help="evaluate this base model first, on the same windows; Δppl is relative to it")
+    _add_eval_window_args(m)
+    m.add_argument("--json", help="write the report (JSON) to this file")
+    m.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
+    _add_common(m)
+
+    i = sub.add_parser("inspect", help="the layers and blocks a compression hurt most, from a folder's records")
+    i.add_argument("folders", nargs="+", metavar="FOLDER",
+                   help="a folder written by 'llmpress compress'; with a second one, where their errors differ most")
+    i.add_argument("--top", type=int, default=10, help="rows per table (default 10)")
+    i.add_argument("--json", help="write the result (one JSON object) to this file")
 
     r = sub.add_parser("recipes", help="list the built-in recipes")
     f = sub.add_parser("fetch", help="download the default model and corpus into the cache")
     _add_common(f)
-    for p in (c, e, d, r, f):
+    for p in (c, e, d, m, i, r, f):
         _add_debug(p, default=argparse.SUPPRESS)  # also after the command; the value before it stays
     return parser
 
@@ -123,8 +147,24 @@ def _evaluate_rows(args, models: list[tuple[str, object]]) -> list[dict]:
     for name, model in models:
         rows.append(evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows or None,
                              device=args.device, measure_speed=not args.no_speed, progress=not args.quiet,
-                             name=name, kv_cache=getattr(args, "kv_bits", None)))
+                             name=name, kv_cache=getattr(args, "kv_bits", None), **_task_kwargs(args)))
     return rows
+
+
+def _task_kwargs(args) -> dict:
+    """The lm-eval task options of ``args`` as evaluate() keywords (none when --tasks is not given)."""
+    tasks = [t.strip() for t in (getattr(args, "tasks", None) or "").split(",") if t.strip()]
+    if not tasks:
+        return {}
+    if args.limit is not None and args.limit <= 0:
+        raise LlmpressError(f"--limit {args.limit:g} must be positive: a document count, or a fraction below 1")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise LlmpressError(f"--num-fewshot {args.num_fewshot} is negative: use 0 or more examples")
+    if args.task_batch_size < 1:
+        raise LlmpressError(f"--task-batch-size {args.task_batch_size} must be at least 1")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    return {"tasks": tasks, "limit": limit, "num_fewshot": args.num_fewshot, "include_path": args.include_path,
+            "task_data": args.task_data, "task_batch_size": args.task_batch_size}
 
 
 def _emit(args, rows: list[dict]) -> None:
@@ -182,6 +222,59 @@ def cmd_demo(args) -> None:
     _emit(args, rows)
 
 
+def _compare_folders(folders: list[str]) -> list[tuple[str, Path]]:
+    """(row name, folder) for ``llmpress compare``: each an existing folder, given once; named by its last path
+    part, or by the path as given where two last parts are the same."""
+    paths = [Path(f).expanduser() for f in folders]
+    seen: dict[Path, str] = {}
+    for given, path in zip(folders, paths):
+        if not path.exists():
+            raise LlmpressError(f"compare: folder {given} does not exist: pass model folders written by "
+                                "'llmpress compress --out'")
+        if not path.is_dir():
+            raise LlmpressError(f"compare: {given} is not a folder: pass model folders written by "
+                                "'llmpress compress --out'")
+        if path.resolve() in seen:
+            raise LlmpressError(f"compare: {given} is the same folder as {seen[path.resolve()]}: pass each folder once")
+        seen[path.resolve()] = given
+    names = [p.resolve().name for p in paths]
+    return [(name if names.count(name) == 1 else given, path) for name, given, path in zip(names, folders, paths)]
+
+
+def cmd_compare(args) -> None:
+    from .measure.plots import error_records
+    from .models.loader import read_meta
+
+    _check_windows(args)
+    folders = _compare_folders(args.folders)
+    _check_outputs(args)
+    models = ([(f"{args.base} (base)", args.base)] if args.base else []) + [(n, str(p)) for n, p in folders]
+    rows = _evaluate_rows(args, models)
+    for row, (_name, path) in zip(rows[len(rows) - len(folders):], folders):
+        meta = read_meta(path)
+        errors = error_records(meta.get("layers"), meta.get("blocks"))
+        if errors and not row.get("errors"):
+            row["errors"] = errors
+    _emit(args, rows)
+
+
+def cmd_inspect(args) -> None:
+    from .measure.inspect import compare, format_comparison, format_summary, summarize
+
+    if len(args.folders) > 2:
+        raise LlmpressError(f"inspect takes one folder, or two to compare; got {len(args.folders)}: "
+                            "run it once per pair")
+    _check_outputs(args)
+    if len(args.folders) == 1:
+        result = summarize(args.folders[0], args.top)
+        print(format_summary(result))
+    else:
+        result = compare(*args.folders, top=args.top)
+        print(format_comparison(result))
+    if args.json:
+        _write_json(Path(args.json).expanduser(), result)
+
+
 def cmd_recipes(_args) -> None:
     from .recipe import load_recipe
     from .registry import builtin_recipes
@@ -201,8 +294,8 @@ def cmd_fetch(_args) -> None:
     print("default model and corpus are cached")
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "recipes": cmd_recipes,
-            "fetch": cmd_fetch}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "compare": cmd_compare,
+            "inspect": cmd_inspect, "recipes": cmd_recipes, "fetch": cmd_fetch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,13 @@ re-run the compressed block to produce the next block's inputs, and
 offload it. Only one block's weights are ever on the compute device, so
 device memory scales with one block plus the calibration activations.
 
+Every rewritten linear gets its error against the weight it replaced
+(``llmpress.measure.attribution``): with calibration inputs the relative
+output error on the block's inputs, from one pass of the block before its
+first stage (on all tokens when a Hessian-only first stage reuses its Grams,
+else on the first ``ATTRIBUTION_TOKENS``), and each block the relative
+change of its output; without inputs the relative weight error.
+
 Capturing inputs, running a block and collecting statistics live in
 ``llmpress.calib``; methods are looked up in ``llmpress.registry`` by name,
 so this module imports no method.
@@ -26,8 +33,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from .calib import block_prefix, capture_inputs, collect_stats, float_dtype, input_groups, move_to
+from .calib import BlockInputs, block_prefix, capture_inputs, collect_stats, float_dtype, input_groups, move_to
 from .compressed import Compressed
+from .measure.attribution import RelativeError, relative_error, relative_output_error
 from .models.archs import Arch, block_linears, get_blocks, linear_weight, set_linear_weight
 from .progress import bar as progress_bar
 from .recipe import Stage
@@ -35,6 +43,10 @@ from .registry import BlockPlan, get_method
 from .settled import SettledOutputs
 
 log = logging.getLogger(__name__)
+
+# Calibration tokens the error attribution runs a block's reference pass on (whole batches, the first ones;
+# all of them when the first stage reuses that pass's Grams, see _Attribution); None = every token.
+ATTRIBUTION_TOKENS = 4096
 
 
 class Placement:
@@ -69,7 +81,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                     placement: Placement | None = None, progress: bool = False,
                     on_block: Callable[[int, nn.Module, nn.ModuleList], None] | None = None,
                     results: dict[str, Compressed] | None = None,
-                    compute_dtype: torch.dtype | None = None) -> dict[str, dict]:
+                    compute_dtype: torch.dtype | None = None, block_records: dict[str, dict] | None = None,
+                    attribute: bool = True, attribution_tokens: int | None = ATTRIBUTION_TOKENS) -> dict[str, dict]:
     """Apply ``stages`` to every linear in every block, block by block; returns per-layer metadata.
 
     ``samples`` (n, L) token ids are needed when a stage's method uses calibration inputs.
@@ -83,6 +96,11 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
     activations are kept, and statistics passes and the propagation to the next block are
     run, in this dtype on a copy of the block; the weights themselves are always rewritten in
     their own dtype (fp32) and block-level methods see the block in that dtype.
+    ``attribute``: record in each rewritten linear's meta its error against the weight it replaced
+    (``output_error`` on the calibration inputs when there are ``samples``, even for a method that
+    needs none, else ``weight_error``; see :class:`_Attribution`), measured on the first
+    ``attribution_tokens`` calibration tokens (or all, see there); ``block_records``, when given,
+    receives per block ("model.layers.0") ``{"output_error": ...}``, the relative change of its output.
     """
     device = torch.device(device)
     blocks = get_blocks(model, arch)
@@ -92,7 +110,10 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
     calibrated = any(m.needs_inputs for m in methods)
     if calibrated and samples is None:
         raise ValueError("this recipe needs calibration samples")
-    inputs = capture_inputs(model, blocks, samples, batch_size, device) if calibrated else None
+    measured = attribute and samples is not None  # output errors on calibration inputs, wanted or not by a method
+    if measured and not calibrated and attribution_tokens is not None:  # the inputs serve the errors alone
+        samples = samples[:max(1, -(-attribution_tokens // samples.shape[1]))]
+    inputs = capture_inputs(model, blocks, samples, batch_size, device) if calibrated or measured else None
     if inputs is not None:
         inputs.kwargs = [{b: move_to(kw, device) for b, kw in per.items()} for per in inputs.kwargs]
         if compute_dtype is not None:
@@ -107,6 +128,11 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
         modules = block_linears(block, arch)
         settled = SettledOutputs(list(modules), len(inputs.hidden) if inputs is not None else 0)
         shadow = _Shadow(block, arch, compute_dtype, settled)
+        attribution = None
+        if attribute:
+            attribution = _attribution(arch, modules, shadow, inputs, i, attribution_tokens, block_records is not None,
+                                       [(s, m) for s, m in zip(stages, methods) if m.kind != "runtime"
+                                        and any(s.applies_to(f"{prefix}{i}.{n}") for n in modules)])
         for stage, method in zip(stages, methods):
             settled.clear()
             chosen = {n: m for n, m in modules.items() if stage.applies_to(f"{prefix}{i}.{n}")}
@@ -117,14 +143,18 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
             if method.kind == "block":
                 done = method.fn(block, arch, chosen, lambda block=block, i=i: inputs.run(block, i), stage.config)
                 shadow.stale()
+                if attribution is not None:
+                    attribution.smoothed = True
                 for name, meta in done.items():
                     layers[f"{prefix}{i}.{name}"] = merge_meta(layers.get(f"{prefix}{i}.{name}"), meta)
                 continue
             sequential = bool(method.stats) and getattr(stage.config, "true_sequential", False)
             parts = input_groups(arch, chosen) if sequential else [chosen]
             for j, part in enumerate(parts):
-                stats = {}
-                if method.stats:
+                stats = attribution.stats_for(method.stats, part) if attribution is not None else None
+                if stats is None and not method.stats:
+                    stats = {}
+                elif stats is None:
                     calib, calib_modules = shadow.get()
                     later = {n for p in parts[j + 1:] for n in p}
                     recording = settled.recording(calib, list(part), later) if sequential else nullcontext()
@@ -143,11 +173,19 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                     layers[full] = merge_meta(layers.get(full), meta)
                     if results is not None:
                         results[full] = _detached(result)
+                    if attribution is not None:
+                        attribution.rewritten.add(name)
                 shadow.stale()
+        if attribution is not None:
+            for name, record in attribution.linear_errors(modules).items():
+                layers[f"{prefix}{i}.{name}"].update(record)
         if on_block is not None:
             on_block(i, block, blocks)
         if inputs is not None and i + 1 < len(blocks):
             inputs.hidden = inputs.run(shadow.get()[0], i)
+        if attribution is not None and attribution.dense is not None and block_records is not None:
+            outputs = inputs.hidden if i + 1 < len(blocks) else attribution.inputs.run(shadow.get()[0], i)
+            block_records[f"{prefix}{i}"] = {"output_error": attribution.block_error(outputs)}
         log.debug("block %d: %d settled sub-module outputs reused", i, settled.hits)
         settled.clear()
         placement.offload(block)
@@ -165,6 +203,7 @@ class _Shadow:
         self.block, self.arch, self.settled = block, arch, settled
         self.dtype = None if dtype == float_dtype(block) else dtype
         self.copy: tuple[nn.Module, dict[str, nn.Module]] | None = None
+        self.version = 0  # how many times the real block's weights changed
 
     def get(self) -> tuple[nn.Module, dict[str, nn.Module]]:
         if self.dtype is None:
@@ -179,6 +218,99 @@ class _Shadow:
     def stale(self) -> None:
         """The real block's weights changed: the next get() makes a fresh copy."""
         self.copy = None
+        self.version += 1
+
+
+def _attribution(arch: Arch, modules: dict[str, nn.Module], shadow: _Shadow, inputs: BlockInputs | None, index: int,
+                 tokens: int | None, outputs: bool, applying: list[tuple[Stage, object]]) -> _Attribution | None:
+    """Block ``index``'s :class:`_Attribution`, given the non-runtime stages ``applying`` to it (None without).
+
+    Its reference pass runs on every calibration batch when the first stage collects only Hessians in one
+    pass (and then reuses them: no extra cost), else on the first batches holding ``tokens`` tokens.
+    """
+    if not applying:
+        return None
+    stage, method = applying[0]
+    reusable = (inputs is not None and method.kind in ("quantize", "prune") and tuple(method.stats) == ("hessian",)
+                and not getattr(stage.config, "true_sequential", False))
+    if inputs is not None and not reusable and tokens is not None:
+        count, kept = 0, 0
+        while kept < len(inputs.hidden) and count < tokens:
+            count += inputs.hidden[kept].shape[:-1].numel()
+            kept += 1
+        inputs = BlockInputs(inputs.hidden[:kept], inputs.kwargs)
+    smoothing = any(m.kind == "block" for _, m in applying)
+    return _Attribution(arch, modules, shadow, inputs, index, grams=not smoothing, outputs=outputs, reusable=reusable)
+
+
+class _Attribution:
+    """One block's reference before any stage, and each rewritten linear's error against it.
+
+    Made before the block's first stage: a copy of its linear weights and, with calibration
+    ``inputs``, one pass of the block as it is (the calibration copy) that keeps each linear's input
+    Gram matrix (``hessian``: 2/n·XᵀX, its scale cancels in the ratio) and the block's outputs.
+    A weight stage that needs only ``hessian`` while the block is still untouched gets these Grams
+    (:meth:`stats_for`: the same accumulation on the same activations, so the weights come out
+    identical) instead of a pass of its own (``reusable``): GPTQ and SparseGPT without true-sequential
+    pay no extra pass. For any other first stage the reference pass costs one more forward of the
+    block with Grams, so it runs on a sample: the first calibration batches holding
+    ``ATTRIBUTION_TOKENS`` tokens (the windows are drawn at random), and the block error is taken on
+    those batches too.
+
+    The error of a linear is of its final weight against its weight before the block's first stage,
+    on the inputs of that block (the previous blocks already compressed). A block-level stage
+    (AWQ, SmoothQuant) rescales linears' input channels and folds the inverse into the op feeding
+    them: the final weight then works on other coordinates than the original, so such a block
+    gets no per-linear errors (``smoothed``), only its block output error; its reference pass
+    gathers no Grams (``grams=False``), and runs only when the block error is wanted (``outputs``).
+    """
+
+    def __init__(self, arch: Arch, modules: dict[str, nn.Module], shadow: _Shadow, inputs: BlockInputs | None,
+                 index: int, grams: bool = True, outputs: bool = True, reusable: bool = False) -> None:
+        self.arch, self.shadow, self.inputs, self.reusable = arch, shadow, inputs, reusable
+        self.calibrated = inputs is not None
+        self.originals = {n: linear_weight(m, arch).detach().float().clone() for n, m in modules.items()}
+        self.rewritten: set[str] = set()
+        self.smoothed = False
+        self.grams: dict[str, torch.Tensor] = {}
+        self.dense: list[torch.Tensor] | None = None
+        if inputs is not None and (grams or outputs):
+            calib, calib_modules = shadow.get()
+            stats, self.dense = collect_stats(calib, arch, calib_modules, ("hessian",) if grams else (), inputs, index)
+            self.grams = {n: s["hessian"] for n, s in stats.items() if "hessian" in s}
+        self.version = shadow.version
+
+    def stats_for(self, needs: tuple[str, ...], part: dict[str, nn.Module]) -> dict[str, dict] | None:
+        """The statistics ``needs`` of the linears in ``part`` from the reference pass, when that is what
+        the stage's own pass would compute (only ``hessian``, block unchanged since); else None."""
+        if not self.reusable or set(needs) != {"hessian"} or self.shadow.version != self.version:
+            return None
+        if not all(n in self.grams for n in part):
+            return None
+        return {n: {"hessian": self.grams[n]} for n in part}
+
+    def linear_errors(self, modules: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+        """{relative name: {"output_error" | "weight_error": value}} for every rewritten linear."""
+        if self.smoothed:
+            return {}
+        found = {}
+        for name in sorted(self.rewritten):
+            W, W_hat = self.originals[name], linear_weight(modules[name], self.arch).detach()
+            if W.shape != W_hat.shape:
+                continue
+            if self.calibrated:
+                if name in self.grams:
+                    found[name] = {"output_error": relative_output_error(W, W_hat, self.grams[name])}
+            else:
+                found[name] = {"weight_error": relative_error(W, W_hat)}
+        return found
+
+    def block_error(self, outputs: list[torch.Tensor]) -> float:
+        """‖B̂(x) − B(x)‖² / ‖B(x)‖² over the calibration batches, B the block before its first stage."""
+        total = RelativeError()
+        for dense, compressed in zip(self.dense, outputs):
+            total.add(dense, compressed)
+        return total.result()
 
 
 def _detached(result: Compressed) -> Compressed:

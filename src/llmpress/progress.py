@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 
-LIBRARY_LOGGERS = ("transformers", "huggingface_hub", "datasets")
+LIBRARY_LOGGERS = ("transformers", "huggingface_hub", "datasets", "lm_eval")
 
 
 @contextlib.contextmanager

@@ -6,7 +6,12 @@ in the flat form ``llmpress.evaluate`` returns: top-level ``perplexity``,
 ``flops_per_token``, ``peak_memory_bytes``, ``compress_time_s`` and a
 nested ``speed`` section;
 the report adds the perplexity change against the base and renders a table
-where a missing measurement shows as an en dash.
+where a missing measurement shows as an en dash. Optional row entries: ``tasks``
+(lm-eval results, ``{task: {"metric", "value", "stderr"}}``) get a table of their
+own, ``errors`` (per-layer error records, ``llmpress.measure.plots.error_records``)
+a list of the worst layers; :func:`write_report` adds PNG plots (``plots.py``).
+Speed cells show the median over the repeats with the range in brackets, and a
+mark when the machine was busy while timing (``speed.py``).
 """
 
 from __future__ import annotations
@@ -126,9 +131,8 @@ def _cells(row: dict) -> list[str]:
     """One table row's cells, in COLUMNS order."""
     delta = row.get("delta_perplexity_pct")
     ratio = row.get("compression_ratio")
-    latency = _get(row, "speed", "prefill_latency_s")
     return [
-        str(row["name"]).replace("|", "\\|"),
+        _escape(row["name"]),
         _num(row.get("perplexity")),
         MISSING if delta is None else f"{delta:+.2f}",
         _params_cell(row),
@@ -136,11 +140,48 @@ def _cells(row: dict) -> list[str]:
         _sig(row.get("size_bytes"), 1e6),
         MISSING if ratio is None else f"{ratio:.2f}×",
         _sig(row.get("flops_per_token"), 1e9),
-        _num(None if latency is None else latency * 1000, 1),
-        _num(_get(row, "speed", "decode_tokens_per_s"), 1),
+        _speed_cell(row, "prefill_latency_s", 1000),
+        _speed_cell(row, "decode_tokens_per_s"),
         _sig(row.get("peak_memory_bytes"), 1e6),
         _num(row.get("compress_time_s"), 1),
     ]
+
+
+BUSY_MARK = "†"
+
+
+def _speed_cell(row: dict, key: str, scale: float = 1.0) -> str:
+    """The median, its range over the repeats in brackets, and the busy mark when the machine was busy."""
+    value = _get(row, "speed", key)
+    if value is None:
+        return MISSING
+    text = _num(value * scale, 1)
+    low, high = _get(row, "speed", f"{key}_min"), _get(row, "speed", f"{key}_max")
+    if (_get(row, "speed", "repeats") or 1) > 1 and low is not None and high is not None:
+        text += f" ({_num(low * scale, 1)}–{_num(high * scale, 1)})"
+    return text + (BUSY_MARK if _get(row, "speed", "busy") else "")
+
+
+def _peak_load(speed: dict) -> float | None:
+    loads = [load[0] for load in (speed.get("load_before"), speed.get("load_after")) if load]
+    return max(loads) if loads else None
+
+
+def _speed_notes(rows: list[dict]) -> list[str]:
+    """How the speed cells were measured, and which rows were timed on a busy machine."""
+    timed = [row for row in rows if isinstance(row.get("speed"), dict)]
+    lines = []
+    repeats = sorted({row["speed"].get("repeats") for row in timed if (row["speed"].get("repeats") or 1) > 1})
+    if repeats:
+        runs = " or ".join(str(r) for r in repeats)
+        lines.append(f"- prefill ms and decode tok/s: median of {runs} runs, the fastest and slowest in brackets.")
+    busy = [row for row in timed if row["speed"].get("busy")]
+    if busy:
+        which = ", ".join(f"**{row['name']}** (load {_num(_peak_load(row['speed']), 1)} on "
+                          f"{row['speed'].get('cpus', '?')} cores)" for row in busy)
+        lines.append(f"- {BUSY_MARK} the machine was busy while timing {which}: the 1-minute load average exceeded "
+                     "the cores available, so other work shared the CPU and these speed figures are not comparable.")
+    return lines
 
 
 def _notes(rows: list[dict]) -> list[str]:
@@ -152,32 +193,84 @@ def _notes(rows: list[dict]) -> list[str]:
             by_note.setdefault(str(note), []).append(str(row["name"]))
     if not by_note:
         return []
-    lines = [""]
+    lines = []
     for note, names in by_note.items():
         lines.append(f"- {note}" if len(names) == len(rows) else f"- **{', '.join(names)}**: {note}")
     return lines
 
 
-def report_markdown(report: dict) -> str:
-    """The report as a Markdown table (MB = 10^6 bytes), notes listed below it."""
+def _task_table(rows: list[dict]) -> list[str]:
+    """lm-eval results, one column per task: value ± standard error."""
+    tasks: dict[str, str] = {}
+    for row in rows:
+        for task, entry in (row.get("tasks") or {}).items():
+            if isinstance(entry, dict):
+                tasks.setdefault(task, str(entry.get("metric") or "acc"))
+    if not tasks:
+        return []
+    lines = ["", "| model | " + " | ".join(f"{t} ({m})" for t, m in tasks.items()) + " |",
+             "|---|" + "---:|" * len(tasks)]
+    for row in rows:
+        cells = []
+        for task in tasks:
+            entry = (row.get("tasks") or {}).get(task) or {}
+            value, err = entry.get("value"), entry.get("stderr")
+            cells.append(MISSING if value is None else _num(value, 4) + ("" if err is None else f" ± {err:.4f}"))
+        lines.append(f"| {_escape(row['name'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _escape(name) -> str:
+    return str(name).replace("|", "\\|")
+
+
+def _worst_layers(rows: list[dict], count: int = 3) -> list[str]:
+    """Per model with error records: its largest per-linear errors and its worst block."""
+    lines = []
+    for row in rows:
+        errors = row.get("errors")
+        if not isinstance(errors, dict) or not errors.get("layers"):
+            continue
+        layers = sorted(errors["layers"].items(), key=lambda kv: kv[1], reverse=True)[:count]
+        text = ", ".join(f"`{name}` {value:.3g}" for name, value in layers)
+        blocks = errors.get("blocks") or {}
+        if blocks:
+            name, value = max(blocks.items(), key=lambda kv: kv[1])
+            text += f"; worst block `{name}` {value:.3g}"
+        lines.append(f"- **{row['name']}** ({errors.get('metric', 'error')}): {text}")
+    return ["", "Largest per-layer errors (relative to the original layer):", "", *lines] if lines else []
+
+
+def report_markdown(report: dict, plots: list[tuple[str, str]] = ()) -> str:
+    """The report as a Markdown table (MB = 10^6 bytes), notes listed below it, then the task results, the
+    largest per-layer errors and ``plots`` ((title, file name) pairs, linked relative to the report)."""
+    rows = report.get("rows", [])
     lines = [
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|",
     ]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.get("rows", [])]
-    lines += _notes(report.get("rows", []))
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    notes = _notes(rows) + _speed_notes(rows)
+    lines += [""] + notes if notes else []
     base = report.get("base")
     if base:
         lines += ["", f"Δppl % is relative to `{base}`."]
+    lines += _task_table(rows) + _worst_layers(rows)
+    for title, filename in plots:
+        lines += ["", f"![{title}]({filename})"]
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path`` and rename it into place."""
+def _write_atomic(path: Path, text: str | None, write=None) -> None:
+    """Write ``text`` (or call ``write(binary file)``) to a temp file beside ``path`` and rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        if write is not None:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+        else:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
         make_public(Path(tmp))  # mkstemp makes it 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
@@ -185,8 +278,26 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_report(report: dict, folder: str | Path) -> tuple[Path, Path]:
-    """Write ``report.json`` (indent 2) and ``report.md`` into ``folder``."""
+def write_plots(report: dict, folder: Path) -> list[tuple[str, str]]:
+    """Write the PNG plots the report's rows hold enough for (``llmpress.measure.plots``) into ``folder``;
+    returns their (title, file name). None are written, and one log line says why, without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.warning("report.md and report.json only: the plots need matplotlib (pip install llmpress[report])")
+        return []
+    from llmpress.measure.plots import figures
+
+    written = []
+    for filename, title, fig in figures(report.get("rows", []), report.get("base")):
+        _write_atomic(folder / filename, None, lambda fh, fig=fig: fig.savefig(fh, format="png"))
+        written.append((title, filename))
+    return written
+
+
+def write_report(report: dict, folder: str | Path, plots: bool = True) -> tuple[Path, Path]:
+    """Write ``report.json`` (indent 2), the PNG plots (when ``plots`` and matplotlib is installed) and
+    ``report.md``, which links the plots, into ``folder``."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -194,6 +305,7 @@ def write_report(report: dict, folder: str | Path) -> tuple[Path, Path]:
         raise LlmpressError(f"cannot create report folder {str(folder)!r}: {exc}") from exc
     json_path, md_path = folder / "report.json", folder / "report.md"
     _write_atomic(json_path, json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
-    _write_atomic(md_path, report_markdown(report))
-    log.info("wrote %s and %s", json_path, md_path)
+    written = write_plots(report, folder) if plots else []
+    _write_atomic(md_path, report_markdown(report, written))
+    log.info("wrote %s", ", ".join(str(folder / f) for f in ["report.json", *(f for _, f in written), "report.md"]))
     return json_path, md_path

@@ -1,0 +1,79 @@
+"""Per-layer error attribution: how far a compressed linear (or block) is from the one it replaced.
+
+A perplexity gap says that a recipe hurt, not where. The engine records, for every linear it
+rewrites, the relative output error on the calibration tokens
+
+    ‖X Wᵀ − X Ŵᵀ‖²_F / ‖X Wᵀ‖²_F  =  tr(ΔW H ΔWᵀ) / tr(W H Wᵀ),   ΔW = W − Ŵ,  H = Σ_t x_t x_tᵀ,
+
+which needs only the (in, in) Gram matrix of the linear's input (the Hessian GPTQ and SparseGPT
+already collect; any positive multiple of it gives the same ratio), and for every block the
+relative change of its output on the same inputs, ‖B̂(x) − B(x)‖² / ‖B(x)‖². Without calibration
+inputs only the weights are known: ‖ΔW‖²_F / ‖W‖²_F (the output error for white inputs, H = I).
+
+Pure functions on tensors; ``llmpress.engine`` calls them and ``llmpress inspect`` reads the
+records they produce (``llmpress.measure.inspect``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator; 0 when both are 0 (nothing there and nothing changed), inf for x / 0."""
+    if denominator > 0:
+        return numerator / denominator
+    return 0.0 if numerator == 0 else math.inf
+
+
+def relative_output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the relative squared output error of ``W_hat`` in place of ``W``.
+
+    W, W_hat: (out, in); H: (in, in), symmetric positive semi-definite, a multiple of Σ x xᵀ over the
+    inputs x the error is taken on. Equals ‖X Wᵀ − X Ŵᵀ‖²/‖X Wᵀ‖² for X (tokens, in) with XᵀX ∝ H,
+    without the tokens. The products run in float32 (float64 when an input is), the sums in float64.
+    """
+    if W.shape != W_hat.shape or W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"weights (out, in) and H (in, in) expected, got {tuple(W.shape)}, "
+                         f"{tuple(W_hat.shape)} and {tuple(H.shape)}")
+    dtype = torch.promote_types(torch.promote_types(W.dtype, H.dtype), torch.float32)
+    W_ = W.detach().to(dtype)
+    H_ = H.detach().to(W_.device, dtype)
+    D = W_ - W_hat.detach().to(W_.device, dtype)
+    return _ratio(_quadratic(D, H_), _quadratic(W_, H_))
+
+
+def _quadratic(A: Tensor, H: Tensor) -> float:
+    """tr(A H Aᵀ), the row sums taken in float64."""
+    return float(((A @ H) * A).sum(dim=1, dtype=torch.float64).sum())
+
+
+def relative_error(reference: Tensor, approx: Tensor) -> float:
+    """‖approx − reference‖² / ‖reference‖² over all entries, in float64 (a weight or an output)."""
+    if reference.shape != approx.shape:
+        raise ValueError(f"shapes differ: {tuple(reference.shape)} and {tuple(approx.shape)}")
+    ref = reference.detach().double()
+    diff = approx.detach().to(ref.device, torch.float64) - ref
+    return _ratio(float((diff * diff).sum()), float((ref * ref).sum()))
+
+
+class RelativeError:
+    """:func:`relative_error` accumulated over batches: Σ‖b − a‖² / Σ‖a‖² (a block's output change)."""
+
+    def __init__(self) -> None:
+        self.error = 0.0
+        self.norm = 0.0
+
+    def add(self, reference: Tensor, approx: Tensor) -> None:
+        if reference.shape != approx.shape:
+            raise ValueError(f"shapes differ: {tuple(reference.shape)} and {tuple(approx.shape)}")
+        ref = reference.detach().double()
+        diff = approx.detach().to(ref.device, torch.float64) - ref
+        self.error += float((diff * diff).sum())
+        self.norm += float((ref * ref).sum())
+
+    def result(self) -> float:
+        return _ratio(self.error, self.norm)
