@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .engine import compress_blocks, merge_meta, run_plan
 from .errors import LlmpressError
 from .export import formats
 from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
+from .measure.attribution import METRICS as ERROR_METRICS
 from .measure.plots import error_records
 from .models.archs import arch_for
 from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
@@ -201,9 +203,6 @@ def _check_plan(model: torch.nn.Module, recipe: Recipe, out: str | Path | None, 
         check_space(out, param_bytes(model))
 
 
-ERROR_KEYS = ("output_error", "weight_error")
-
-
 def _keep_errors_of_one_segment(layers: dict[str, dict], blocks: dict[str, dict], touched: list[set[str]]) -> None:
     """Drop the recorded errors that no longer compare the final weights with the original ones.
 
@@ -211,13 +210,10 @@ def _keep_errors_of_one_segment(layers: dict[str, dict], blocks: dict[str, dict]
     layer that another segment also rewrote (distillation after GPTQ, a second engine run after a model
     stage) has no error against the original, and nor has a block holding such a layer.
     """
-    counts: dict[str, int] = {}
-    for names in touched:
-        for name in names:
-            counts[name] = counts.get(name, 0) + 1
+    counts = Counter(name for names in touched for name in names)
     redone = {name for name, count in counts.items() if count > 1}
     for name in redone:
-        for key in ERROR_KEYS:
+        for key in ERROR_METRICS:
             layers[name].pop(key, None)
     for block in [b for b in blocks if any(name.startswith(b + ".") for name in redone)]:
         del blocks[block]

@@ -162,15 +162,21 @@ def _config(task: str, data_file: Path) -> dict:
                             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
 
 
-def write_tasks(folder: str | Path, text: str, n: int = 1000, seed: int = 0) -> dict[str, int]:
-    """Write both tasks' documents (JSON lines) and lm-eval YAML configs into ``folder``; returns task -> size."""
+def write_tasks(folder: str | Path, text: str, n: int = 1000, seed: int = 0,
+                named_folder: str | Path | None = None) -> dict[str, int]:
+    """Write both tasks' documents (JSON lines) and lm-eval YAML configs into ``folder``; returns task -> size.
+
+    The YAMLs name their data files by absolute path, in ``named_folder`` (default ``folder``): the folder
+    the files will be read from, when ``folder`` is a temporary one renamed there afterwards.
+    """
     folder = Path(folder)
+    named = Path(named_folder) if named_folder is not None else folder
     folder.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for task, docs in ((LASTWORD, lastword_docs(text, n, seed=seed)), (NEXTSENT, nextsent_docs(text, n, seed=seed))):
-        data_file = folder / f"{task}.jsonl"
-        data_file.write_text("".join(json.dumps(d) + "\n" for d in docs))
-        (folder / f"{task}.yaml").write_text(yaml.safe_dump(_config(task, data_file), sort_keys=False))
+        (folder / f"{task}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+        config = _config(task, named / f"{task}.jsonl")
+        (folder / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         sizes[task] = len(docs)
     return sizes
 
@@ -197,10 +203,7 @@ def local_task_folder(spec: str, text: str, n: int = 1000, seed: int = 0) -> Pat
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
     try:
-        write_tasks(tmp, text, n, seed)
-        # the YAMLs name their data files by absolute path: point them at the final folder
-        for y in tmp.glob("*.yaml"):
-            y.write_text(y.read_text().replace(str(tmp), str(folder)))
+        write_tasks(tmp, text, n, seed, named_folder=folder)
         make_public(tmp)
         os.replace(tmp, folder)
     except OSError:

@@ -53,11 +53,9 @@ def _quadratic(A: Tensor, H: Tensor) -> float:
 
 def relative_error(reference: Tensor, approx: Tensor) -> float:
     """‖approx − reference‖² / ‖reference‖² over all entries, in float64 (a weight or an output)."""
-    if reference.shape != approx.shape:
-        raise ValueError(f"shapes differ: {tuple(reference.shape)} and {tuple(approx.shape)}")
-    ref = reference.detach().double()
-    diff = approx.detach().to(ref.device, torch.float64) - ref
-    return _ratio(float((diff * diff).sum()), float((ref * ref).sum()))
+    total = RelativeError()
+    total.add(reference, approx)
+    return total.result()
 
 
 class RelativeError:
@@ -77,3 +75,32 @@ class RelativeError:
 
     def result(self) -> float:
         return _ratio(self.error, self.norm)
+
+
+# The records above, as llmpress.json keeps them: the metric of a linear (output error where there were
+# calibration inputs, else weight error) and of a block. Readers (inspect, plots, api) take them from here.
+METRICS = ("output_error", "weight_error")
+BLOCK_METRIC = "output_error"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def layer_errors(layers: dict | None) -> tuple[str | None, dict[str, float]]:
+    """(metric, {layer: error}) from ``llmpress.json``'s ``layers``: the first of :data:`METRICS` any layer
+    has, finite values only; (None, {}) when none has either."""
+    layers = layers if isinstance(layers, dict) else {}
+    for metric in METRICS:
+        found = {name: float(rec[metric]) for name, rec in layers.items()
+                 if isinstance(rec, dict) and _finite(rec.get(metric))}
+        if found:
+            return metric, found
+    return None, {}
+
+
+def block_errors(blocks: dict | None) -> dict[str, float]:
+    """{block: output error} from ``llmpress.json``'s ``blocks``, finite values only."""
+    blocks = blocks if isinstance(blocks, dict) else {}
+    return {name: float(rec[BLOCK_METRIC]) for name, rec in blocks.items()
+            if isinstance(rec, dict) and _finite(rec.get(BLOCK_METRIC))}

@@ -13,14 +13,13 @@ errors differ: a bisect of a perplexity gap. No model is loaded.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 from ..errors import LlmpressError
+from .attribution import block_errors, layer_errors
 
 META_FILE = "llmpress.json"  # as in llmpress.save, which this layer may not import
-METRICS = ("output_error", "weight_error")
 DESCRIPTIONS = {
     "output_error": "relative output error on the calibration data, ‖XWᵀ − XŴᵀ‖²/‖XWᵀ‖²",
     "weight_error": "relative weight error ‖W − Ŵ‖²/‖W‖² (no calibration data)",
@@ -61,31 +60,10 @@ def block_of(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def layer_errors(meta: dict) -> tuple[str | None, dict[str, float]]:
-    """(metric, {layer: error}) of the metric most layers have (output_error before weight_error)."""
-    layers = meta.get("layers") if isinstance(meta.get("layers"), dict) else {}
-    for metric in METRICS:
-        found = {name: float(rec[metric]) for name, rec in layers.items()
-                 if isinstance(rec, dict) and _finite(rec.get(metric))}
-        if found:
-            return metric, found
-    return None, {}
-
-
-def block_errors(meta: dict) -> dict[str, float]:
-    blocks = meta.get("blocks") if isinstance(meta.get("blocks"), dict) else {}
-    return {name: float(rec["output_error"]) for name, rec in blocks.items()
-            if isinstance(rec, dict) and _finite(rec.get("output_error"))}
-
-
 def _records(folder: str | Path) -> tuple[dict, str | None, dict[str, float], dict[str, float]]:
     meta = read_meta(folder)
-    metric, layers = layer_errors(meta)
-    blocks = block_errors(meta)
+    metric, layers = layer_errors(meta.get("layers"))
+    blocks = block_errors(meta.get("blocks"))
     if not layers and not blocks:
         raise LlmpressError(f"{folder} has no per-layer error records in {META_FILE} (written before llmpress "
                             "recorded them, or by a recipe whose stages record none): compress the model again "

@@ -16,6 +16,8 @@ import math
 import re
 from collections.abc import Sequence
 
+from llmpress.measure.attribution import block_errors, layer_errors
+
 MB = 1e6
 BASE_STYLE = {"marker": "*", "s": 160, "color": "black"}
 MARKERS = "osD^vPXhp<>"
@@ -43,17 +45,12 @@ def error_records(layers: dict | None, blocks: dict | None = None) -> dict | Non
     """A row's ``errors`` entry from a folder's ``llmpress.json`` ``layers`` and ``blocks`` records.
 
     ``output_error`` (relative error of a linear's output on the calibration data) where any layer has it, else
-    ``weight_error``; layers without the chosen record are left out. None when no layer has either.
+    ``weight_error``; layers without the chosen record are left out, and so are non-finite values
+    (``llmpress.measure.attribution.layer_errors``, which ``llmpress inspect`` reads too). None when no
+    layer has either.
     """
-    layers = layers or {}
-    for metric in ("output_error", "weight_error"):
-        found = {name: float(rec[metric]) for name, rec in layers.items()
-                 if isinstance(rec, dict) and isinstance(rec.get(metric), (int, float))}
-        if found:
-            block_errors = {name: float(rec["output_error"]) for name, rec in (blocks or {}).items()
-                            if isinstance(rec, dict) and isinstance(rec.get("output_error"), (int, float))}
-            return {"metric": metric, "layers": found, "blocks": block_errors}
-    return None
+    metric, found = layer_errors(layers)
+    return None if metric is None else {"metric": metric, "layers": found, "blocks": block_errors(blocks)}
 
 
 def _model_order(layers: dict) -> list[str]:

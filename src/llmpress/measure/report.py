@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from llmpress.errors import LlmpressError
+from llmpress.measure.speed import peak_load
 from llmpress.paths import make_public
 
 log = logging.getLogger(__name__)
@@ -162,9 +163,8 @@ def _speed_cell(row: dict, key: str, scale: float = 1.0) -> str:
     return text + (BUSY_MARK if _get(row, "speed", "busy") else "")
 
 
-def _peak_load(speed: dict) -> float | None:
-    loads = [load[0] for load in (speed.get("load_before"), speed.get("load_after")) if load]
-    return max(loads) if loads else None
+def _load(speed: dict) -> float | None:
+    return peak_load(speed.get("load_before"), speed.get("load_after"))
 
 
 def _speed_notes(rows: list[dict]) -> list[str]:
@@ -177,7 +177,7 @@ def _speed_notes(rows: list[dict]) -> list[str]:
         lines.append(f"- prefill ms and decode tok/s: median of {runs} runs, the fastest and slowest in brackets.")
     busy = [row for row in timed if row["speed"].get("busy")]
     if busy:
-        which = ", ".join(f"**{row['name']}** (load {_num(_peak_load(row['speed']), 1)} on "
+        which = ", ".join(f"**{row['name']}** (load {_num(_load(row['speed']), 1)} on "
                           f"{row['speed'].get('cpus', '?')} cores)" for row in busy)
         lines.append(f"- {BUSY_MARK} the machine was busy while timing {which}: the 1-minute load average exceeded "
                      "the cores available, so other work shared the CPU and these speed figures are not comparable.")

@@ -57,12 +57,16 @@ def load_average() -> list[float] | None:
         return None
 
 
+def peak_load(load_before: list[float] | None, load_after: list[float] | None) -> float | None:
+    """The larger 1-minute load average around a timing; None when the OS reported neither."""
+    loads = [load[0] for load in (load_before, load_after) if load]
+    return max(loads) if loads else None
+
+
 def is_busy(load_before: list[float] | None, load_after: list[float] | None, cpus: int) -> bool | None:
     """True when a 1-minute load average around the timing exceeds ``cpus + BUSY_MARGIN``; None when unknown."""
-    loads = [load[0] for load in (load_before, load_after) if load]
-    if not loads:
-        return None
-    return max(loads) > cpus + BUSY_MARGIN
+    peak = peak_load(load_before, load_after)
+    return None if peak is None else peak > cpus + BUSY_MARGIN
 
 
 def _decode(model, out, new_tokens: int, step) -> None:
