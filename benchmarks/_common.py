@@ -51,8 +51,35 @@ def parser(description: str, recipes: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--peer-python", default="auto",
                    help="a Python with llmcompressor installed; 'auto' = this one if it has it, 'off' = skip")
     p.add_argument("--json", help="also write the rows as JSON to this file")
+    p.add_argument("--from-json", nargs="+", metavar="FILE",
+                   help="take llmpress's rows from these earlier --json files (same recipes and seeds) instead of "
+                        "running them again: the peer runs (or comes from --peer-cache) and the tables are printed "
+                        "as usual; each row keeps the llmpress commit and threads it was measured with")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def provenance() -> dict:
+    """What a row was measured with: the llmpress commit (and whether src/ had uncommitted changes), threads."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "src_modified": bool(git("status", "--porcelain", "src")), "threads": torch.get_num_threads()}
+
+
+def saved_rows(files: list[str]) -> dict[tuple[int, str], dict]:
+    """(seed, recipe) -> row from earlier ``--json`` outputs; a later file wins over an earlier one."""
+    rows = {}
+    for file in files:
+        for row in json.loads(Path(file).read_text())["rows"]:
+            rows[row["seed"], row["recipe"]] = row
+    return rows
 
 
 def peer_python(choice: str) -> str | None:
@@ -235,6 +262,13 @@ def _run(args, recipes, peer_specs, bench_class, extra_table, published) -> list
     if args.peer_only:
         run_peers()
         return []
+    saved = saved_rows(args.from_json) if args.from_json else None
+    if saved is not None:
+        missing = [f"{name} seed {seed}" for seed in seeds for name in names if (seed, name) not in saved]
+        if missing:
+            print(f"error: no saved row for {', '.join(missing)} in the --from-json files; run those first",
+                  file=sys.stderr)
+            sys.exit(2)
     worker = threading.Thread(target=run_peers) if args.peer_parallel else None
     if worker:
         worker.start()
@@ -243,8 +277,11 @@ def _run(args, recipes, peer_specs, bench_class, extra_table, published) -> list
         bench.use_seed(seed)
         rows = []
         for name in names:
+            if saved is not None:
+                rows.append(dict(saved[seed, name]))
+                continue
             row = bench.run(peer_specs.get(name, {}).get("recipe", name))  # a spec may name the llmpress recipe
-            row.update(recipe=name, seed=seed)
+            row.update(recipe=name, seed=seed, **provenance())
             rows.append(row)
             shown = {k: v for k, v in row.items() if k not in ("touched", "zeros_added")}
             print(f"done {name}: {json.dumps(shown)}", file=sys.stderr)
@@ -258,7 +295,10 @@ def _run(args, recipes, peer_specs, bench_class, extra_table, published) -> list
             if (seed, row["recipe"]) in peers and not row.get("error"):
                 row["peer"] = peers[seed, row["recipe"]]
                 check_same_job(row, peer_specs[row["recipe"]])
-        print(f"threads={torch.get_num_threads()}{' each, peer in parallel' if args.peer_parallel else ''}  "
+        measured = ("llmpress rows from --from-json: " + ", ".join(sorted(
+            {f"{r.get('commit') or '?'}{'+' if r.get('src_modified') else ''} threads={r.get('threads', '?')}"
+             for r in rows})) + ";") if saved is not None else ""
+        print(f"{measured}threads={torch.get_num_threads()}{' each, peer in parallel' if args.peer_parallel else ''}  "
               f"calibration {args.samples}x{args.seq_len} austen:calib seed {seed}; "
               f"evaluation {args.eval_windows}x{args.eval_seq_len} austen:eval")
         print(table(rows, bench.base_ppl, python is not None))

@@ -28,6 +28,7 @@ from llmpress.data import load_text
 from llmpress.data.tasks import DEFAULT_TASK_DATA, LOCAL_TASKS, local_task_folder
 from llmpress.measure.tasks import paired_difference, summarize
 from llmpress.models.loader import load_model
+from llmpress.progress import silenced
 
 
 def _args() -> argparse.Namespace:
@@ -105,7 +106,9 @@ def main() -> int:
     n = {t: rows[0]["tasks"][t]["n"] for t in tasks}
     print(f"\n{', '.join(f'{t}: {n[t]} documents' for t in tasks)}; data {args.task_data}\n")
 
-    print("| pair (paired, same documents) | " + " | ".join(f"{t} Δ ± se (z)" for t in tasks) + " |")
+    # z = Δ / se; "docs for z=2": how many documents this difference would need to stand 2 standard errors
+    # out (the se shrinks as 1/sqrt(n)), which says what size a test set needs to tell the two apart.
+    print("| pair (paired, same documents) | " + " | ".join(f"{t} Δ ± se (z; docs for z=2)" for t in tasks) + " |")
     print("|---|" + "---|" * len(tasks))
     pairs = []
     for a, b in zip(rows, rows[1:]):
@@ -113,8 +116,12 @@ def main() -> int:
         for t in tasks:
             mean, se = paired_difference(a["tasks"][t]["per_doc"], b["tasks"][t]["per_doc"])
             z = mean / se if se > 0 else math.inf
-            cells.append(f"{mean:+.4f} ± {se:.4f} ({z:+.1f})")
-            pairs.append({"a": a["name"], "b": b["name"], "task": t, "diff": mean, "se": se})
+            docs = len(a["tasks"][t]["per_doc"])
+            needed = math.ceil(docs * (2 * se / mean) ** 2) if mean != 0 else math.inf
+            cells.append(f"{mean:+.4f} ± {se:.4f} ({z:+.1f}; {needed:,})" if math.isfinite(needed)
+                         else f"{mean:+.4f} ± {se:.4f} ({z:+.1f}; –)")
+            pairs.append({"a": a["name"], "b": b["name"], "task": t, "diff": mean, "se": se,
+                          "docs_for_z2": needed if math.isfinite(needed) else None})
         print(f"| {a['name']} − {b['name']} | " + " | ".join(cells) + " |")
 
     hf = None
@@ -142,4 +149,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with silenced(_args().quiet):
+        sys.exit(main())

@@ -67,7 +67,7 @@ def test_lastword_docs_are_passages_of_the_text_ending_before_a_word_seen_in_the
         passage = f"{d['context']} {d['target']}"
         assert passage in flat  # a real passage, ending right before the word
         assert flat[flat.index(passage) + len(passage)] in ".!?"
-        assert len(d["context"].split()) >= 40
+        assert len(d["context"].split()) == 40  # exactly the passage's words, the sentence's head included
         positions.append(flat.index(passage))
     assert positions == sorted(positions)  # in text order
     assert lastword_docs(text, n=50, context_words=40, seed=1) == docs  # seeded
@@ -77,7 +77,7 @@ def test_lastword_docs_are_passages_of_the_text_ending_before_a_word_seen_in_the
 def test_nextsent_docs_hold_the_true_next_sentence_and_distractors_of_similar_length():
     text = _story()
     paras = [sentences(p) for p in paragraphs(text)]
-    docs = nextsent_docs(text, n=40, context_sentences=2, choices=4, seed=0)
+    docs = nextsent_docs(text, n=40, context_sentences=2, choices=4, seed=0, max_context_words=20, max_words=10)
     assert len(docs) == 40
     labels = set()
     for d in docs:
@@ -86,6 +86,7 @@ def test_nextsent_docs_hold_the_true_next_sentence_and_distractors_of_similar_le
         labels.add(d["label"])
         # the context is consecutive sentences of one paragraph and the true choice comes right after them
         assert any(" ".join(s[j - 2:j]) == d["context"] and s[j] == true for s in paras for j in range(2, len(s)))
+        assert len(d["context"].split()) <= 20 and all(6 <= len(c.split()) <= 10 for c in d["choices"])
         for k, other in enumerate(d["choices"]):
             if k != d["label"]:
                 assert any(other in s for s in paras)  # a sentence of the same text
@@ -168,12 +169,13 @@ def _logprobs(model, tok, context: str, continuation: str) -> tuple[float, bool]
     return float(logp[range(len(cont)), target].sum()), bool((logp.argmax(-1) == target).all())
 
 
-def test_local_tasks_through_lm_eval_score_what_the_model_predicts(tiny, tmp_path):
+def test_local_tasks_through_lm_eval_score_what_the_model_predicts(tiny, tmp_path, capsys):
     from llmpress.measure.tasks import run_tasks
 
     model, tok, _, text = tiny
     write_tasks(tmp_path, text.read_text(), n=6)
     got = run_tasks(model, tok, [LASTWORD, NEXTSENT], include_path=tmp_path, limit=6, batch_size=2)
+    assert "bootstrapping" not in capsys.readouterr().out  # lm-eval's notice kept off our stdout (tables, JSON)
     lw = [json.loads(line) for line in (tmp_path / f"{LASTWORD}.jsonl").read_text().splitlines()]
     ns = [json.loads(line) for line in (tmp_path / f"{NEXTSENT}.jsonl").read_text().splitlines()]
     greedy = [float(_logprobs(model, tok, d["context"], " " + d["target"])[1]) for d in lw]
@@ -183,6 +185,35 @@ def test_local_tasks_through_lm_eval_score_what_the_model_predicts(tiny, tmp_pat
     assert got[LASTWORD]["value"] == pytest.approx(sum(greedy) / 6)
     assert got[NEXTSENT]["per_doc"] == picked
     assert got[NEXTSENT]["n"] == 6 and got[NEXTSENT]["stderr"] is not None
+
+
+@pytest.mark.parametrize("recipe, fmt, kind", [("gptq-w4-g64", "auto", "pack-quantized"),
+                                               ("sparsegpt-50", "compressed-tensors", "sparse-bitmask"),
+                                               ("svd-llm-90", "auto", "low-rank")])
+def test_tasks_run_on_packed_sparse_and_low_rank_folders(calib, tmp_path, recipe, fmt, kind):
+    """The folders lm-eval's hf backend cannot all load (transformers refuses sparse and low-rank ones,
+    tests/test_plain_transformers.py): llmpress loads them and lm-eval scores the reloaded model exactly
+    as it scores the compressed model in memory."""
+    import llmpress
+    from llmpress.export.formats import folder_format
+    from llmpress.measure.tasks import run_tasks
+    from llmpress.models.loader import load_model
+    from tiny_models import tiny_model
+
+    tok, spec = calib
+    out = tmp_path / "out"
+    result = llmpress.compress(tiny_model("llama", seed=3, vocab_size=len(tok)), recipe, tokenizer=tok, out=out,
+                               format=fmt, data=spec, samples=8, seq_len=32, progress=False)
+    assert folder_format(json.loads((out / "config.json").read_text())) == kind
+    write_tasks(tmp_path / "tasks", _story(), n=4)
+    loaded = load_model(out)
+    got = run_tasks(loaded.model, loaded.tokenizer, [LASTWORD, NEXTSENT], include_path=tmp_path / "tasks", limit=4,
+                    batch_size=2)
+    want = run_tasks(result.model, tok, [LASTWORD, NEXTSENT], include_path=tmp_path / "tasks", limit=4, batch_size=2)
+    for task in (LASTWORD, NEXTSENT):
+        assert got[task]["n"] == 4 and got[task]["per_doc"] == want[task]["per_doc"]
+        for metric, value in want[task]["metrics"].items():  # the bootstrap's float sums may differ in the 9th digit
+            assert got[task]["metrics"][metric] == pytest.approx(value, rel=1e-6)
 
 
 def test_a_standard_task_runs_from_a_local_file_in_its_schema(tiny, tmp_path):
@@ -214,7 +245,7 @@ def test_cli_eval_with_local_tasks_writes_them_to_the_report(tiny, tmp_path, mon
     assert code == 0, capsys.readouterr().err
     row = json.loads(out.read_text())
     assert set(row["tasks"]) == {LASTWORD, NEXTSENT}
-    assert row["tasks"][LASTWORD]["n"] == 3 and row["task_data"] == f"text:{text}"
+    assert row["tasks"][LASTWORD]["n"] == 3 and row["task_data"] == f"text:{text}" and row["task_seconds"] > 0
 
 
 @pytest.mark.parametrize("args, message", [

@@ -344,11 +344,13 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
     if tasks:
         from .measure.tasks import run_tasks
 
+        started = time.perf_counter()
         with offline_if_unreachable():
             report["tasks"] = run_tasks(loaded.model, loaded.tokenizer, tasks, include_path=task_paths,
                                         limit=limit, num_fewshot=num_fewshot, batch_size=task_batch_size,
                                         cache_factory=runtime.cache_factory(loaded.model, kv))
         report["task_data"] = task_data if any(t in LOCAL_TASKS for t in tasks) else None
+        report["task_seconds"] = round(time.perf_counter() - started, 1)
     if measure_speed:
         report["speed"] = speed(loaded.model, dev, progress=progress)
     errors = error_records(layers, blocks)

@@ -31,7 +31,7 @@ LASTWORD = "llmpress_lastword"
 NEXTSENT = "llmpress_nextsent"
 LOCAL_TASKS = (LASTWORD, NEXTSENT)
 DEFAULT_TASK_DATA = "austen:eval2"
-BUILD_VERSION = 2  # bump when the construction below changes: cached task folders are keyed by it
+BUILD_VERSION = 3  # bump when the construction below changes: cached task folders are keyed by it
 
 # A sentence ends at . ! or ? (optionally followed by closing quotes or brackets) before whitespace.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'\u201d\u2019)\]]*\s+")
@@ -81,23 +81,22 @@ def _last_word_split(sentence: str) -> tuple[str, str] | None:
     return sentence[:m.start(1) - 1], m.group(1)
 
 
-def lastword_docs(text: str, n: int = 1000, context_words: int = 80, seed: int = 0) -> list[dict]:
+def lastword_docs(text: str, n: int = 1000, context_words: int = 70, seed: int = 0) -> list[dict]:
     """Up to ``n`` LAMBADA-style documents ``{"context", "target"}`` from ``text``, in text order.
 
     Candidates are the sentence ends of the text whose last word has at least three letters, is not a
-    function word (pronoun, auxiliary, article, preposition) and appears
-    (case-insensitively) in the passage before it: the preceding ``context_words`` words and the sentence's
-    own head; ``n`` of them are drawn with ``seed``
-    and returned in text order. ``context`` is the passage without the target, ``target`` the word.
+    function word (pronoun, auxiliary, article, preposition) and appears (case-insensitively) in the
+    passage before it: the ``context_words`` words of running text that end right before it; ``n`` of
+    them are drawn with ``seed`` and returned in text order. ``context`` is that passage, ``target`` the word.
     """
     words_so_far: list[str] = []  # the running text as words, across paragraphs
     candidates = []
     for para in paragraphs(text):
         for sent in sentences(para):
             split = _last_word_split(sent)
-            if split is not None and len(words_so_far) >= context_words:
+            if split is not None and len(words_so_far) + len(split[0].split()) >= context_words:
                 head, target = split
-                context = " ".join(words_so_far[-context_words:] + head.split())
+                context = " ".join((words_so_far + head.split())[-context_words:])
                 seen = {w.lower() for w in _WORD.findall(context)}
                 if len(target) >= 3 and target.lower() in seen and target.lower() not in _FUNCTION_WORDS:
                     candidates.append({"context": context, "target": target})
@@ -109,18 +108,21 @@ def lastword_docs(text: str, n: int = 1000, context_words: int = 80, seed: int =
 
 
 def nextsent_docs(text: str, n: int = 1000, context_sentences: int = 2, choices: int = 4,
-                  seed: int = 0) -> list[dict]:
+                  seed: int = 0, max_context_words: int = 40, max_words: int = 30) -> list[dict]:
     """Up to ``n`` documents ``{"context", "choices", "label"}``: pick the sentence that follows the context.
 
-    A position needs ``context_sentences`` sentences before it in the same paragraph and a true next
-    sentence of 6 to 60 words. The distractors are ``choices - 1`` other sentences of the text whose
+    A position needs ``context_sentences`` sentences before it in the same paragraph, of at most
+    ``max_context_words`` words together, and a true next sentence of 6 to ``max_words`` words (the
+    bounds keep each document to about 60 tokens per choice, so that 200 documents score in a minute or
+    two on a CPU). The distractors are ``choices - 1`` other sentences of the text whose
     length is within a factor 1.5 of the true one (so length alone does not give the answer away), drawn
     with ``seed``; the true sentence's place among the choices is drawn too.
     """
     paras = [sentences(p) for p in paragraphs(text)]
-    pool = [s for sents in paras for s in sents if 6 <= len(s.split()) <= 60]
+    pool = [s for sents in paras for s in sents if 6 <= len(s.split()) <= max_words]
     positions = [(i, j) for i, sents in enumerate(paras) for j in range(context_sentences, len(sents))
-                 if 6 <= len(sents[j].split()) <= 60]
+                 if 6 <= len(sents[j].split()) <= max_words
+                 and len(" ".join(sents[j - context_sentences:j]).split()) <= max_context_words]
     rng = random.Random(seed)
     keep = sorted(rng.sample(range(len(positions)), min(n, len(positions))))
     by_len = sorted(pool, key=lambda s: len(s.split()))

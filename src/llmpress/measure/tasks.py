@@ -15,8 +15,10 @@ headline metric, so two models evaluated on the same documents can be compared *
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,8 +147,10 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, include_path=None, limi
     finally:
         hf_log.setLevel(level)
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                          task_manager=manager, log_samples=True)
+        # lm-eval prints its bootstrap notice to stdout, which is llmpress's tables and JSON: to stderr with it
+        with contextlib.redirect_stdout(sys.stderr):
+            results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                              task_manager=manager, log_samples=True)
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise LlmpressError(f"a task's dataset could not be loaded ({first_line(e)}); it needs the hub or a cached "
                             "copy: run once with network access, or point a task YAML at local files and pass "
