@@ -74,6 +74,25 @@ def test_compare_without_base_is_relative_to_the_first_folder(folders, tmp_path,
     assert "Δppl % is relative to `m50`" in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_compare_applies_one_kv_cache_setting_to_every_model(folders, tmp_path, capsys):
+    root, base, data = folders
+    code, _out, err = _run(capsys, "compare", root / "w4", root / "m50", "--base", base, "--data", data, *WINDOWS,
+                           "--kv-bits", "4", "--json", tmp_path / "r.json")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["kv_cache"]["bits"] for r in rows] == [4, 4, 4]
+    plain = json.loads(_json_of(capsys, tmp_path / "plain.json", root, base, data).read_text())["rows"]
+    assert all("kv_cache" not in r for r in plain)
+    assert all(a["perplexity"] != b["perplexity"] for a, b in zip(rows, plain))  # the 4-bit cache was used
+
+
+def _json_of(capsys, out: Path, root: Path, base: Path, data: str) -> Path:
+    code, _out, err = _run(capsys, "compare", root / "w4", root / "m50", "--base", base, "--data", data, *WINDOWS,
+                           "--json", out)
+    assert code == 0, err
+    return out
+
+
 def _refused(capsys, folder: Path, argv, needle: str) -> None:
     before = sorted(p.name for p in folder.iterdir())
     code, _out, err = _run(capsys, *argv)

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("folders", nargs="+", help="model folders, e.g. written by 'llmpress compress --out'")
     m.add_argument("--base", help="evaluate this base model first, on the same windows; Δppl is relative to it")
     _add_eval_window_args(m)
+    m.add_argument("--kv-bits", type=int, choices=[2, 4, 8, 16],
+                   help="quantize the KV cache of every model to this many bits while evaluating "
+                        "(16 = off; default: each model's recipe)")
     m.add_argument("--json", help="write the report (JSON) to this file")
     m.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
     _add_common(m)
