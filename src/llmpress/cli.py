@@ -103,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
     _add_common(m)
 
+    w = sub.add_parser("sweep", help="compress and evaluate many recipes as parallel trials, one report")
+    w.add_argument("model", help=f"alias ({DEFAULT_MODEL}) or model folder every trial starts from")
+    w.add_argument("--recipes", help="comma-separated recipe names or YAML files")
+    w.add_argument("--grid", help="a YAML or JSON file listing the recipes (a list, or {recipes: [...]})")
+    w.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    w.add_argument("--ray", metavar="ADDRESS",
+                   help="run each trial as a Ray task on this cluster ('local' starts one here; pip install "
+                        "'llmpress[ray]')")
+    _add_eval_window_args(w)
+    w.add_argument("--json", help="write the report (JSON) to this file")
+    w.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
+    _add_common(w)
+
     i = sub.add_parser("inspect", help="the layers and blocks a compression hurt most, from a folder's records")
     i.add_argument("folders", nargs="+", metavar="FOLDER",
                    help="a folder written by 'llmpress compress'; with a second one, where their errors differ most")
@@ -170,13 +183,15 @@ def _task_kwargs(args) -> dict:
             "task_data": args.task_data, "task_batch_size": args.task_batch_size}
 
 
-def _emit(args, rows: list[dict]) -> None:
+def _emit(args, rows: list[dict], failed: list[dict] | None = None) -> None:
     from .measure import build_report, report_markdown, write_report
 
     report = build_report(rows, base_name=rows[0]["name"])
+    if failed:
+        report["failed"] = [{"name": r["name"], "error": r["error"]} for r in failed]
     print(report_markdown(report))
     if getattr(args, "json", None):
-        _write_json(Path(args.json).expanduser(), rows[0] if len(rows) == 1 else report)
+        _write_json(Path(args.json).expanduser(), rows[0] if len(rows) == 1 and not failed else report)
     if getattr(args, "report", None):
         write_report(report, Path(args.report).expanduser())
 
@@ -261,6 +276,54 @@ def cmd_compare(args) -> None:
     _emit(args, rows)
 
 
+def _sweep_recipes(args) -> list[str]:
+    """The recipes of ``--recipes`` and ``--grid``, in order, each once."""
+    names = [r.strip() for r in (args.recipes or "").split(",") if r.strip()]
+    if args.grid:
+        import yaml
+
+        path = Path(args.grid).expanduser()
+        try:
+            grid = yaml.safe_load(path.read_text())  # JSON is YAML too
+        except OSError as e:
+            raise LlmpressError(f"--grid {args.grid}: cannot read it ({e.strerror}): pass a YAML or JSON "
+                                "file") from None
+        except yaml.YAMLError:
+            raise LlmpressError(f"--grid {args.grid} is not YAML or JSON: write a list of recipe names") from None
+        listed = grid.get("recipes") if isinstance(grid, dict) else grid
+        if not isinstance(listed, list) or not all(isinstance(r, str) for r in listed):
+            raise LlmpressError(f"--grid {args.grid} must hold a list of recipe names (or {{recipes: [...]}})")
+        names += listed
+    if not names:
+        raise LlmpressError("sweep needs recipes: pass --recipes A,B,C or --grid FILE")
+    from .recipe import load_recipe
+
+    for name in names:
+        load_recipe(name)  # an unknown recipe is refused before any trial starts
+    return list(dict.fromkeys(names))
+
+
+def cmd_sweep(args) -> None:
+    from .api import evaluate
+    from .sweep import sweep
+
+    _check_windows(args)
+    recipes = _sweep_recipes(args)
+    if args.workers < 1:
+        raise LlmpressError(f"--workers {args.workers} must be at least 1")
+    _check_outputs(args)
+    kw = {"data": args.data, "seq_len": args.seq_len, "max_windows": args.max_windows or None,
+          "measure_speed": not args.no_speed, **_task_kwargs(args)}
+    rows = [evaluate(args.model, name=f"{args.model} (base)", progress=not args.quiet, **kw)]
+    trials = sweep(args.model, recipes, evaluate_kwargs=kw, workers=args.workers, ray=args.ray,
+                   progress=not args.quiet)
+    for row in trials:
+        if row.get("error"):
+            print(f"llmpress: trial {row['name']} failed: {row['error']}", file=sys.stderr)
+    rows += [r for r in trials if not r.get("error")]
+    _emit(args, rows, failed=[r for r in trials if r.get("error")])
+
+
 def cmd_inspect(args) -> None:
     from .measure.inspect import compare, format_comparison, format_summary, summarize
 
@@ -298,7 +361,7 @@ def cmd_fetch(_args) -> None:
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "compare": cmd_compare,
-            "inspect": cmd_inspect, "recipes": cmd_recipes, "fetch": cmd_fetch}
+            "sweep": cmd_sweep, "inspect": cmd_inspect, "recipes": cmd_recipes, "fetch": cmd_fetch}
 
 
 def main(argv: list[str] | None = None) -> int:
