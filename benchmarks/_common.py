@@ -297,7 +297,7 @@ def _run(args, recipes, peer_specs, bench_class, extra_table, published) -> list
                 check_same_job(row, peer_specs[row["recipe"]])
         measured = ("llmpress rows from --from-json: " + ", ".join(sorted(
             {f"{r.get('commit') or '?'}{'+' if r.get('src_modified') else ''} threads={r.get('threads', '?')}"
-             for r in rows})) + ";") if saved is not None else ""
+             for r in rows})) + "; ") if saved is not None else ""
         print(f"{measured}threads={torch.get_num_threads()}{' each, peer in parallel' if args.peer_parallel else ''}  "
               f"calibration {args.samples}x{args.seq_len} austen:calib seed {seed}; "
               f"evaluation {args.eval_windows}x{args.eval_seq_len} austen:eval")
