@@ -107,7 +107,8 @@ def sweep(model: str, recipes: Sequence[str], *, evaluate_kwargs: dict | None = 
     ``evaluate_kwargs`` (``llmpress.evaluate``'s keywords: data, windows, tasks ...).
 
     Locally ``workers`` spawned processes share the cores (each gets ``cores // workers`` torch threads);
-    with ``ray`` (an address, or ``"local"`` to start a local instance) every trial is a Ray task.
+    with ``ray`` (an address, or ``"local"`` to start a local instance) every trial is a Ray task. Each
+    trial loads its own copy of the model, so memory grows with the trials running at once.
     """
     if workers < 1:
         raise LlmpressError(f"--workers {workers} must be at least 1")
