@@ -81,8 +81,7 @@ def hf_backend(args) -> tuple[dict, float]:
     return summarize(out, out.get("samples")), time.perf_counter() - start
 
 
-def main() -> int:
-    args = _args()
+def main(args: argparse.Namespace) -> int:
     tasks = args.tasks.split(",")
     recipes = [r for r in args.recipes.split(",") if r]
     rows, seconds = [], {}
@@ -118,8 +117,7 @@ def main() -> int:
             z = mean / se if se > 0 else math.inf
             docs = len(a["tasks"][t]["per_doc"])
             needed = math.ceil(docs * (2 * se / mean) ** 2) if mean != 0 else math.inf
-            cells.append(f"{mean:+.4f} ± {se:.4f} ({z:+.1f}; {needed:,})" if math.isfinite(needed)
-                         else f"{mean:+.4f} ± {se:.4f} ({z:+.1f}; –)")
+            cells.append(f"{mean:+.4f} ± {se:.4f} ({z:+.1f}; {f'{needed:,}' if math.isfinite(needed) else '–'})")
             pairs.append({"a": a["name"], "b": b["name"], "task": t, "diff": mean, "se": se,
                           "docs_for_z2": needed if math.isfinite(needed) else None})
         print(f"| {a['name']} − {b['name']} | " + " | ".join(cells) + " |")
@@ -149,5 +147,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    with silenced(_args().quiet):
-        sys.exit(main())
+    arguments = _args()
+    with silenced(arguments.quiet):
+        sys.exit(main(arguments))

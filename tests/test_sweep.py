@@ -100,6 +100,19 @@ def test_cli_sweep_writes_one_report(base, tmp_path, capsys):
 ])
 def test_cli_sweep_bad_input_is_one_line_and_writes_nothing(base, tmp_path, capsys, argv, needle):
     folder, kw = base
+    _one_line_refusal(folder, kw, tmp_path, capsys, argv, needle)
+
+
+def test_cli_sweep_refuses_a_device_its_trials_would_not_use(base, tmp_path, capsys, monkeypatch):
+    from llmpress import api
+
+    folder, kw = base
+    monkeypatch.setattr(api, "resolve_device", lambda device: device)  # as on a machine that has the GPU
+    _one_line_refusal(folder, kw, tmp_path, capsys, ["--recipes", "rtn-w8", "--device", "cuda"],
+                      "sweep runs its trials on the CPU: drop --device cuda")
+
+
+def _one_line_refusal(folder, kw, tmp_path, capsys, argv, needle):
     out = tmp_path / "r.json"
     code = main(["sweep", folder, *argv, "--data", kw["data"], "--seq-len", "16", "--max-windows", "1",
                  "--no-speed", "--quiet", "--json", str(out)])

@@ -39,6 +39,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
+def _add_outputs(p: argparse.ArgumentParser, json_help: str = "write the report (JSON) to this file") -> None:
+    p.add_argument("--json", help=json_help)
+    p.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
+
+
+def _add_kv_bits(p: argparse.ArgumentParser, whose: str) -> None:
+    p.add_argument("--kv-bits", type=int, choices=[2, 4, 8, 16],
+                   help=f"quantize the KV cache{whose} to this many bits while evaluating "
+                        "(16 = off; default: the model's recipe)")
+
+
 def _add_eval_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="austen:eval", help="evaluation text (default austen:eval = Persuasion)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
@@ -77,30 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help=f"alias ({DEFAULT_MODEL}), model folder, .gguf file or hub id")
     _add_eval_window_args(e)
     e.add_argument("--base", help="also evaluate this base model on the same windows, side by side")
-    e.add_argument("--kv-bits", type=int, choices=[2, 4, 8, 16],
-                   help="quantize the KV cache to this many bits while evaluating "
-                        "(16 = off; default: the model's recipe)")
-    e.add_argument("--json", help="write the result (one JSON object) to this file")
-    e.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
+    _add_kv_bits(e, "")
+    _add_outputs(e, "write the result (one JSON object) to this file")
     _add_common(e)
 
     d = sub.add_parser("demo", help="compress the default model with a few recipes and compare them to the base")
     d.add_argument("--model", default=DEFAULT_MODEL)
     d.add_argument("--recipes", default=",".join(DEMO_RECIPES), help="comma-separated recipe names or files")
     _add_eval_window_args(d)
-    d.add_argument("--json", help="write the report (JSON) to this file")
-    d.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
+    _add_outputs(d)
     _add_common(d)
 
     m = sub.add_parser("compare", help="evaluate several model folders on the same windows and plot them together")
     m.add_argument("folders", nargs="+", help="model folders, e.g. written by 'llmpress compress --out'")
     m.add_argument("--base", help="evaluate this base model first, on the same windows; Δppl is relative to it")
     _add_eval_window_args(m)
-    m.add_argument("--kv-bits", type=int, choices=[2, 4, 8, 16],
-                   help="quantize the KV cache of every model to this many bits while evaluating "
-                        "(16 = off; default: each model's recipe)")
-    m.add_argument("--json", help="write the report (JSON) to this file")
-    m.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
+    _add_kv_bits(m, " of every model")
+    _add_outputs(m)
     _add_common(m)
 
     w = sub.add_parser("sweep", help="compress and evaluate many recipes as parallel trials, one report")
@@ -112,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each trial as a Ray task on this cluster ('local' starts one here; pip install "
                         "'llmpress[ray]')")
     _add_eval_window_args(w)
-    w.add_argument("--json", help="write the report (JSON) to this file")
-    w.add_argument("--report", help="write report.json, report.md and PNG plots to this new folder")
+    _add_outputs(w)
     _add_common(w)
 
     i = sub.add_parser("inspect", help="the layers and blocks a compression hurt most, from a folder's records")
@@ -156,15 +159,17 @@ def _write_json(path: Path, data: dict) -> None:
         raise
 
 
+def _evaluate_kwargs(args) -> dict:
+    """evaluate()'s keywords from the window, task and --kv-bits arguments (the same for every model)."""
+    return {"data": args.data, "seq_len": args.seq_len, "max_windows": args.max_windows or None,
+            "measure_speed": not args.no_speed, "kv_cache": getattr(args, "kv_bits", None), **_task_kwargs(args)}
+
+
 def _evaluate_rows(args, models: list[tuple[str, object]]) -> list[dict]:
     from .api import evaluate
 
-    rows = []
-    for name, model in models:
-        rows.append(evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows or None,
-                             device=args.device, measure_speed=not args.no_speed, progress=not args.quiet,
-                             name=name, kv_cache=getattr(args, "kv_bits", None), **_task_kwargs(args)))
-    return rows
+    kw = _evaluate_kwargs(args)
+    return [evaluate(model, device=args.device, progress=not args.quiet, name=name, **kw) for name, model in models]
 
 
 def _task_kwargs(args) -> dict:
@@ -305,23 +310,23 @@ def _sweep_recipes(args) -> list[str]:
 
 def cmd_sweep(args) -> None:
     from .api import evaluate
-    from .sweep import sweep
+    from .sweep import check_workers, sweep
 
     _check_windows(args)
     recipes = _sweep_recipes(args)
-    if args.workers < 1:
-        raise LlmpressError(f"--workers {args.workers} must be at least 1")
+    check_workers(args.workers)
+    if args.device != "cpu":
+        raise LlmpressError(f"sweep runs its trials on the CPU: drop --device {args.device}, or compress and "
+                            "evaluate on it one recipe at a time with 'llmpress compress' and 'llmpress eval'")
     _check_outputs(args)
-    kw = {"data": args.data, "seq_len": args.seq_len, "max_windows": args.max_windows or None,
-          "measure_speed": not args.no_speed, **_task_kwargs(args)}
-    rows = [evaluate(args.model, name=f"{args.model} (base)", progress=not args.quiet, **kw)]
+    kw = _evaluate_kwargs(args)
+    base = evaluate(args.model, name=f"{args.model} (base)", progress=not args.quiet, **kw)
     trials = sweep(args.model, recipes, evaluate_kwargs=kw, workers=args.workers, ray=args.ray,
                    progress=not args.quiet)
-    for row in trials:
-        if row.get("error"):
-            print(f"llmpress: trial {row['name']} failed: {row['error']}", file=sys.stderr)
-    rows += [r for r in trials if not r.get("error")]
-    _emit(args, rows, failed=[r for r in trials if r.get("error")])
+    failed = [r for r in trials if r.get("error")]
+    for row in failed:
+        print(f"llmpress: trial {row['name']} failed: {row['error']}", file=sys.stderr)
+    _emit(args, [base] + [r for r in trials if not r.get("error")], failed=failed)
 
 
 def cmd_inspect(args) -> None:

@@ -29,6 +29,10 @@ class Trial:
     quiet: bool = True  # no progress bars or library log lines from the worker
 
 
+def _failed(trial: Trial, error: str) -> dict:
+    return {"name": trial.recipe, "recipe": trial.recipe, "error": error}
+
+
 def run_trial(trial: Trial) -> dict:
     """The trial's row (``llmpress.evaluate``'s, plus ``compress_time_s`` and ``recipe``), or
     ``{"name", "recipe", "error"}`` when compression or evaluation failed."""
@@ -44,9 +48,9 @@ def run_trial(trial: Trial) -> dict:
             result = compress(trial.model, trial.recipe, progress=False)
             row = evaluate(result, name=trial.recipe, progress=False, **trial.evaluate_kwargs)
     except LlmpressError as e:
-        return {"name": trial.recipe, "recipe": trial.recipe, "error": str(e)}
+        return _failed(trial, str(e))
     except Exception as e:  # a trial's failure is reported in its row, not fatal to the sweep
-        return {"name": trial.recipe, "recipe": trial.recipe, "error": f"{type(e).__name__}: {first_line(e)}"}
+        return _failed(trial, f"{type(e).__name__}: {first_line(e)}")
     row["compress_time_s"] = result.seconds
     row["recipe"] = trial.recipe
     return row
@@ -70,8 +74,7 @@ def _local(trials: Sequence[Trial], workers: int, done: Callable[[dict], None]) 
             try:
                 rows.append(future.result())
             except Exception as e:  # the worker process itself died (out of memory, a signal)
-                rows.append({"name": trial.recipe, "recipe": trial.recipe,
-                             "error": f"worker failed: {type(e).__name__}: {first_line(e)}"})
+                rows.append(_failed(trial, f"worker failed: {type(e).__name__}: {first_line(e)}"))
             done(rows[-1])
         return rows
 
@@ -95,10 +98,14 @@ def _on_ray(trials: Sequence[Trial], address: str, done: Callable[[dict], None],
         try:
             rows.append(ray.get(ref))
         except Exception as e:  # the task or its worker died
-            rows.append({"name": trial.recipe, "recipe": trial.recipe,
-                         "error": f"Ray task failed: {type(e).__name__}: {first_line(e)}"})
+            rows.append(_failed(trial, f"Ray task failed: {type(e).__name__}: {first_line(e)}"))
         done(rows[-1])
     return rows
+
+
+def check_workers(workers: int) -> None:
+    if workers < 1:
+        raise LlmpressError(f"--workers {workers} must be at least 1")
 
 
 def sweep(model: str, recipes: Sequence[str], *, evaluate_kwargs: dict | None = None, workers: int = 2,
@@ -110,14 +117,13 @@ def sweep(model: str, recipes: Sequence[str], *, evaluate_kwargs: dict | None = 
     with ``ray`` (an address, or ``"local"`` to start a local instance) every trial is a Ray task. Each
     trial loads its own copy of the model, so memory grows with the trials running at once.
     """
-    if workers < 1:
-        raise LlmpressError(f"--workers {workers} must be at least 1")
+    check_workers(workers)
     threads = max(1, (os.cpu_count() or 1) // workers) if ray is None else None
     trials = [Trial(model, r, dict(evaluate_kwargs or {}), threads, quiet=not progress) for r in recipes]
     from .progress import bar
 
     with bar(total=len(trials), desc="trials", unit="trial", enabled=progress) as pbar:
-        def done(row: dict) -> None:
+        def done(_row: dict) -> None:
             pbar.update(1)
 
         return _on_ray(trials, ray, done, not progress) if ray is not None else _local(trials, workers, done)
