@@ -18,14 +18,14 @@ METHOD_PACKAGES = ("quant", "prune", "lowrank", "distill")
 # are lower layers; a module may import its own layer and the ones below.
 LAYERS = [
     ("errors", 0), ("paths", 0), ("progress", 0), ("primitives", 0), ("linalg", 0), ("stats", 0),
-    ("compressed", 0), ("settled", 0), ("config", 0),
+    ("compressed", 0), ("settled", 0), ("config", 0), ("allocate", 0),
     ("models", 1), ("models.archs", 1), ("data", 1), ("measure", 1),
     ("calib", 2),
     ("registry", 3),
     *[(p, 4) for p in METHOD_PACKAGES],
     ("recipes", 4),  # built-in recipes that chain methods: data over the registry
     ("export", 5), ("save", 5), ("models.loader", 6), ("models.smollm2", 6),
-    ("recipe", 7), ("recipe_names", 7), ("engine", 8), ("api", 9), ("sweep", 9),
+    ("recipe", 7), ("recipe_names", 7), ("engine", 8), ("sensitivity", 8), ("api", 9), ("sweep", 9), ("auto", 9),
     ("cli", 10), ("", 11),  # "" = the package's __init__
 ]
 

@@ -11,7 +11,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -119,6 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_outputs(w)
     _add_common(w)
 
+    a = sub.add_parser("auto", help="choose a mixed-precision recipe under a size budget (per-layer sensitivity)")
+    a.add_argument("model", help=f"alias ({DEFAULT_MODEL}) or model folder")
+    a.add_argument("--budget", required=True,
+                   help="bits per weight over the block linears, scales included (3.5bpw), the whole saved "
+                        "model as eval counts it (60MB), or a measured perplexity (ppl<=40, see --rounds)")
+    a.add_argument("--out", required=True, help="the recipe YAML to write (a new file); run it with compress")
+    a.add_argument("--methods", default="gptq", help="comma-separated weight methods to choose from (default gptq)")
+    a.add_argument("--bits", default="2,3,4,8", help="bit widths the quantizers may use (default 2,3,4,8)")
+    a.add_argument("--groups", default="32,64,128", help="group sizes the quantizers may use (default 32,64,128)")
+    a.add_argument("--sparsities", default="0.5,2:4", help="settings the pruning methods may use (default 0.5,2:4)")
+    a.add_argument("--no-dense", action="store_true", help="every block linear must be compressed")
+    a.add_argument("--data", help="calibration text (default: the first method's recipe's, austen:calib)")
+    a.add_argument("--samples", type=int, help="calibration windows (default 128)")
+    a.add_argument("--seq-len", type=int, help="calibration window length (default 512)")
+    a.add_argument("--seed", type=int, help="calibration sampling seed")
+    a.add_argument("--fisher-samples", type=int, default=16,
+                   help="windows of the backward pass that weighs each layer's error (default 16)")
+    a.add_argument("--table", help="JSON file of the measured sensitivities: reused when it exists (same model, "
+                                   "calibration and candidates), else written; other budgets then take seconds")
+    a.add_argument("--rounds", type=int, default=3,
+                   help="ppl<= budgets: compress-and-measure rounds, each correcting the prediction (default 3)")
+    a.add_argument("--eval-data", default="austen:eval", help="ppl<= budgets: evaluation text (default austen:eval)")
+    a.add_argument("--eval-windows", type=int, default=16, help="ppl<= budgets: 1024-token windows (default 16)")
+    a.add_argument("--json", help="write the choice and its predicted cost (JSON) to this file")
+    _add_common(a)
+
     i = sub.add_parser("inspect", help="the layers and blocks a compression hurt most, from a folder's records")
     i.add_argument("folders", nargs="+", metavar="FOLDER",
                    help="a folder written by 'llmpress compress'; with a second one, where their errors differ most")
@@ -128,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the built-in recipes")
     f = sub.add_parser("fetch", help="download the default model and corpus into the cache")
     _add_common(f)
-    for p in (c, e, d, m, i, r, f):
+    for p in (c, e, d, m, w, a, i, r, f):
         _add_debug(p, default=argparse.SUPPRESS)  # also after the command; the value before it stays
     return parser
 
@@ -150,13 +175,9 @@ def _check_outputs(args) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from .paths import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def _evaluate_kwargs(args) -> dict:
@@ -329,6 +350,41 @@ def cmd_sweep(args) -> None:
     _emit(args, [base] + [r for r in trials if not r.get("error")], failed=failed)
 
 
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise LlmpressError(f"{flag} {text}: give comma-separated integers, e.g. {flag} 2,3,4") from None
+    if not values:
+        raise LlmpressError(f"{flag} is empty: give comma-separated integers, e.g. {flag} 2,3,4")
+    return values
+
+
+def cmd_auto(args) -> None:
+    from .auto import auto, format_report, to_yaml
+    from .paths import write_text_atomic
+    from .save import check_new_path
+
+    out = check_new_path(args.out, "--out", "recipe")
+    _check_outputs(args)
+    if args.table and not Path(args.table).expanduser().exists():
+        check_new_path(args.table, "--table")
+    if args.fisher_samples < 1:
+        raise LlmpressError(f"--fisher-samples {args.fisher_samples} must be at least 1")
+    result = auto(args.model, args.budget, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                  bits=_ints(args.bits, "--bits"), groups=_ints(args.groups, "--groups"),
+                  sparsities=tuple(s.strip() for s in args.sparsities.split(",") if s.strip()),
+                  dense=not args.no_dense, data=args.data, samples=args.samples, seq_len=args.seq_len,
+                  seed=args.seed, fisher_samples=args.fisher_samples, device=args.device, progress=not args.quiet,
+                  table=args.table, eval_data=args.eval_data, eval_windows=args.eval_windows or None,
+                  rounds=args.rounds)
+    write_text_atomic(out, to_yaml(result.recipe))
+    if args.json:
+        _write_json(Path(args.json).expanduser(), result.report)
+    print(format_report(result.report))
+    print(f"\nrecipe written to {out}: llmpress compress {args.model} --recipe {out} --out FOLDER")
+
+
 def cmd_inspect(args) -> None:
     from .measure.inspect import compare, format_comparison, format_summary, summarize
 
@@ -366,7 +422,7 @@ def cmd_fetch(_args) -> None:
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "compare": cmd_compare,
-            "sweep": cmd_sweep, "inspect": cmd_inspect, "recipes": cmd_recipes, "fetch": cmd_fetch}
+            "sweep": cmd_sweep, "auto": cmd_auto, "inspect": cmd_inspect, "recipes": cmd_recipes, "fetch": cmd_fetch}
 
 
 def main(argv: list[str] | None = None) -> int:

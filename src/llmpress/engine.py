@@ -165,7 +165,7 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                     full = f"{prefix}{i}.{name}"
                     W = linear_weight(module, arch).detach().float()
                     args = [stats[name][s] for s in method.stats]
-                    result: Compressed = method.fn(W, *args, stage.config)
+                    result: Compressed = method.fn(W, *args, stage.config_for(full))
                     set_linear_weight(module, arch, result.weight)
                     meta = dict(result.record(), shape=list(W.shape))
                     if result.loss is not None:

@@ -12,6 +12,19 @@ Unknown keys are rejected with the list of valid ones. ``targets`` and
 ``model.layers.0.mlp.down_proj``, ``*.self_attn.*``); only the linear
 layers inside decoder blocks are compressed, so lm_head and the embeddings
 are never touched by these methods.
+
+A weight method's stage may give some layers settings of their own (mixed
+precision; ``llmpress auto`` writes these)::
+
+      - method: gptq
+        args: {bits: 4, group_size: 64}
+        overrides:
+          - {targets: ["*.self_attn.v_proj"], args: {bits: 8}}
+          - {targets: ["model.layers.3.mlp.down_proj"], args: {bits: 3, group_size: 32}}
+
+An override's ``args`` are merged onto the stage's; the first override whose
+``targets`` match a layer wins. The engine collects the stage's statistics
+once for all its layers, so a mixed stage costs one calibration pass.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ from .config import Check, Config, PositiveInt
 from .data.sources import parse_spec
 from .errors import LlmpressError, first_line
 from .recipe_names import MAX_NESTING, compose
-from .registry import builtin_recipes, get_method
+from .registry import WEIGHT_KINDS, builtin_recipes, get_method
 
 CALIBRATION_DTYPES = ("float32", "bfloat16", "auto")
 
@@ -54,11 +67,19 @@ class Stage:
     config: Any
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    overrides: tuple[tuple[tuple[str, ...], Any], ...] = ()  # (patterns, config) per override, first match wins
 
     def applies_to(self, name: str) -> bool:
         if self.targets and not any(fnmatch.fnmatchcase(name, p) for p in self.targets):
             return False
         return not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)
+
+    def config_for(self, name: str) -> Any:
+        """The config the layer ``name`` gets: that of the first override matching it, else the stage's."""
+        for patterns, config in self.overrides:
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                return config
+        return self.config
 
     def to_dict(self) -> dict:
         out: dict = {"method": self.method, "args": dataclasses.asdict(self.config)}
@@ -66,6 +87,11 @@ class Stage:
             out["targets"] = list(self.targets)
         if self.ignore:
             out["ignore"] = list(self.ignore)
+        if self.overrides:
+            base = out["args"]
+            out["overrides"] = [{"targets": list(patterns),
+                                 "args": {k: v for k, v in dataclasses.asdict(config).items() if base.get(k) != v}}
+                                for patterns, config in self.overrides]
         return out
 
 
@@ -125,14 +151,38 @@ def _patterns(value: Any, where: str) -> tuple[str, ...]:
 
 
 def _stage(data: Any, where: str) -> Stage:
-    data = _mapping(data, where, {"method", "args", "targets", "ignore"})
+    data = _mapping(data, where, {"method", "args", "targets", "ignore", "overrides"})
     if not isinstance(data.get("method"), str):
         raise LlmpressError(f"{where} has no 'method' name: name one, e.g. method: rtn")
     method = get_method(data["method"])
-    config = _build(method.config, data.get("args") or {}, f"{where} ({method.name}) args")
+    args = data.get("args") or {}
+    config = _build(method.config, args, f"{where} ({method.name}) args")
     return Stage(method.name, config,
                  _patterns(data.get("targets", []), f"{where} targets"),
-                 _patterns(data.get("ignore", []), f"{where} ignore"))
+                 _patterns(data.get("ignore", []), f"{where} ignore"),
+                 _overrides(data.get("overrides"), method, args, f"{where} ({method.name}) overrides"))
+
+
+def _overrides(data: Any, method, args: Any, where: str) -> tuple:
+    """Per-layer settings of a weight method's stage: (patterns, config) pairs, each config the stage's
+    args with the override's merged on top (and checked like them)."""
+    if data is None:
+        return ()
+    if method.kind not in WEIGHT_KINDS:
+        raise LlmpressError(f"{where}: only a per-layer method (quantize or prune) takes overrides; "
+                            f"{method.name} is a {method.kind} method: remove 'overrides'")
+    if not isinstance(data, list):
+        raise LlmpressError(f"{where} must be a list, e.g. [{{targets: ['*.v_proj'], args: {{bits: 8}}}}]")
+    out = []
+    for i, item in enumerate(data):
+        at = f"{where} {i + 1}"
+        item = _mapping(item, at, {"targets", "args"})
+        patterns = _patterns(item.get("targets"), f"{at} targets")
+        if not patterns:
+            raise LlmpressError(f"{at} has no targets: name the layers it sets, e.g. targets: ['*.v_proj']")
+        extra = _mapping(item.get("args") or {}, f"{at} args", {f.name for f in dataclasses.fields(method.config)})
+        out.append((patterns, _build(method.config, {**args, **extra}, f"{at} args")))
+    return tuple(out)
 
 
 def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
