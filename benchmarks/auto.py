@@ -1,6 +1,6 @@
 """Automatic mixed precision against uniform GPTQ: the size/perplexity frontier, held out, and the sensitivity check.
 
-    python benchmarks/auto.py [--budgets 2.5,3,3.25,3.5,4,4.25] [--uniform w2-g64,w3-g128,w3-g64,w4-g128,w4-g64]
+    python benchmarks/auto.py [--budgets 2.5,3,3.25,3.5,4,4.25] [--uniform w3-g128,w3-g64,w4-g64]
                               [--check 60] [--sensitivity FILE] [--json FILE] [--plot FILE.png]
 
 One sensitivity pass (``llmpress.auto``: Fisher-weighted GPTQ error of every candidate on every block linear,
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -30,7 +31,6 @@ from llmpress.allocate import allocate
 from llmpress.auto import build_recipe, method_defaults
 from llmpress.calib import block_stats
 from llmpress.data import calibration_samples, eval_windows
-from llmpress.measure.size import layer_bytes, size_report
 from llmpress.models.archs import arch_for, block_linears, linear_weight, set_linear_weight
 from llmpress.models.loader import load_model
 from llmpress.progress import silenced
@@ -43,11 +43,12 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--budgets", default="2.5,3,3.25,3.5,4,4.25", help="bits/weight over the linears")
-    p.add_argument("--uniform", default="w2-g64,w3-g128,w3-g64,w4-g128,w4-g64", help="uniform GPTQ settings")
+    p.add_argument("--uniform", default="w3-g128,w3-g64,w4-g64", help="uniform GPTQ settings")
     p.add_argument("--eval", default="austen:eval,austen:eval2", help="evaluation texts (the first is the README's)")
     p.add_argument("--check", type=int, default=0, help="(layer, setting) pairs measured one by one")
     p.add_argument("--sensitivity", help="JSON file: reuse the sensitivity table if it exists, else write it")
-    p.add_argument("--json", help="write every row (JSON) to this file")
+    p.add_argument("--json", help="write every row (JSON) to this file, rewritten after each row")
+    p.add_argument("--rows", nargs="+", default=[], help="earlier --json files: their rows are reused, not rerun")
     p.add_argument("--plot", help="write the frontier plot (PNG) to this file")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args()
@@ -167,22 +168,35 @@ def main() -> None:
         model, tok = loaded.model, loaded.tokenizer
         sens, calib, ids = _sensitivity(model, tok, args)
         check = _check(model, tok, sens, ids, args.check, args.quiet) if args.check else None
+        if check:
+            print(f"check: {json.dumps({k: v for k, v in check.items() if k != 'rows'})}", file=sys.stderr)
         numel = sum(o * i for o, i in sens.shapes)
+        saved = {r["name"]: r for f in args.rows for r in json.loads(Path(f).read_text())["rows"]}
         rows = []
-        for budget in [float(b) for b in args.budgets.split(",")]:
+
+        def add(row: dict) -> None:
+            rows.append(row)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"rows": rows, "check": check, "calibration": calib}, indent=2))
+
+        for budget in [float(b) for b in args.budgets.split(",") if b.strip()]:
             choice = allocate(sens.cost.tolist(), sens.bytes.tolist(), budget * numel / 8)
             recipe = build_recipe(sens, choice, calib, name=f"auto-{budget:g}bpw")
             predicted = float(sum(sens.cost[r, c] for r, c in enumerate(choice)))
-            rows.append({"kind": "auto", "predicted_nll_increase": predicted,
-                         **_row(f"auto {budget:g}bpw", recipe, texts, args.quiet)})
+            name = f"auto {budget:g}bpw"
+            add(saved.get(name) or {"kind": "auto", "predicted_nll_increase": predicted,
+                                    **_row(name, recipe, texts, args.quiet)})
         for setting in [s.strip() for s in args.uniform.split(",") if s.strip()]:
             bits, group = (int(v) for v in setting.replace("w", "").split("-g"))
-            rows.append({"kind": "uniform", **_row(f"gptq-{setting}", gptq_recipe(bits, group), texts, args.quiet)})
-    print("| recipe | bits/weight (linears) | size MB | " + " | ".join(f"ppl {t}" for t in texts) + " | compress s |")
-    print("|---|---:|---:|" + "---:|" * len(texts) + "---:|")
+            name = f"gptq-{setting}"
+            add(saved.get(name) or {"kind": "uniform", **_row(name, gptq_recipe(bits, group), texts, args.quiet)})
+    print("| recipe | bits/weight (linears) | size MB | " + " | ".join(f"ppl {t}" for t in texts)
+          + " | predicted ppl ratio | compress s |")
+    print("|---|---:|---:|" + "---:|" * len(texts) + "---:|---:|")
     for r in sorted(rows, key=lambda r: r["bpw"]):
+        predicted = f"x{math.exp(r['predicted_nll_increase']):.3f}" if "predicted_nll_increase" in r else "–"
         print(f"| {r['name']} | {r['bpw']:.3f} | {r['size_mb']:.1f} | "
-              + " | ".join(f"{r[f'ppl {t}']:.2f}" for t in texts) + f" | {r['compress_s']:.0f} |")
+              + " | ".join(f"{r[f'ppl {t}']:.2f}" for t in texts) + f" | {predicted} | {r['compress_s']:.0f} |")
     if check:
         print(f"\nsensitivity check, {check['pairs']} (layer, setting) pairs, one layer compressed at a time: "
               f"Spearman rank correlation with the measured NLL increase: Fisher-weighted cost "
@@ -190,10 +204,7 @@ def main() -> None:
     if args.plot:
         _plot(rows, texts, args.plot)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "check": check, "calibration": calib,
-                                               "size_check": size_report(model)["size_bytes"],
-                                               "dense_linear_bytes": sum(layer_bytes({"shape": list(s)})
-                                                                         for s in sens.shapes)}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "check": check, "calibration": calib}, indent=2))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ perplexity change of compressing one layer alone (Spearman's rank correlation).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -49,12 +48,11 @@ class Candidate:
     def label(self) -> str:
         if self.method is None:
             return "dense"
-        fields = dataclasses.asdict(self.config)
-        short = [f"w{fields['bits']}" if fields.get("bits") else "",
-                 f"g{fields['group_size']}" if fields.get("bits") and "group_size" in fields else "",
-                 "" if fields.get("sym", True) else "asym"]
-        pattern = fields.get("pattern")
-        sparse = pattern if pattern not in (None, "unstructured") else fields.get("sparsity")
+        bits, group = getattr(self.config, "bits", None), getattr(self.config, "group_size", None)
+        short = [f"w{bits}" if bits else "", f"g{group}" if bits and group is not None else "",
+                 "" if getattr(self.config, "sym", True) else "asym"]
+        pattern = getattr(self.config, "pattern", None)
+        sparse = pattern if pattern not in (None, "unstructured") else getattr(self.config, "sparsity", None)
         return "-".join([self.method, *[s for s in short if s], *([f"s{sparse}"] if sparse else [])])
 
 
