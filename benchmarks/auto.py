@@ -56,18 +56,11 @@ def _args() -> argparse.Namespace:
 
 def _sensitivity(model, tok, args) -> tuple[Sensitivity, dict, torch.Tensor]:
     args_gptq, calib = method_defaults("gptq")
-    calib = {"data": "austen:calib", "samples": 128, "seq_len": 512, "seed": 0, **calib}
     ids = calibration_samples(tok, calib["data"], calib["samples"], calib["seq_len"], calib["seed"])
     cands = candidate_grid(["gptq"], [2, 3, 4, 8], [32, 64, 128], [], {"gptq": args_gptq})
     path = Path(args.sensitivity) if args.sensitivity else None
     if path is not None and path.exists():
-        saved = json.loads(path.read_text())
-        assert saved["candidates"] == [c.label for c in cands], "the saved table has other candidates"
-        sens = Sensitivity(saved["layers"], [tuple(s) for s in saved["shapes"]], cands,
-                           torch.tensor(saved["cost"], dtype=torch.float64),
-                           torch.tensor(saved["error"], dtype=torch.float64),
-                           torch.tensor(saved["bytes"], dtype=torch.float64))
-        return sens, calib, ids
+        return Sensitivity.from_dict(json.loads(path.read_text()), cands), calib, ids
     start = time.perf_counter()
     arch = arch_for(model)
     fisher = output_fisher(model, arch, ids[:16], progress=not args.quiet)

@@ -37,7 +37,7 @@ from .measure.size import layer_bytes, size_report
 from .models.archs import arch_for
 from .models.loader import DEFAULT_MODEL
 from .paths import write_text_atomic
-from .recipe import Recipe
+from .recipe import CalibrationConfig, Recipe
 from .registry import builtin_recipes
 from .sensitivity import Sensitivity, candidate_grid, output_fisher, sensitivity
 
@@ -72,13 +72,14 @@ def parse_budget(text: str) -> Budget:
 
 def method_defaults(name: str) -> tuple[dict, dict]:
     """(stage args, calibration) of the method's own 4-bit group-64 built-in recipe (GPTQ: act-order and
-    true-sequential), without bits and group size; ({}, {}) when it has none."""
+    true-sequential), without bits and group size, and that recipe's calibration with every field filled
+    in (``CalibrationConfig``'s defaults where the recipe names none)."""
     recipe = builtin_recipes().get(f"{name}-w4-g64") or builtin_recipes().get(f"{name}-50") or {}
     stages = [s for s in recipe.get("stages", []) if s.get("method") == name]
     args = dict(stages[0].get("args", {})) if len(stages) == 1 else {}
     for key in ("bits", "group_size", "sparsity", "pattern"):
         args.pop(key, None)
-    return args, dict(recipe.get("calibration") or {})
+    return args, dataclasses.asdict(CalibrationConfig(**(recipe.get("calibration") or {})))
 
 
 @dataclass
@@ -112,7 +113,7 @@ def auto(model=DEFAULT_MODEL, budget: str = "3.5bpw", *, methods: tuple[str, ...
     if not methods:
         raise LlmpressError("auto needs at least one method: pass --methods gptq (or rtn, hqq, sparsegpt, ...)")
     defaults = {m: method_defaults(m) for m in methods}
-    calib = {"data": "austen:calib", "samples": 128, "seq_len": 512, "seed": 0, **defaults[methods[0]][1]}
+    calib = defaults[methods[0]][1]
     calib.update({k: v for k, v in {"data": data, "samples": samples, "seq_len": seq_len, "seed": seed}.items()
                   if v is not None})
     try:

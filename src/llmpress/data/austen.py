@@ -28,7 +28,7 @@ import zlib
 from pathlib import Path
 
 from llmpress.errors import LlmpressError
-from llmpress.paths import cache_dir
+from llmpress.paths import cache_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def fetch_corpus() -> Path:
     for r_name, _title in NOVELS.values():
         if r_name not in objects:
             raise LlmpressError(f"{DEB_PACKAGE} has no object {r_name!r}; found {sorted(objects)}")
-        _write_atomic(out / f"{r_name}.txt", lines_to_text(objects[r_name]))
+        write_text_atomic(out / f"{r_name}.txt", lines_to_text(objects[r_name]))
     log.info("cached %d novels in %s", len(NOVELS), out)
     return out
 
@@ -171,17 +171,6 @@ def _find_data_dir(root: Path) -> Path:
         if rdx.parent.as_posix().endswith(_DATA_DIR) and rdx.with_suffix(".rdb").is_file():
             return rdx.parent
     raise LlmpressError(f"{DEB_PACKAGE} .deb holds no {_DATA_DIR}/Rdata.rdx; is it the right package?")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- R lazy-load database ---------------------------------------------------
