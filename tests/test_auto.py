@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 import llmpress
 from llmpress.allocate import allocate, hull, total
@@ -193,9 +194,11 @@ def test_auto_meets_its_budget_and_the_recipe_compresses_saves_and_reloads(tiny,
         config = json.loads((tmp_path / budget / "config.json").read_text())["quantization_config"]
         assert len(config["config_groups"]) == len({(m["bits"], m["group_size"]) for m in compressed.layers.values()})
         reloaded = llmpress.load_model(tmp_path / budget).model
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / budget)  # transformers' own compressed-tensors
         ids = torch.randint(0, len(tok), (1, 16))
         with torch.no_grad():
             torch.testing.assert_close(reloaded(ids).logits, compressed.model(ids).logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(plain(ids).logits, compressed.model(ids).logits, rtol=1e-4, atol=1e-4)
     # a byte budget counts the whole model, embeddings at 16 bits
     whole = size_report(model)["size_bytes"]
     result = auto(model, f"{whole * 0.6:.0f}B", **kw)
