@@ -44,7 +44,7 @@ def test_yaml_round_trip(tmp_path):
     ("stage: [{method: rtn}]", "unknown key 'stage'; valid keys are calibration, name, stages"),
     ("stages: [{method: rnt}]", "unknown method 'rnt' (did you mean 'rtn'?)"),
     ("stages: [{args: {bits: 4}}]", "has no 'method'"),
-    ("stages: [{method: rtn, args: {bitz: 4}}]", "unknown key 'bitz'; valid keys are bits, group_size, "),
+    ("stages: [{method: rtn, args: {bitz: 4}}]", "unknown key 'bitz'; valid keys are bits, float_zero, group_size, "),
     ("stages: [{method: rtn, args: {bits: 12}}]", "bits=12 is out of range"),
     ("stages: [{method: magnitude, args: {sparsity: 1.5}}]", "sparsity=1.5 is out of range"),
     ("calibration: {samples: 0}\nstages: [{method: rtn}]", "calibration samples=0 is invalid"),

@@ -16,17 +16,20 @@ from pathlib import Path
 import torch
 
 from .calib import calibration_dtype
+from .compressed import Grid
 from .data import calibration_samples, describe_spec, eval_windows, load_text
 from .data.sources import offline_if_unreachable
 from .data.tasks import LOCAL_TASKS, local_task_folder
 from .engine import compress_blocks, merge_meta, run_plan
 from .errors import LlmpressError
 from .export import formats
+from .export.gguf_blocks import BLOCK, why_not
+from .export.gguf_write import check_gguf_out, write_gguf
 from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
 from .measure.attribution import METRICS as ERROR_METRICS
 from .measure.plots import error_records
 from .models.archs import arch_for
-from .models.loader import DEFAULT_MODEL, LoadedModel, load_model
+from .models.loader import DEFAULT_MODEL, LoadedModel, load_model, source_gguf
 from .recipe import Recipe, load_recipe
 from .registry import get_method
 from .save import check_output, check_space
@@ -46,6 +49,7 @@ class CompressResult:
     notes: list[str] = field(default_factory=list)
     results: dict = field(default_factory=dict)  # layer name -> Compressed (codes, scales, mask) for export
     blocks: dict[str, dict] = field(default_factory=dict)  # block name -> {"output_error": ...} (engine)
+    gguf: object | None = None  # the GgufReport of a --format gguf save (tensor types, re-rounded tensors)
 
     @property
     def meta(self) -> dict:
@@ -114,13 +118,15 @@ def param_bytes(model: torch.nn.Module) -> int:
 def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: str | None = None,
              samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
              out: str | Path | None = None, device: str = "cpu", progress: bool = False,
-             format: str = "auto") -> CompressResult:
+             format: str = "auto", gguf: dict | None = None) -> CompressResult:
     """Compress ``model`` with ``recipe`` block by block; save to ``out`` when given.
 
     ``data``/``samples``/``seq_len``/``seed`` override the recipe's calibration settings.
     ``format``: "compressed-tensors" (packed low-bit weights, loadable by transformers and vLLM),
     "dense" (a plain folder of dequantized weights), or "auto": compressed-tensors whenever some
-    linear was weight-quantized and can be packed, else dense. A pruned, unquantized model asked for
+    linear was weight-quantized and can be packed, else dense; "gguf": one llama.cpp file (``out`` ends in
+    .gguf), each linear with its own codes where its grid is a GGUF block type (``gguf``: the options of
+    ``llmpress.export.gguf_write.write_gguf``: dense, embedding, requantize). A pruned, unquantized model asked for
     as "compressed-tensors" is written sparse-bitmask / sparse-24-bitmask (``llmpress.export.sparse``:
     real bytes; ``llmpress.load_model`` reads it, transformers 5.x no longer can).
     Each rewritten linear's record gets its error against the original weight (``output_error`` on
@@ -136,7 +142,11 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
         recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, **overrides))
     if format not in FORMATS:
         raise LlmpressError(f"unknown format '{format}': use one of {', '.join(FORMATS)}")
-    if out is not None:
+    if format == "gguf" and not (gguf or {}).get("requantize"):
+        _check_gguf_grids(recipe)
+    if out is not None and format == "gguf":
+        check_gguf_out(out)
+    elif out is not None:
         check_output(out)
     calibrate = recipe.needs_calibration or data is not None or samples is not None  # else weight errors only
     if calibrate:
@@ -183,12 +193,32 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     result = CompressResult(loaded.model, loaded.tokenizer, recipe, layers, time.perf_counter() - start,
                             mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"],
                             results=results, blocks=blocks)
-    if out is not None:  # the format table (llmpress.export.formats) chooses and writes
+    if out is not None and format == "gguf":
+        result.gguf = write_gguf(loaded.model, loaded.tokenizer, out, results, layers, source_gguf=source_gguf(loaded),
+                                 meta=result.meta, **(gguf or {}))
+        result.out = result.gguf.path
+    elif out is not None:  # the format table (llmpress.export.formats) chooses and writes
         result.out = formats.save(loaded.model, loaded.tokenizer, out, result.meta, layers, results, format)
     return result
 
 
-FORMATS = formats.REQUESTS  # "auto" and the families of the format table: compressed-tensors, dense
+# "auto" and the families of the format table (compressed-tensors, dense), and GGUF (one file, not a folder)
+FORMATS = (*formats.REQUESTS, "gguf")
+
+
+def _check_gguf_grids(recipe: Recipe) -> None:
+    """Before any work, refuse a ``--format gguf`` run whose quantizer grids are no GGUF block type (the
+    writer checks every layer again; this only saves a wasted run)."""
+    for stage in recipe.stages:
+        for config in (stage.config, *(c for _, c in stage.overrides)):
+            bits, group = getattr(config, "bits", None), getattr(config, "group_size", None)
+            if get_method(stage.method).kind != "quantize" or not isinstance(bits, int) or group is None:
+                continue
+            why = why_not(Grid(bits, group, bool(getattr(config, "sym", True))), BLOCK)
+            if why:
+                raise LlmpressError(f"recipe '{recipe.name}' quantizes to a grid that fits no GGUF type "
+                                    f"({stage.method}: {why}): use a GGUF recipe (gptq-q4_0, rtn-q4_1, ... see "
+                                    "'llmpress recipes') or pass --requantize Q4_0 to re-round the layers, reported")
 
 
 def _check_plan(model: torch.nn.Module, recipe: Recipe, out: str | Path | None, calibrate: bool) -> None:

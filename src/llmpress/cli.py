@@ -49,6 +49,23 @@ def _add_kv_bits(p: argparse.ArgumentParser, whose: str) -> None:
                         "(16 = off; default: the model's recipe)")
 
 
+def _add_gguf_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("GGUF (--format gguf)")
+    g.add_argument("--dense-type", default="F16", type=str.upper,
+                   help="type of 2-D tensors without codes: F16 (default), BF16, F32, or a block type "
+                        "(Q8_0, Q4_0, ...: re-rounded with llama.cpp's reference rounding)")
+    g.add_argument("--embedding-type", type=str.upper,
+                   help="type of the embedding and an untied head (default Q8_0 when linears are quantized, "
+                        "as llama.cpp writes SmolLM2's; else --dense-type)")
+    g.add_argument("--requantize", type=str.upper,
+                   help="re-round linears whose grid is no GGUF block type (e.g. group 64) to this type "
+                        "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), reported; default: refuse them")
+
+
+def _gguf_options(args) -> dict:
+    return {"dense": args.dense_type, "embedding": args.embedding_type, "requantize": args.requantize}
+
+
 def _add_eval_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="austen:eval", help="evaluation text (default austen:eval = Persuasion)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
@@ -79,9 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "calibration, e.g. RTN, then measures each layer's output error on them)")
     c.add_argument("--seq-len", type=int, help="calibration window length, overrides the recipe")
     c.add_argument("--seed", type=int, help="calibration sampling seed, overrides the recipe")
-    c.add_argument("--format", default="auto", choices=["auto", "compressed-tensors", "dense"],
-                   help="auto (default): packed compressed-tensors when weights were quantized, else dense")
+    c.add_argument("--format", default="auto", choices=["auto", "compressed-tensors", "dense", "gguf"],
+                   help="auto (default): packed compressed-tensors when weights were quantized, else dense; "
+                        "gguf: one llama.cpp file (--out FILE.gguf), each linear with its own codes")
+    _add_gguf_options(c)
     _add_common(c)
+
+    x = sub.add_parser("export", help="write a model or compressed folder in another format (GGUF for llama.cpp)")
+    x.add_argument("model", help=f"compressed folder, model folder, .gguf file or alias ({DEFAULT_MODEL})")
+    x.add_argument("--format", default="gguf", choices=["gguf"], help="gguf (default): one llama.cpp file")
+    x.add_argument("--out", required=True, help="output file, FILE.gguf (must not exist; its folder must)")
+    _add_gguf_options(x)
+    x.add_argument("--debug", action="store_true", help="on an error, show the Python traceback instead of one line")
 
     e = sub.add_parser("eval", help="perplexity, size, FLOPs, speed and memory of a model")
     e.add_argument("model", help=f"alias ({DEFAULT_MODEL}), model folder, .gguf file or hub id")
@@ -227,15 +253,34 @@ def cmd_compress(args) -> None:
 
     result = compress(args.model, args.recipe, data=args.data, samples=args.samples, seq_len=args.seq_len,
                       seed=args.seed, out=args.out, device=args.device, progress=not args.quiet,
-                      format=args.format)
+                      format=args.format, gguf=_gguf_options(args))
     from .export import readers
 
     n = len(result.layers)
     print(f"compressed {n} linear layers with '{result.recipe.name}' in {result.seconds:.1f}s -> {result.out}")
+    if result.gguf is not None:
+        print(f"GGUF {result.gguf.file_type}, {result.gguf.bytes / 1e6:.1f} MB: {result.gguf.summary()}")
+        return
     tools = readers(result.out)
     only = (" only (other tools refuse it; --format dense writes a folder every tool reads)"
             if tools == ["llmpress"] else "")
     print(f"readable by: {', '.join(tools)}{only}")
+
+
+def cmd_export(args) -> None:
+    from .export import folder_format
+    from .export.compressed_tensors import packed_codes
+    from .export.gguf_write import check_gguf_out, write_gguf
+    from .models.loader import load_model, source_gguf
+
+    check_gguf_out(args.out)  # before the model is loaded
+    loaded = load_model(args.model)
+    results = None
+    if loaded.folder is not None and folder_format(loaded.folder).startswith("pack-quantized"):
+        results = packed_codes(loaded.folder)  # the codes the method chose, not re-rounded weights
+    report = write_gguf(loaded.model, loaded.tokenizer, args.out, results=results, source_gguf=source_gguf(loaded),
+                        meta=loaded.meta or None, **_gguf_options(args))
+    print(f"wrote {report.path}: GGUF {report.file_type}, {report.bytes / 1e6:.1f} MB: {report.summary()}")
 
 
 def cmd_eval(args) -> None:
@@ -421,7 +466,7 @@ def cmd_fetch(_args) -> None:
     print("default model and corpus are cached")
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "compare": cmd_compare,
+COMMANDS = {"compress": cmd_compress, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo, "compare": cmd_compare,
             "sweep": cmd_sweep, "auto": cmd_auto, "inspect": cmd_inspect, "recipes": cmd_recipes, "fetch": cmd_fetch}
 
 

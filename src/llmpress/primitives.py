@@ -64,6 +64,23 @@ def compute_qparams(W: Tensor, bits: int, group_size: int | None, sym: bool) -> 
     return qparams_from_range(lo, hi, bits, sym)
 
 
+def minmax_qparams(W: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, Tensor]:
+    """Scale and float zero point per (row, group) spanning exactly each group's [min, max].
+
+    The asymmetric grid of llama.cpp's Q4_1/Q5_1 (``x = q * d + min``), written in the signed convention
+    above: codes ``round(W / s + z)`` in [qmin, qmax] with ``z = qmin - min / s`` (a float; 0 need not be
+    on the grid). A constant group gets scale 1.
+    """
+    Wg = _grouped(W.float(), group_size)
+    if W.shape[1] % (group_size or W.shape[1]):  # zero padding would widen the last group's range
+        raise ValueError(f"{W.shape[1]} columns are not whole groups of {group_size}: min-max grids need them")
+    lo, hi = Wg.amin(dim=-1), Wg.amax(dim=-1)
+    qmin, qmax = qrange(bits)
+    scale = (hi - lo) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, qmin - lo / scale
+
+
 def qparams_from_range(lo: Tensor, hi: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     """Scale and zero point for ranges [lo, hi] (lo <= 0 <= hi, any shape): the grid conventions above."""
     qmin, qmax = qrange(bits)

@@ -286,29 +286,59 @@ def _scheme_for(name: str, groups: dict) -> dict | None:
     return found[min(found)] if found else None
 
 
-def dense_state_dict(path: str | Path, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors, packed layers dequantized to ``<module>.weight`` in ``dtype``."""
+def _packed_parts(path: str | Path, config: dict):
+    """The folder's safetensors, and for each packed layer its config group's weights scheme and its packed
+    tensors (removed from the first): (tensors, {name: (weights scheme, {part: tensor})})."""
     from safetensors.torch import load_file
 
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         tensors.update(load_file(file))
     groups = config.get("config_groups") or {}
+    layers = {}
     for key in [k for k in tensors if k.endswith(".weight_packed")]:
         name = key.removesuffix(".weight_packed")
         group = _scheme_for(name, groups)
         if group is None or not _readable(group, config):
             raise LlmpressError(f"{path}: no readable pack-quantized config group targets {name}: "
                                 "check quantization_config in config.json")
-        weights = group["weights"]
-        parts = {p: tensors.pop(f"{name}.{p}", None) for p in ("weight_packed", "weight_scale",
-                                                                 "weight_zero_point", "weight_shape")}
+        layers[name] = (group["weights"], {p: tensors.pop(f"{name}.{p}", None) for p in (
+            "weight_packed", "weight_scale", "weight_zero_point", "weight_shape")})
+    return tensors, layers
+
+
+def dense_state_dict(path: str | Path, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors, packed layers dequantized to ``<module>.weight`` in ``dtype``."""
+    tensors, layers = _packed_parts(path, config)
+    for name, (weights, parts) in layers.items():
         zero = None if weights.get("symmetric", True) else parts["weight_zero_point"]
         group_size = weights.get("group_size") if weights["strategy"] == "group" else None
         W = dequantize_packed(parts["weight_packed"], parts["weight_scale"], zero, int(weights["num_bits"]),
                               group_size, int(parts["weight_shape"][1]))
         tensors[f"{name}.weight"] = W.to(dtype)
     return tensors
+
+
+def packed_codes(path: str | Path) -> dict[str, Compressed]:
+    """Each packed layer of a pack-quantized folder as its integer codes, scales (fp32) and zero points, with
+    its grid: what a method returned, for writing the same codes in another format (GGUF)."""
+    import json
+
+    from ..quant.packing import unpack_int
+
+    config = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    _, layers = _packed_parts(path, config)
+    found = {}
+    for name, (weights, parts) in layers.items():
+        bits, (out_features, in_features) = int(weights["num_bits"]), (int(n) for n in parts["weight_shape"])
+        sym = bool(weights.get("symmetric", True))
+        group_size = int(weights.get("group_size") or -1) if weights["strategy"] == "group" else -1
+        zero = None
+        if not sym:
+            zero = unpack_int(parts["weight_zero_point"].t().contiguous(), bits, out_features).t().float()
+        found[name] = Compressed(None, unpack_int(parts["weight_packed"], bits, in_features),
+                                 parts["weight_scale"].float(), zero, grid=Grid(bits, group_size, sym))
+    return found
 
 
 def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:

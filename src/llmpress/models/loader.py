@@ -38,6 +38,7 @@ class LoadedModel:
     folder: Path | None = None
     meta: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    gguf: Path | None = None  # the GGUF file the model was read from (its tokenizer goes into GGUF exports)
 
 
 def _load_folder(path: Path, dtype: torch.dtype, hub: bool = False):
@@ -100,6 +101,17 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
+def source_gguf(loaded: LoadedModel) -> Path | None:
+    """The GGUF file a loaded model came from (the alias's too, through its cached folder), or None."""
+    if loaded.gguf is not None:
+        return loaded.gguf
+    if loaded.source in ALIASES:
+        from .smollm2 import gguf_path
+
+        return gguf_path()
+    return None
+
+
 def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``source``: an alias (``smollm2-135m``), a local folder, a ``.gguf`` file, or a hub id."""
     text = str(source)
@@ -114,7 +126,7 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> Loaded
         from ..export.gguf import load_gguf
 
         model, tokenizer = load_gguf(path, dtype)
-        return LoadedModel(model, tokenizer, text, None, {}, ["loaded from GGUF: weights are dequantized"])
+        return LoadedModel(model, tokenizer, text, None, {}, ["loaded from GGUF: weights are dequantized"], path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LlmpressError(f"'{path}' has no config.json: give a Hugging Face model folder, a .gguf file, "

@@ -182,4 +182,10 @@ register(Method("gptq", GPTQConfig, gptq, ("hessian",), "quantize"), recipes={
     "gptq-w4-g64-mse": gptq_recipe(4, mse=True),
     # the reference algorithm (no act-order, one pass)
     "gptq-w4-g64-classic": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}]},
+    # llama.cpp's block types (groups of 32), written to GGUF with these codes (--format gguf)
+    "gptq-q4_0": gptq_recipe(4, 32),
+    "gptq-q4_1": gptq_recipe(4, 32, sym=False),
+    "gptq-q5_0": gptq_recipe(5, 32),
+    "gptq-q5_1": gptq_recipe(5, 32, sym=False),
+    "gptq-q8_0": gptq_recipe(8, 32),
 })

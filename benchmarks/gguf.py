@@ -1,0 +1,155 @@
+"""GGUF in llama.cpp: llmpress's calibrated exports against llama.cpp's own quantizer, measured by llama.cpp.
+
+    python benchmarks/gguf.py [--recipes rtn-q4_0,gptq-q4_0,gptq-q5_0,gptq-q8_0,rtn-q4_1]
+                              [--llamacpp Q4_0,Q4_0+imatrix,Q4_K_M,Q4_K_M+imatrix,Q5_0,Q8_0]
+                              [--eval austen:eval,austen:eval2] [--work DIR] [--json FILE] [--rows FILE ...]
+
+Needs llama.cpp's bindings (``pip install 'llmpress[llamacpp]'``). From SmolLM2-135M (the default model):
+
+* the base written by llmpress as F32 and F16 GGUF (``llmpress export --dense-type F32|F16``);
+* llama.cpp's own files made from the F32 one with ``llama_model_quantize`` (its per-tensor choices and
+  fallbacks: on SmolLM2, 576-wide rows take no K-quant, so Q4_K_M writes them as Q5_0), with and without an
+  importance matrix (``+imatrix``: llama-imatrix's statistic, the mean squared input of each column, collected
+  on the calibration windows below);
+* llmpress's recipes compressed with ``--format gguf`` (each linear's own codes; the embedding as Q8_0, as
+  llama.cpp's quantizer writes it in these files).
+
+Calibration (GPTQ and the importance matrix): 128 windows x 512 tokens of ``austen:calib``, seed 0, the
+README's. Every file's perplexity is computed from llama.cpp's logits on the first 16 windows x 1024 tokens of
+each ``--eval`` text (the first is the README's; ``austen:eval2`` is held out); speed is batch 1, llama.cpp on
+all cores: prefill of 512 tokens and 64 decode steps, median of 3. For ``--check`` recipes (default
+rtn-q4_0) the in-memory perplexity of the model llmpress compressed is printed beside llama.cpp's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import llmpress
+from llmpress.data import calibration_samples, eval_windows
+from llmpress.export.gguf_write import linear_names, write_gguf
+from llmpress.measure import llamacpp, perplexity
+from llmpress.models.loader import load_model, source_gguf
+from llmpress.progress import silenced
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recipes", default="rtn-q4_0,gptq-q4_0,rtn-q4_1,gptq-q5_0,gptq-q8_0")
+    p.add_argument("--llamacpp", default="Q4_0,Q4_0+imatrix,Q4_K_M,Q4_K_M+imatrix,Q5_0,Q5_0+imatrix,Q8_0",
+                   help="llama.cpp file types made by its own quantizer (+imatrix: with an importance matrix)")
+    p.add_argument("--check", default="rtn-q4_0", help="recipes whose in-memory perplexity is printed too")
+    p.add_argument("--eval", default="austen:eval,austen:eval2", help="evaluation texts (the first is the README's)")
+    p.add_argument("--work", help="folder for the GGUF files (kept; default: a temporary folder, removed)")
+    p.add_argument("--json", help="write every row (JSON) to this file, rewritten after each row")
+    p.add_argument("--rows", nargs="+", default=[], help="earlier --json files: their rows are reused, not rerun")
+    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args()
+
+
+def _measure(row: dict, path: Path, windows: dict, prompt: list[int], args) -> dict:
+    row["bytes"] = path.stat().st_size
+    for name, w in windows.items():
+        row[f"ppl {name}"] = llamacpp.perplexity(path, w, progress=not args.quiet)["perplexity"]
+    if not args.no_speed:
+        row.update(llamacpp.speed(path, prompt))
+    return row
+
+
+def main() -> int:
+    args = _args()
+    if not llamacpp.available():
+        print(f"llama.cpp's bindings are not installed: {llamacpp.INSTALL}", file=sys.stderr)
+        return 2
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="llmpress-gguf-"))
+    work.mkdir(exist_ok=True)
+    done = {r["name"]: r for f in args.rows for r in json.loads(Path(f).read_text())["rows"]}
+    rows: list[dict] = []
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        print(f"  {row['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("ppl")),
+              file=sys.stderr)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1))
+
+    with silenced(args.quiet):
+        base = load_model(args.model)
+        tok = base.tokenizer
+        windows = {name: eval_windows(tok, name, 1024, 16) for name in args.eval.split(",")}
+        prompt = [int(t) for t in next(iter(windows.values()))[0, :512]]
+        source = source_gguf(base)
+        for dense in ("F32", "F16"):
+            path = work / f"base-{dense}.gguf"
+            if not path.exists():
+                write_gguf(base.model, tok, path, dense=dense, embedding=dense, source_gguf=source)
+            keep(done.get(f"base {dense}") or _measure({"name": f"base {dense}", "by": "llmpress export",
+                                                        "type": dense}, path, windows, prompt, args))
+        imatrix = None
+        for spec in [s for s in args.llamacpp.split(",") if s]:
+            ftype, weighted = spec.removesuffix("+imatrix"), spec.endswith("+imatrix")
+            name = f"llama.cpp {spec}"
+            if name in done:
+                keep(done[name])
+                continue
+            if weighted and imatrix is None:
+                ids = calibration_samples(tok, "austen:calib", 128, 512, 0)
+                imatrix = llamacpp.importance_matrix(base.model, ids, linear_names(base.model),
+                                                     progress=not args.quiet)
+            path = work / f"llamacpp-{spec.replace('+', '-')}.gguf"
+            if not path.exists():
+                llamacpp.quantize(work / "base-F32.gguf", path, ftype, imatrix if weighted else None)
+            keep(_measure({"name": name, "by": "llama.cpp quantizer", "type": ftype}, path, windows, prompt, args))
+        for recipe in [r for r in args.recipes.split(",") if r]:
+            name = f"llmpress {recipe}"
+            if name in done:
+                keep(done[name])
+                continue
+            path = work / f"llmpress-{recipe}.gguf"
+            row = {"name": name, "by": "llmpress --format gguf", "recipe": recipe}
+            model = load_model(args.model)
+            start = time.perf_counter()
+            result = llmpress.compress(model, recipe, out=None if path.exists() else path, format="gguf",
+                                       progress=not args.quiet)
+            row["compress_s"] = time.perf_counter() - start
+            if result.gguf is not None:
+                row["type"] = result.gguf.file_type
+            if recipe in args.check.split(","):
+                row["in-memory ppl"] = perplexity(result.model, windows[args.eval.split(",")[0]])["perplexity"]
+            keep(_measure(row, path, windows, prompt, args))
+    _table(rows, args)
+    return 0
+
+
+def _table(rows: list[dict], args) -> None:
+    names = args.eval.split(",")
+    speed = not args.no_speed
+    head = ["file", "type", "MB", *[f"ppl {n}" for n in names], *(["prefill tok/s", "decode tok/s"] if speed else [])]
+    print(f"llama.cpp {llamacpp.threads()} threads; perplexity from llama.cpp's logits, 16 x 1024 windows")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * 2 + "---:|" * (len(head) - 2))
+    for r in rows:
+        cells = [r["name"], r.get("type", ""), f"{r['bytes'] / 1e6:.1f}", *[f"{r[f'ppl {n}']:.2f}" for n in names]]
+        if speed:
+            cells += [f"{r['prefill_tok_s']:,.0f}", f"{r['decode_tok_s']:,.1f}"]
+        print("| " + " | ".join(cells) + " |")
+    for r in rows:
+        if "in-memory ppl" in r:
+            ours, theirs = r["in-memory ppl"], r[f"ppl {names[0]}"]
+            print(f"{r['name']}: in memory {ours:.3f}, in llama.cpp {theirs:.3f} ({100 * (theirs / ours - 1):+.2f}%)")
+    by = {r["name"]: r for r in rows}
+    if speed and "base F16" in by:
+        for r in rows:
+            if r.get("type") == "Q4_0":
+                print(f"{r['name']}: decode {r['decode_tok_s'] / by['base F16']['decode_tok_s']:.2f}x base F16")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

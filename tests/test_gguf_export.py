@@ -1,0 +1,221 @@
+"""GGUF export (llmpress.export.gguf_blocks / gguf_write): the block layouts against the ``gguf`` package's own
+dequantization, codes written bit-exactly and read back, files that transformers (and llama.cpp, when the
+``llama-cpp-python`` extra is installed) load with the in-memory logits, and one-line refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, quants
+
+import llmpress
+from llmpress.cli import main
+from llmpress.compressed import Grid
+from llmpress.errors import LlmpressError
+from llmpress.export.gguf_blocks import BLOCK_TYPES, block_type_for, pack_blocks, unpack_blocks, why_not
+from llmpress.export.gguf_write import META_KEY, pre_tokenizer_name, write_gguf
+from llmpress.primitives import minmax_qparams, quantize
+from llmpress.quant.rtn import RTNConfig, rtn
+from tiny_models import TOKENIZER_TEXT, tiny_model
+
+ARCHS = [("llama", {}), ("mistral", {"sliding_window": None}), ("qwen2", {}),
+         # transformers' GGUF reader takes Qwen3's head_dim as 128 (it ignores attention.key_length)
+         ("qwen3", {"head_dim": 128})]
+
+
+def _codes(kind, rows, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = -(2 ** (kind.bits - 1)), 2 ** (kind.bits - 1) - 1
+    codes = torch.randint(lo, hi + 1, (rows, cols), generator=g).to(torch.int8)
+    scale = torch.rand(rows, cols // 32, generator=g) + 0.01
+    zero = None if kind.sym else torch.randint(lo, hi + 1, (rows, cols // 32), generator=g).float()
+    return codes, scale, zero
+
+
+@pytest.mark.parametrize("name", list(BLOCK_TYPES))
+def test_blocks_dequantize_in_the_gguf_package_to_our_weights(name):
+    kind = BLOCK_TYPES[name]
+    codes, scale, zero = _codes(kind, 6, 128)
+    data = pack_blocks(codes, scale, zero, kind)
+    assert data.shape == (6, 4 * kind.nbytes) and data.dtype == np.uint8
+    got = quants.dequantize(data, GGMLQuantizationType[name])
+    # plain reference: llama.cpp's x = (q - o) d or q d + m with fp16 d, m; q = c + o
+    d = scale.half().float().repeat_interleave(32, dim=1)
+    if kind.sym:
+        want = codes.float() * d
+    else:
+        m = (-(kind.offset + zero) * scale).half().float().repeat_interleave(32, dim=1)
+        want = (codes.float() + kind.offset) * d + m
+    assert np.array_equal(got, want.numpy())
+    back, d_back, m_back = unpack_blocks(data, kind, 128)
+    assert torch.equal(back, codes) and torch.equal(d_back, scale.half().float())
+
+
+def test_codes_outside_the_type_and_grids_that_fit_none_are_refused():
+    with pytest.raises(ValueError, match=r"outside \[-8, 7\]"):
+        pack_blocks(torch.full((1, 32), 9, dtype=torch.int8), torch.ones(1, 1), None, BLOCK_TYPES["Q4_0"])
+    assert block_type_for(Grid(4, 32, True), 64).name == "Q4_0"
+    assert block_type_for(Grid(4, 32, False, float_zero=True), 64).name == "Q4_1"
+    assert block_type_for(Grid(8, 32, True), 64).name == "Q8_0"
+    assert "groups of 64" in why_not(Grid(4, 64, True), 64)
+    assert "one scale per row" in why_not(Grid(8, -1, True), 64)
+    assert "no block type for symmetric 3-bit" in why_not(Grid(3, 32, True), 64)
+    assert "not a multiple of 32" in why_not(Grid(4, 32, True), 48)
+    assert "W8A8" in why_not(Grid(8, 32, True, act_bits=8), 64)
+
+
+def test_minmax_grid_recovers_llama_cpp_q4_1_blocks_exactly():
+    # weights that are themselves a Q4_1 dequantization (the default model's case) come back bit for bit
+    x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    blocks = quants.quantize(x, GGMLQuantizationType.Q4_1)
+    W = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType.Q4_1).copy())
+    result = rtn(W, RTNConfig(bits=4, group_size=32, sym=False, float_zero=True))
+    assert np.array_equal(pack_blocks(result.qweight, result.scale, result.zero, BLOCK_TYPES["Q4_1"]), blocks)
+    # plain reference of the grid: per group, scale (max - min) / 15, codes round((w - min) / scale) - 8
+    Wg = W.reshape(8, 8, 32)
+    lo, hi = Wg.amin(-1), Wg.amax(-1)
+    scale, zero = minmax_qparams(W, 4, 32)
+    assert torch.allclose(scale, (hi - lo) / 15) and torch.allclose(zero, -8 - lo / scale)
+    codes = quantize(W, scale, zero, 4, 32, float_zero=True)
+    ref = (torch.round((Wg - lo[..., None]) / scale[..., None]) - 8).reshape(8, 256)
+    assert torch.equal(codes.float(), ref)
+    with pytest.raises(LlmpressError, match="set sym: false"):
+        RTNConfig(bits=4, group_size=32, sym=True, float_zero=True)
+
+
+def _quantized(model_type, overrides, sym, tok, seed=0):
+    """A tiny model whose linears carry RTN int4 group-32 codes, its weights rebuilt with fp16 scales (what the
+    GGUF blocks hold), and the per-layer results."""
+    model = tiny_model(model_type, seed=seed, vocab_size=len(tok), **overrides)
+    cfg = RTNConfig(bits=4, group_size=32, sym=sym, float_zero=not sym)
+    results = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            result = rtn(module.weight.data, cfg)
+            kind = BLOCK_TYPES["Q4_0" if sym else "Q4_1"]
+            data = pack_blocks(result.qweight, result.scale, result.zero, kind)
+            module.weight.data = torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[kind.name]).copy())
+            results[name] = result
+    return model, results
+
+
+def _unpermute(x, heads):
+    rows = x.shape[0]
+    return x.reshape(heads, rows // heads // 2, 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("model_type, overrides", ARCHS)
+@pytest.mark.parametrize("sym", [True, False])
+def test_tiny_models_round_trip_through_gguf(calib, tmp_path, model_type, overrides, sym):
+    from transformers import AutoModelForCausalLM
+
+    tok, _ = calib
+    model, results = _quantized(model_type, overrides, sym, tok)
+    report = write_gguf(model, tok, tmp_path / "m.gguf", results=results, embedding="F32", dense="F32",
+                        meta={"recipe": "test"})
+    kind = "Q4_0" if sym else "Q4_1"
+    assert set(report.types[n] for n in report.exact) == {kind} and len(report.exact) == len(results)
+    reader = GGUFReader(tmp_path / "m.gguf")
+    assert json.loads(reader.fields[META_KEY].contents()) == {"recipe": "test"}
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    tensors = {t.name: t for t in reader.tensors}
+    q = tensors["blk.1.attn_q.weight"]
+    codes, _, _ = unpack_blocks(np.asarray(q.data), BLOCK_TYPES[kind], 64)
+    if model_type in ("llama", "mistral"):  # llama.cpp's rotary row order, undone here by hand
+        codes = _unpermute(codes, model.config.num_attention_heads)
+    assert torch.equal(codes, results["model.layers.1.self_attn.q_proj"].qweight)
+    down, _, _ = unpack_blocks(np.asarray(tensors["blk.0.ffn_down.weight"].data), BLOCK_TYPES[kind], 128)
+    assert torch.equal(down, results["model.layers.0.mlp.down_proj"].qweight)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    ids = torch.tensor([tok.encode(TOKENIZER_TEXT[:120])])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_tokenizer_names_llama_cpp_knows():
+    split = {"type": "Split", "pattern": {"Regex": ""}}
+    llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    qwen2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    seq = {"type": "Sequence", "pretokenizers": []}
+    assert pre_tokenizer_name({"pre_tokenizer": {**seq, "pretokenizers": [
+        {**split, "pattern": {"Regex": llama3}}, {"type": "ByteLevel", "use_regex": False}]}}) == "llama-bpe"
+    assert pre_tokenizer_name({"pre_tokenizer": {**seq, "pretokenizers": [
+        {**split, "pattern": {"Regex": qwen2}}, {"type": "ByteLevel", "use_regex": False}]}}) == "qwen2"
+    assert pre_tokenizer_name({"pre_tokenizer": {**seq, "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}) == "smollm"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) == "default"
+
+
+def test_cli_compress_and_export_write_the_same_codes(calib, tmp_path):
+    tok, spec = calib
+    folder = tmp_path / "model"
+    tiny_model("llama", seed=3, vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    common = ["--data", spec, "--samples", "4", "--seq-len", "32", "--quiet"]
+    assert main(["compress", str(folder), "--recipe", "gptq-q4_0", "--out", str(tmp_path / "direct.gguf"),
+                 "--format", "gguf", *common]) == 0
+    assert main(["compress", str(folder), "--recipe", "gptq-q4_0", "--out", str(tmp_path / "packed"), *common]) == 0
+    assert main(["export", str(tmp_path / "packed"), "--out", str(tmp_path / "exported.gguf")]) == 0
+    direct, exported = (GGUFReader(tmp_path / f) for f in ("direct.gguf", "exported.gguf"))
+    a, b = ({t.name: np.asarray(t.data) for t in r.tensors} for r in (direct, exported))
+    assert a.keys() == b.keys() and direct.tensors[0].name == "token_embd.weight"
+    linears = [n for n in a if n.startswith("blk.") and not n.endswith("norm.weight")]
+    assert len(linears) == 14 and all(np.array_equal(a[n], b[n]) for n in linears)
+    assert {t.tensor_type.name for t in direct.tensors if t.name in linears} == {"Q4_0"}
+    assert {t.name: t.tensor_type.name for t in direct.tensors}["token_embd.weight"] == "Q8_0"
+    meta = json.loads(direct.fields[META_KEY].contents())
+    assert meta["recipe"]["stages"][0]["method"] == "gptq" and len(meta["layers"]) == 14
+
+
+def test_cli_refusals_are_one_line_and_write_nothing(calib, tmp_path, capsys):
+    tok, spec = calib
+    folder = tmp_path / "model"
+    tiny_model("llama", seed=3, vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "m.gguf"
+    capsys.readouterr()
+    assert main(["compress", str(folder), "--recipe", "rtn-w4-g64", "--format", "gguf", "--out", str(out),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "fits no GGUF type" in err and "groups of 64" in err and "--requantize" in err and len(err.splitlines()) == 1
+    with pytest.raises(LlmpressError, match="fit no GGUF type, e.g. model.layers.0.self_attn.q_proj: it has groups"):
+        result = llmpress.compress(tiny_model("llama", vocab_size=len(tok)), "rtn-w4-g64", tokenizer=tok)
+        write_gguf(result.model, tok, out, results=result.results, layers=result.layers)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert main(["compress", str(folder), "--recipe", "rtn-w4-g64", "--format", "gguf", "--out", str(out),
+                 "--requantize", "q4_0", "--quiet"]) == 0
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0"
+    assert "re-rounded by llama.cpp's rounding: blk." in capsys.readouterr().out
+    assert main(["compress", str(folder), "--recipe", "rtn-q4_0", "--format", "gguf", "--out", str(out),
+                 "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(folder), "--out", str(tmp_path / "m.bin")]) == 2
+    assert "must end in .gguf" in capsys.readouterr().err
+    gpt2 = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(gpt2)
+    assert main(["export", str(gpt2), "--out", str(tmp_path / "g.gguf")]) == 2
+    assert "cannot write gpt2 models as GGUF" in capsys.readouterr().err and not (tmp_path / "g.gguf").exists()
+    with pytest.raises(LlmpressError, match="unknown GGUF type 'Q3_X'"):
+        write_gguf(tiny_model("llama"), None, tmp_path / "x.gguf", dense="q3_x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "m.gguf", "model"]
+
+
+@pytest.mark.real
+def test_default_model_q4_1_export_is_the_source_file_byte_for_byte(tmp_path):
+    """The default model was dequantized from Q4_1 (and a Q8_0 embedding): RTN on llama.cpp's own Q4_1 grid
+    recovers every block, so the export is the source's tensors exactly, and its perplexity the base's."""
+    from llmpress.models.smollm2 import gguf_path
+
+    result = llmpress.compress("smollm2-135m", "rtn-q4_1", out=tmp_path / "q4_1.gguf", format="gguf")
+    assert len(result.gguf.exact) == 210 and result.gguf.rerounded == ["token_embd.weight"]
+    ours, source = GGUFReader(result.out), GGUFReader(gguf_path())
+    theirs = {t.name: t for t in source.tensors}
+    assert len(ours.tensors) == len(source.tensors) == 272
+    for t in ours.tensors:
+        assert t.tensor_type == theirs[t.name].tensor_type, t.name
+        assert np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data)), t.name
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.merges", "tokenizer.chat_template"):
+        assert ours.fields[key].contents() == source.fields[key].contents()
