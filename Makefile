@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# llama.cpp's bindings (the llamacpp extra) build llama.cpp from source the first time (15-40 min); take
+	@# them when pip's wheel cache has them (seconds), else skip: their tests are then skipped, with the reason
+	timeout 180 $(PY) -m pip install --quiet 'llama-cpp-python==0.3.36' \
+		|| echo "llama.cpp bindings not installed (no built wheel cached): pip install -e '.[llamacpp]' builds them"
 	touch $@
 
 assets: setup

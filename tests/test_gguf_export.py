@@ -15,6 +15,7 @@ from llmpress.compressed import Grid
 from llmpress.errors import LlmpressError
 from llmpress.export.gguf_blocks import BLOCK_TYPES, block_type_for, pack_blocks, unpack_blocks, why_not
 from llmpress.export.gguf_write import META_KEY, pre_tokenizer_name, write_gguf
+from llmpress.measure import llamacpp
 from llmpress.primitives import minmax_qparams, quantize
 from llmpress.quant.rtn import RTNConfig, rtn
 from tiny_models import TOKENIZER_TEXT, tiny_model
@@ -219,3 +220,31 @@ def test_default_model_q4_1_export_is_the_source_file_byte_for_byte(tmp_path):
         assert np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data)), t.name
     for key in ("tokenizer.ggml.pre", "tokenizer.ggml.merges", "tokenizer.chat_template"):
         assert ours.fields[key].contents() == source.fields[key].contents()
+
+
+@pytest.mark.skipif(not llamacpp.available(), reason=f"llama.cpp's bindings are not installed: {llamacpp.INSTALL}")
+@pytest.mark.parametrize("model_type, overrides", ARCHS)
+def test_llama_cpp_runs_the_export_with_our_logits(calib, tmp_path, model_type, overrides):
+    """llama.cpp loads each architecture's export and its perplexity is the in-memory model's (llama.cpp rounds
+    activations to 8 bits in its quantized dot products, hence the tolerance); its own quantizer reads our F32
+    export."""
+    from llmpress.measure.perplexity import perplexity as in_memory
+
+    tok, _ = calib
+    model, results = _quantized(model_type, overrides, True, tok)
+    path = write_gguf(model, tok, tmp_path / "q.gguf", results=results, embedding="F32").path
+    ids = torch.tensor([tok.encode(TOKENIZER_TEXT)[:64], tok.encode(TOKENIZER_TEXT)[64:128]])
+    with torch.no_grad():
+        want = model(ids[:1]).logits[0]
+    got = llamacpp.logits(path, ids[0].tolist(), n_threads=1)
+    # llama.cpp rounds activations to 8 bits in quantized dot products (~0.1 std here); a wrong q/k row order is
+    # off by ~3.5 std
+    assert (got - want).abs().max() < 0.25 * want.std()
+    ours, theirs = in_memory(model, ids)["perplexity"], llamacpp.perplexity(path, ids, n_threads=1)["perplexity"]
+    assert theirs == pytest.approx(ours, rel=0.015)
+    dense = write_gguf(tiny_model(model_type, vocab_size=len(tok), **overrides), tok, tmp_path / "f32.gguf",
+                       dense="F32").path
+    made = llamacpp.quantize(dense, tmp_path / "theirs.gguf", "Q4_0", n_threads=1)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(made).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0"
+    assert llamacpp.perplexity(made, ids, n_threads=1)["perplexity"] < 10 * len(tok)

@@ -80,6 +80,16 @@ def load(path: str | Path, n_ctx: int, logits_all: bool, n_threads: int | None =
                             "architecture llama.cpp supports") from exc
 
 
+def logits(path: str | Path, tokens: list[int], n_threads: int | None = None) -> torch.Tensor:
+    """llama.cpp's logits (L, vocab) for one sequence of token ids, every position."""
+    llm = load(path, len(tokens), logits_all=True, n_threads=n_threads)
+    try:
+        llm.eval(tokens)
+        return torch.from_numpy(np.array(llm.scores[:len(tokens)], dtype=np.float32))
+    finally:
+        llm.close()
+
+
 def perplexity(path: str | Path, windows: torch.Tensor, n_threads: int | None = None,
                progress: bool = False) -> dict:
     """Perplexity of the GGUF model ``path`` over ``windows`` (w, L) of token ids, from llama.cpp's logits.

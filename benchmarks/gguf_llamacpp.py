@@ -1,6 +1,8 @@
 """GGUF in llama.cpp: llmpress's calibrated exports against llama.cpp's own quantizer, measured by llama.cpp.
 
-    python benchmarks/gguf.py [--recipes rtn-q4_0,gptq-q4_0,gptq-q5_0,gptq-q8_0,rtn-q4_1]
+(Not named gguf.py: a script there would shadow the gguf package for everything it imports.)
+
+    python benchmarks/gguf_llamacpp.py [--recipes rtn-q4_0,gptq-q4_0,gptq-q5_0,gptq-q8_0,rtn-q4_1]
                               [--llamacpp Q4_0,Q4_0+imatrix,Q4_K_M,Q4_K_M+imatrix,Q5_0,Q8_0]
                               [--eval austen:eval,austen:eval2] [--work DIR] [--json FILE] [--rows FILE ...]
 
@@ -50,6 +52,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--json", help="write every row (JSON) to this file, rewritten after each row")
     p.add_argument("--rows", nargs="+", default=[], help="earlier --json files: their rows are reused, not rerun")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--threads", type=int, help="llama.cpp threads for perplexity (default: all cores; speed always "
+                   "uses all cores)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args()
 
@@ -57,7 +61,8 @@ def _args() -> argparse.Namespace:
 def _measure(row: dict, path: Path, windows: dict, prompt: list[int], args) -> dict:
     row["bytes"] = path.stat().st_size
     for name, w in windows.items():
-        row[f"ppl {name}"] = llamacpp.perplexity(path, w, progress=not args.quiet)["perplexity"]
+        row[f"ppl {name}"] = llamacpp.perplexity(path, w, n_threads=args.threads,
+                                                 progress=not args.quiet)["perplexity"]
     if not args.no_speed:
         row.update(llamacpp.speed(path, prompt))
     return row
