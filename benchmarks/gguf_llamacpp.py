@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -46,6 +47,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--recipes", default="rtn-q4_0,gptq-q4_0,rtn-q4_1,gptq-q5_0,gptq-q8_0")
     p.add_argument("--llamacpp", default="Q4_0,Q4_0+imatrix,Q4_K_M,Q4_K_M+imatrix,Q5_0,Q5_0+imatrix,Q8_0",
                    help="llama.cpp file types made by its own quantizer (+imatrix: with an importance matrix)")
+    p.add_argument("--layouts", default="Q4_K_M",
+                   help="llama.cpp files whose per-tensor layout llmpress's GPTQ copies (K-quants mapped to the "
+                        "block types around them: see LAYOUTS)")
     p.add_argument("--check", default="rtn-q4_0", help="recipes whose in-memory perplexity is printed too")
     p.add_argument("--eval", default="austen:eval,austen:eval2", help="evaluation texts (the first is the README's)")
     p.add_argument("--work", help="folder for the GGUF files (kept; default: a temporary folder, removed)")
@@ -58,13 +62,49 @@ def _args() -> argparse.Namespace:
     return p.parse_args()
 
 
+# how a llama.cpp tensor type is matched with a GPTQ grid of groups of 32 (bits, sym): the legacy types exactly;
+# a K-quant (super-blocks of 256, quantized sub-scales) by the legacy type of the same or the next size, giving
+# two variants, one no larger than llama.cpp's file and one a little larger
+LEGACY = {"Q4_0": (4, True), "Q4_1": (4, False), "Q5_0": (5, True), "Q5_1": (5, False), "Q8_0": (8, True)}
+LAYOUTS = {"small": {"Q4_K": "Q4_0", "Q5_K": "Q5_0", "Q6_K": "Q5_1"},
+           "large": {"Q4_K": "Q4_1", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}}
+
+
+def layout_recipe(path: Path, model, variant: str, name: str):
+    """A GPTQ recipe giving each linear the block type llama.cpp's file ``path`` gave it (per-layer overrides)."""
+    from gguf import GGUFReader
+
+    from llmpress.quant.gptq import gptq_recipe
+    from llmpress.recipe import Recipe
+
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    chosen = {}
+    for layer, tensor in linear_names(model).items():
+        kind = LAYOUTS[variant].get(types[tensor], types[tensor])
+        if kind not in LEGACY:
+            raise SystemExit(f"{path.name}: {tensor} is {types[tensor]}, which no layout variant maps")
+        chosen[layer] = LEGACY[kind]
+    counts: dict = {}
+    for grid in chosen.values():
+        counts[grid] = counts.get(grid, 0) + 1
+    (bits, sym), _ = max(counts.items(), key=lambda kv: kv[1])
+    recipe = gptq_recipe(bits, 32, sym=sym)
+    recipe["stages"][0]["overrides"] = [
+        {"targets": sorted(n for n, g in chosen.items() if g == grid), "args": {"bits": grid[0], "sym": grid[1]}}
+        for grid in counts if grid != (bits, sym)]
+    return Recipe.from_dict(recipe, name=name)
+
+
 def _measure(row: dict, path: Path, windows: dict, prompt: list[int], args) -> dict:
+    """Fill in what ``row`` lacks (a row from --rows keeps its figures): size, perplexities, speed."""
     row["bytes"] = path.stat().st_size
     for name, w in windows.items():
-        row[f"ppl {name}"] = llamacpp.perplexity(path, w, n_threads=args.threads,
-                                                 progress=not args.quiet)["perplexity"]
-    if not args.no_speed:
+        if f"ppl {name}" not in row:
+            row[f"ppl {name}"] = llamacpp.perplexity(path, w, n_threads=args.threads,
+                                                     progress=not args.quiet)["perplexity"]
+    if not args.no_speed and "decode_tok_s" not in row:
         row.update(llamacpp.speed(path, prompt))
+        row["load_average"] = os.getloadavg()[0]
     return row
 
 
@@ -95,30 +135,36 @@ def main() -> int:
             path = work / f"base-{dense}.gguf"
             if not path.exists():
                 write_gguf(base.model, tok, path, dense=dense, embedding=dense, source_gguf=source)
-            keep(done.get(f"base {dense}") or _measure({"name": f"base {dense}", "by": "llmpress export",
-                                                        "type": dense}, path, windows, prompt, args))
+            row = done.get(f"base {dense}") or {"name": f"base {dense}", "by": "llmpress export", "type": dense}
+            keep(_measure(row, path, windows, prompt, args))
         imatrix = None
         for spec in [s for s in args.llamacpp.split(",") if s]:
             ftype, weighted = spec.removesuffix("+imatrix"), spec.endswith("+imatrix")
             name = f"llama.cpp {spec}"
-            if name in done:
-                keep(done[name])
+            path = work / f"llamacpp-{spec.replace('+', '-')}.gguf"
+            if name in done and path.exists():
+                keep(_measure(done[name], path, windows, prompt, args))
                 continue
             if weighted and imatrix is None:
                 ids = calibration_samples(tok, "austen:calib", 128, 512, 0)
                 imatrix = llamacpp.importance_matrix(base.model, ids, linear_names(base.model),
                                                      progress=not args.quiet)
-            path = work / f"llamacpp-{spec.replace('+', '-')}.gguf"
             if not path.exists():
                 llamacpp.quantize(work / "base-F32.gguf", path, ftype, imatrix if weighted else None)
             keep(_measure({"name": name, "by": "llama.cpp quantizer", "type": ftype}, path, windows, prompt, args))
-        for recipe in [r for r in args.recipes.split(",") if r]:
-            name = f"llmpress {recipe}"
-            if name in done:
-                keep(done[name])
+        recipes: list = [r for r in args.recipes.split(",") if r]
+        for ftype in [f for f in args.layouts.split(",") if f]:
+            for variant in LAYOUTS:
+                recipes.append(layout_recipe(work / f"llamacpp-{ftype}.gguf", base.model, variant,
+                                             f"gptq-{ftype.lower()}-layout-{variant}"))
+        for recipe in recipes:
+            label = recipe if isinstance(recipe, str) else recipe.name
+            name = f"llmpress {label}"
+            path = work / f"llmpress-{label}.gguf"
+            if name in done and path.exists():
+                keep(_measure(done[name], path, windows, prompt, args))
                 continue
-            path = work / f"llmpress-{recipe}.gguf"
-            row = {"name": name, "by": "llmpress --format gguf", "recipe": recipe}
+            row = {"name": name, "by": "llmpress --format gguf", "recipe": label}
             model = load_model(args.model)
             start = time.perf_counter()
             result = llmpress.compress(model, recipe, out=None if path.exists() else path, format="gguf",
@@ -126,7 +172,7 @@ def main() -> int:
             row["compress_s"] = time.perf_counter() - start
             if result.gguf is not None:
                 row["type"] = result.gguf.file_type
-            if recipe in args.check.split(","):
+            if label in args.check.split(","):
                 row["in-memory ppl"] = perplexity(result.model, windows[args.eval.split(",")[0]])["perplexity"]
             keep(_measure(row, path, windows, prompt, args))
     _table(rows, args)

@@ -248,3 +248,14 @@ def test_llama_cpp_runs_the_export_with_our_logits(calib, tmp_path, model_type, 
     types = {t.name: t.tensor_type.name for t in GGUFReader(made).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_0"
     assert llamacpp.perplexity(made, ids, n_threads=1)["perplexity"] < 10 * len(tok)
+
+
+def test_vllm_marlin_misfits_name_the_layers_its_kernel_cannot_run():
+    from llmpress.export.compressed_tensors import Scheme, vllm_marlin_misfits
+
+    # SmolLM2-135M's shapes (out, in): every 576-input layer misfits; down_proj (576 out, 1536 in) fits
+    shapes = {"q": (576, 576), "k": (192, 576), "gate": (1536, 576), "down": (576, 1536), "wide": (2048, 2048)}
+    w4 = {n: Scheme(4, 64, True) for n in shapes}
+    assert vllm_marlin_misfits(shapes, w4) == ["q", "k", "gate"]
+    assert vllm_marlin_misfits({"wide": (2048, 2048)}, {"wide": Scheme(4, 256, True)}) == ["wide"]
+    assert vllm_marlin_misfits({"wide": (2048, 2048)}, {"wide": Scheme(3, 128, True)}) == ["wide"]

@@ -215,6 +215,23 @@ def _quantized_layers(model: nn.Module, layers: dict, results: dict[str, Compres
     return chosen, dense
 
 
+MARLIN_TILES = (128, 64)  # vLLM's Marlin kernel: input features and output features multiples of these
+MARLIN_GROUPS = (-1, 32, 64, 128)
+
+
+def vllm_marlin_misfits(shapes: dict[str, tuple[int, int]], schemes: dict[str, Scheme]) -> list[str]:
+    """The packed layers vLLM's Marlin int4/int8 kernel cannot run: (out, in) ``shapes`` whose inputs are not
+    a multiple of 128 or outputs of 64 (``GPTQ_MARLIN_MIN_THREAD_K``/``_N``), or a group size it lacks. Marlin
+    is the kernel vLLM picks on most GPUs; such layers need another (Machete on Hopper, Exllama in fp16)."""
+    misfit = []
+    for name, (out_features, in_features) in shapes.items():
+        scheme = schemes[name]
+        if (in_features % MARLIN_TILES[0] or out_features % MARLIN_TILES[1] or scheme.bits not in (4, 8)
+                or (scheme.group_size or -1) not in MARLIN_GROUPS):
+            misfit.append(name)
+    return misfit
+
+
 def quantization_config(schemes: dict[Scheme, list[str]], ignore: list[str]) -> dict:
     """``config.json``'s ``quantization_config`` in compressed-tensors' schema.
 
@@ -256,8 +273,15 @@ def save_compressed_tensors(model: nn.Module, tokenizer, layers: dict[str, dict]
     scale_dtype = str(next(iter(replacements.values())).weight_scale.dtype).removeprefix("torch.")
     meta = {**(extra_meta or {})}
     meta.setdefault("layers", layers)
+    misfits = vllm_marlin_misfits({n: (m.out_features, m.in_features) for n, m in replacements.items()},
+                                  {n: scheme for n, (_, _, scheme) in chosen.items()})
+    if misfits:
+        log.warning("vLLM: %d of %d packed layers do not fit its Marlin kernel (inputs a multiple of 128, outputs "
+                    "of 64), e.g. %s: on GPUs other than Hopper (Machete) serve with --dtype float16 (Exllama), "
+                    "or compress a model whose widths fit", len(misfits), len(replacements), misfits[0])
     meta["export"] = {"format": "compressed-tensors", "compression_format": PACKED, "scale_dtype": scale_dtype,
-                      "packed_layers": len(replacements), "dense_conv1d_layers": dense}
+                      "packed_layers": len(replacements), "dense_conv1d_layers": dense,
+                      "vllm_marlin_misfits": len(misfits)}
     meta["readers"] = readers({"quantization_config": config})
     with swapped(model, replacements, config):
         path = save_model(model, tokenizer, out, meta)
