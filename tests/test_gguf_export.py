@@ -168,6 +168,11 @@ def test_cli_compress_and_export_write_the_same_codes(calib, tmp_path):
     assert {t.name: t.tensor_type.name for t in direct.tensors}["token_embd.weight"] == "Q8_0"
     meta = json.loads(direct.fields[META_KEY].contents())
     assert meta["recipe"]["stages"][0]["method"] == "gptq" and len(meta["layers"]) == 14
+    # llmpress eval reads the file (through transformers) and counts its tensors as stored: Q4_0 is 4.5 bits
+    assert main(["eval", str(tmp_path / "direct.gguf"), "--data", spec, "--seq-len", "32", "--max-windows", "2",
+                 "--no-speed", "--quiet", "--json", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["linear_bits_per_weight"] == 4.5 and report["disk_bytes"] == (tmp_path / "direct.gguf").stat().st_size
 
 
 def test_cli_refusals_are_one_line_and_write_nothing(calib, tmp_path, capsys):

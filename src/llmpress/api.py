@@ -23,6 +23,7 @@ from .data.tasks import LOCAL_TASKS, local_task_folder
 from .engine import compress_blocks, merge_meta, run_plan
 from .errors import LlmpressError
 from .export import formats
+from .export.gguf import gguf_size
 from .export.gguf_blocks import BLOCK, why_not
 from .export.gguf_write import check_gguf_out, write_gguf
 from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
@@ -346,6 +347,9 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
         ppl = perplexity(loaded.model.to(dev), windows, dev, progress=progress,
                          cache_factory=runtime.cache_factory(loaded.model, kv))
     size = size_report(loaded.model, layers, loaded.folder)
+    if loaded.gguf is not None:  # a GGUF file: its tensors as stored, not the dequantized model in memory
+        size.update(gguf_size(loaded.gguf))
+        size["compression_ratio"] = size["dense_bytes"] / size["size_bytes"]
     flops = flops_per_token(loaded.model.config, seq_len, layers, model=loaded.model)
     report = {
         "name": name or loaded.source,

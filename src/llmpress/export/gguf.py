@@ -81,3 +81,22 @@ def check_gguf(path: Path) -> None:
     if problem:
         raise LlmpressError(f"GGUF file {path} is inconsistent ({problem}): it is corrupted or incomplete; "
                             "download it again")
+
+
+def gguf_size(path: Path) -> dict:
+    """The bytes a GGUF file's tensors take, as stored (their block types), for ``llmpress eval FILE.gguf``:
+    ``size_bytes`` (all tensors), ``bits_per_weight`` (over all weights), ``linear_bits_per_weight`` (over the
+    blocks' 2-D tensors, the linears), ``disk_bytes`` (the file)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    size = numel = linear_bytes = linear_numel = 0
+    for t in reader.tensors:
+        size += int(t.n_bytes)
+        numel += int(t.n_elements)
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            linear_bytes += int(t.n_bytes)
+            linear_numel += int(t.n_elements)
+    return {"size_bytes": size, "bits_per_weight": 8 * size / numel if numel else 0.0,
+            "linear_bits_per_weight": 8 * linear_bytes / linear_numel if linear_numel else None,
+            "disk_bytes": path.stat().st_size}
