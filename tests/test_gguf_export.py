@@ -264,3 +264,30 @@ def test_vllm_marlin_misfits_name_the_layers_its_kernel_cannot_run():
     assert vllm_marlin_misfits(shapes, w4) == ["q", "k", "gate"]
     assert vllm_marlin_misfits({"wide": (2048, 2048)}, {"wide": Scheme(4, 256, True)}) == ["wide"]
     assert vllm_marlin_misfits({"wide": (2048, 2048)}, {"wide": Scheme(3, 128, True)}) == ["wide"]
+
+
+def test_mixed_recipe_is_written_per_tensor_and_reloads(calib, tmp_path):
+    """A recipe with per-layer overrides (what ``llmpress auto`` writes) keeps each layer's own type in GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.recipe import Recipe
+
+    tok, spec = calib
+    recipe = Recipe.from_dict({"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 32},
+                                           "overrides": [{"targets": ["*.self_attn.v_proj", "*.mlp.down_proj"],
+                                                          "args": {"bits": 8}},
+                                                         {"targets": ["*.mlp.up_proj"],
+                                                          "args": {"bits": 5, "sym": False}}]}]}, name="mixed")
+    result = llmpress.compress(tiny_model("llama", seed=4, vocab_size=len(tok)), recipe, tokenizer=tok, data=spec,
+                               samples=4, seq_len=32, out=tmp_path / "mixed.gguf", format="gguf",
+                               gguf={"embedding": "F32"})
+    types = {t.name: t.tensor_type.name for t in GGUFReader(result.out).tensors}
+    assert types["blk.1.attn_v.weight"] == types["blk.0.ffn_down.weight"] == "Q8_0"
+    assert types["blk.0.ffn_up.weight"] == "Q5_1" and types["blk.1.attn_q.weight"] == "Q4_0"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="mixed.gguf", dtype=torch.float32)
+    ids = torch.tensor([tok.encode(TOKENIZER_TEXT[:120])])
+    ours, theirs = result.model.state_dict(), loaded.state_dict()
+    for name in [n for n in ours if n.endswith("proj.weight")]:  # fp16 scales in the file, fp32 in memory
+        assert (ours[name] - theirs[name]).abs().max() <= ours[name].abs().max() * 2 ** -10, name
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, result.model(ids).logits, atol=5e-2, rtol=0)
