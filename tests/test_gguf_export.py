@@ -13,10 +13,19 @@ import llmpress
 from llmpress.cli import main
 from llmpress.compressed import Grid
 from llmpress.errors import LlmpressError
-from llmpress.export.gguf_blocks import BLOCK_TYPES, block_type_for, pack_blocks, unpack_blocks, why_not
+from llmpress.export.gguf_blocks import (
+    BLOCK_TYPES,
+    K_TYPES,
+    block_type_for,
+    pack_blocks,
+    unpack_blocks,
+    unpack_kquant,
+    why_not,
+)
 from llmpress.export.gguf_write import META_KEY, pre_tokenizer_name, write_gguf
 from llmpress.measure import llamacpp
-from llmpress.primitives import minmax_qparams, quantize
+from llmpress.primitives import dequantize, kquant_qparams, minmax_qparams, quantize
+from llmpress.quant.gptq import GPTQConfig, gptq
 from llmpress.quant.rtn import RTNConfig, rtn
 from tiny_models import TOKENIZER_TEXT, tiny_model
 
@@ -291,3 +300,218 @@ def test_mixed_recipe_is_written_per_tensor_and_reloads(calib, tmp_path):
         assert (ours[name] - theirs[name]).abs().max() <= ours[name].abs().max() * 2 ** -10, name
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, result.model(ids).logits, atol=5e-2, rtol=0)
+
+
+# ---- K-quants (Q4_K, Q6_K): super-blocks of 256 whose group scales are an fp16 times small integers ----
+
+KQ = {"Q4_K": (4, 32, 63), "Q6_K": (6, 16, 127)}  # bits, group, largest sub-scale
+
+
+def _kquant_weights(rows=6, cols=512, seed=0):
+    """Random weights with the corner cases of a super-block: all zero, all positive, one constant negative group."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) * 0.05
+    W[0, :256] = 0
+    W[1, 256:] = W[1, 256:].abs()
+    W[2, 32:64] = -0.03
+    W[3, :256] *= 40  # a super-block far larger than the others in its row
+    return W
+
+
+def _ours(codes, scale, zero, group):
+    """(c - z) * s, written out here: each group's scale and zero over its columns."""
+    s = scale.repeat_interleave(group, dim=1)
+    z = zero.repeat_interleave(group, dim=1)
+    return (codes.float() - z) * s
+
+
+@pytest.mark.parametrize("name", list(K_TYPES))
+def test_kquant_blocks_dequantize_in_the_gguf_package_to_our_weights(name):
+    """Q6_K: bit for bit; Q4_K: within the fp32 rounding of the float zero point (a few ulps of (|c - z| + 16) s),
+    which llama.cpp never forms (it computes d sc q - dmin m)."""
+    bits, group, top = KQ[name]
+    kind = K_TYPES[name]
+    W = _kquant_weights()
+    scale, zero = kquant_qparams(W, name)
+    codes = quantize(W, scale, zero, bits, group, float_zero=True)
+    data = pack_blocks(codes, scale, zero, kind)
+    assert data.shape == (6, 2 * kind.nbytes) and kind.nbytes == {"Q4_K": 144, "Q6_K": 210}[name]
+    got = torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[name]).copy())
+    want = _ours(codes, scale, zero, group)
+    if name == "Q6_K":
+        assert torch.equal(got, want)
+    else:
+        ulps = ((got - want).abs() / (((codes.float() - zero.repeat_interleave(group, 1)).abs() + 16)
+                                      * scale.repeat_interleave(group, 1) * 2.0 ** -24))
+        assert float(ulps.max()) <= 4
+    # the stored integers, read back: codes bit for bit, d * sc the scales exactly, dmin * m the offsets
+    back, d, sc, dmin, m = unpack_kquant(data, kind, 512)
+    assert torch.equal(back, codes)
+    assert torch.equal(d.repeat_interleave(256 // group, dim=1) * sc, scale)
+    assert int(sc.min()) >= 1 and int(sc.max()) <= top
+    offset = dmin.repeat_interleave(256 // group, dim=1) * m
+    if name == "Q4_K":  # (8 + z) s, from the fp32 zero point: within its rounding
+        assert torch.allclose(offset, (zero + 8) * scale, rtol=1e-6, atol=0) and int(m.max()) <= 63
+    else:
+        assert not bool(offset.any()) and not bool(zero.any())
+    # scales off the grid (one rounded to bf16) are refused, not written wrong
+    bad = scale.clone()
+    bad[1, 3] = bad[1, 3].bfloat16().float() * (1 + 2 ** -9)
+    with pytest.raises(ValueError, match=f"not on the {name} grid"):
+        pack_blocks(codes, bad, zero, kind)
+
+
+def _reference_kquant(W, name):
+    """ggml's quantize_row_q4_K_ref / q6_K_ref scale choice, plainly: a loop over rows and super-blocks."""
+    bits, group, top = KQ[name]
+    rows, cols = W.shape
+    scale = np.zeros((rows, cols // group), np.float32)
+    zero = np.zeros((rows, cols // group), np.float32)
+    x = W.numpy().astype(np.float32)
+    for r in range(rows):
+        for b in range(cols // 256):
+            blk = x[r, 256 * b:256 * (b + 1)].reshape(-1, group)
+            lo = np.minimum(blk.min(axis=1), np.float32(0))
+            if name == "Q6_K":
+                s = np.maximum(-lo, blk.max(axis=1)) / np.float32(31.5)
+            else:
+                s = (blk.max(axis=1) - lo) / np.float32(15)
+            d = np.float32(np.float16(s.max() / np.float32(top)))
+            d = d if d > 0 else np.float32(2.0 ** -24)
+            sc = np.clip(np.rint(s / d), 1, top)
+            if s.max() > 0:
+                assert sc.max() == top  # the guarantee the packer relies on
+            sl = slice(b * len(s), (b + 1) * len(s))
+            scale[r, sl] = d * sc
+            if name == "Q4_K":
+                dmin = np.float32(np.float16((-lo).max() / np.float32(63)))
+                m = np.clip(np.rint(-lo / dmin), 0, 63) if dmin > 0 else np.zeros_like(lo)
+                zero[r, sl] = np.float32(-8) + (dmin * m).astype(np.float32) / scale[r, sl]
+    return torch.from_numpy(scale), torch.from_numpy(zero)
+
+
+@pytest.mark.parametrize("name", list(K_TYPES))
+def test_kquant_qparams_match_a_plain_per_super_block_loop(name):
+    W = _kquant_weights(seed=1)
+    W[0, :256] = torch.randn(256) * 0.05  # all-zero super-blocks take the smallest fp16 d, left out of the loop
+    scale, zero = kquant_qparams(W, name)
+    ref_scale, ref_zero = _reference_kquant(W, name)
+    assert torch.equal(scale, ref_scale)
+    assert torch.allclose(zero, ref_zero, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="whole super-blocks of 256"):
+        kquant_qparams(torch.zeros(2, 576), name)
+
+
+@pytest.mark.parametrize("name", list(K_TYPES))
+def test_rtn_kquant_packs_to_what_llama_cpp_dequantizes(name):
+    bits, group, _ = KQ[name]
+    W = _kquant_weights(seed=2)
+    result = rtn(W, RTNConfig(kquant=name))  # bits, group_size and sym are set by kquant
+    grid = result.grid
+    assert (grid.bits, grid.group_size, grid.sym, grid.kquant) == (bits, group, name == "Q6_K", name)
+    assert Grid.of(result.record()) == grid and result.record()["kquant"] == name
+    kind = block_type_for(grid, 512)
+    assert kind is K_TYPES[name]
+    got = torch.from_numpy(quants.dequantize(pack_blocks(result.qweight, result.scale, result.zero, kind),
+                                             GGMLQuantizationType[name]).copy())
+    assert torch.allclose(got, result.weight, rtol=0, atol=1e-6) if name == "Q4_K" else torch.equal(got, result.weight)
+    # a real rounding: the relative error of 4- and 6-bit grids
+    assert float((result.weight - W).norm() / W.norm()) < {"Q4_K": 0.12, "Q6_K": 0.03}[name]
+    # rows that are not whole super-blocks get llama.cpp's fallback type (llama-quantize: Q4_K -> Q5_0, Q6_K -> Q8_0)
+    narrow = rtn(torch.randn(4, 576), RTNConfig(kquant=name))
+    assert narrow.grid.kquant is None
+    assert block_type_for(narrow.grid, 576).name == {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[name]
+    assert "not a multiple of 256" in why_not(grid, 576)
+
+
+def test_kquant_configs_refuse_grids_that_disagree():
+    assert RTNConfig(bits=4, group_size=32, sym=False, kquant="Q4_K").group_size == 32
+    with pytest.raises(LlmpressError, match="kquant Q4_K is 4-bit asymmetric groups of 32: set bits: 4"):
+        RTNConfig(bits=8, kquant="Q4_K")
+    with pytest.raises(LlmpressError, match="kquant Q6_K is 6-bit symmetric groups of 16"):
+        GPTQConfig(bits=4, group_size=32, kquant="Q6_K")
+    with pytest.raises(LlmpressError, match="set mse: false"):
+        RTNConfig(kquant="Q4_K", mse=True)
+    with pytest.raises(LlmpressError, match="kquant='Q5_K' is invalid"):
+        RTNConfig(kquant="Q5_K")
+    assert GPTQConfig(kquant="Q6_K").bits == 6
+
+
+@pytest.mark.parametrize("name", list(K_TYPES))
+def test_gptq_kquant_rounds_float_zero_points_and_packs(name):
+    bits, group, _ = KQ[name]
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(8, 512, generator=g) * 0.05
+    X = torch.randn(1024, 512, generator=g) @ (torch.eye(512) + torch.randn(512, 512, generator=g) / 40)
+    H = 2 / X.shape[0] * X.T @ X  # symmetric positive definite
+    for act_order in (False, True):
+        result = gptq(W, H, GPTQConfig(kquant=name, act_order=act_order))
+        assert result.grid.kquant == name
+        scale, zero = kquant_qparams(W, name)  # static: from the original W
+        assert torch.equal(result.scale, scale) and torch.equal(result.zero, zero)
+        assert torch.equal(result.weight, dequantize(result.qweight, scale, zero, group))
+        data = pack_blocks(result.qweight, result.scale, result.zero, K_TYPES[name])
+        got = torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[name]).copy())
+        assert torch.allclose(got, result.weight, rtol=0, atol=1e-6)
+        # GPTQ beats RTN on the same grid in its own objective tr(D H D^T)
+        rtn_w = rtn(W, RTNConfig(kquant=name)).weight
+        err = [float(torch.einsum("ij,jk,ik->", D, H, D)) for D in (W - result.weight, W - rtn_w)]
+        assert err[0] < 0.9 * err[1]
+    # no error to spread (H = I): GPTQ is RTN, code for code; round(w / s) + z would be off for float zero points
+    plain = gptq(W, torch.eye(512), GPTQConfig(kquant=name))
+    assert torch.equal(plain.qweight, rtn(W, RTNConfig(kquant=name)).qweight)
+
+
+def test_kquant_tiny_model_round_trips_through_gguf_and_llama_cpp(calib, tmp_path):
+    """A llama whose linears are 256 and 512 wide: Q4_K codes (Q6_K for down_proj), written, reloaded by
+    transformers with the in-memory logits, and run by llama.cpp when its bindings are installed."""
+    from transformers import AutoModelForCausalLM
+
+    tok, _ = calib
+    model = tiny_model("llama", seed=5, vocab_size=len(tok), hidden_size=256, intermediate_size=512, head_dim=64)
+    results = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            kind = "Q6_K" if name.endswith("down_proj") else "Q4_K"
+            result = rtn(module.weight.data, RTNConfig(kquant=kind))
+            data = pack_blocks(result.qweight, result.scale, result.zero, K_TYPES[kind])
+            module.weight.data = torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[kind]).copy())
+            results[name] = result
+    path = tmp_path / "k.gguf"
+    report = write_gguf(model, tok, path, results=results, embedding="F32", dense="F32")
+    assert len(report.exact) == len(results) == 14 and report.file_type == "Q4_K"
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.1.ffn_down.weight"] == "Q6_K"
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    down, *_ = unpack_kquant(np.asarray(tensors["blk.0.ffn_down.weight"].data), K_TYPES["Q6_K"], 512)
+    assert torch.equal(down, results["model.layers.0.mlp.down_proj"].qweight)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="k.gguf", dtype=torch.float32)
+    ids = torch.tensor([tok.encode(TOKENIZER_TEXT[:120])])
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.allclose(loaded(ids).logits, want, atol=1e-4, rtol=0)
+    if llamacpp.available():  # llama.cpp rounds activations to 8 bits in quantized dot products: a tolerance
+        got = llamacpp.logits(path, ids[0].tolist(), n_threads=1)
+        assert (got - want[0]).abs().max() < 0.25 * want[0].std()
+
+
+def test_kquant_sizes_and_a_saved_q6_k_folder_exports_its_own_codes(calib, tmp_path):
+    from llmpress.measure.size import layer_bytes
+
+    q4k = {"shape": [8, 512], **Grid(4, 32, False, float_zero=True, kquant="Q4_K").to_record()}
+    q6k = {"shape": [8, 512], **Grid(6, 16, True, kquant="Q6_K").to_record()}
+    assert layer_bytes(q4k) == 8 * 2 * 144 and layer_bytes(q6k) == 8 * 2 * 210  # ggml's block sizes
+    tok, spec = calib
+    folder = tmp_path / "model"
+    tiny_model("llama", vocab_size=len(tok), hidden_size=256, intermediate_size=512, head_dim=64).save_pretrained(
+        folder)
+    tok.save_pretrained(folder)
+    assert main(["compress", str(folder), "--recipe", "rtn-q6_k", "--out", str(tmp_path / "q6k"), "--quiet"]) == 0
+    assert main(["compress", str(folder), "--recipe", "rtn-q6_k", "--out", str(tmp_path / "direct.gguf"),
+                 "--format", "gguf", "--quiet"]) == 0
+    assert main(["export", str(tmp_path / "q6k"), "--out", str(tmp_path / "exported.gguf")]) == 0
+    direct, exported = ({t.name: t for t in GGUFReader(tmp_path / f).tensors} for f in ("direct.gguf", "exported.gguf"))
+    assert direct["blk.0.attn_q.weight"].tensor_type.name == "Q6_K"
+    for name, t in direct.items():
+        if name.startswith("blk.") and not name.endswith("norm.weight"):
+            assert np.array_equal(np.asarray(t.data), np.asarray(exported[name].data)), name

@@ -215,6 +215,8 @@ def _check_gguf_grids(recipe: Recipe) -> None:
             bits, group = getattr(config, "bits", None), getattr(config, "group_size", None)
             if get_method(stage.method).kind != "quantize" or not isinstance(bits, int) or group is None:
                 continue
+            if getattr(config, "kquant", None) is not None:  # a K-quant, or llama.cpp's fallback for narrow rows
+                continue
             why = why_not(Grid(bits, group, bool(getattr(config, "sym", True))), BLOCK)
             if why:
                 raise LlmpressError(f"recipe '{recipe.name}' quantizes to a grid that fits no GGUF type "

@@ -268,6 +268,7 @@ def cmd_compress(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from .compressed import Grid
     from .export import folder_format
     from .export.compressed_tensors import packed_codes
     from .export.gguf_write import check_gguf_out, write_gguf
@@ -278,6 +279,11 @@ def cmd_export(args) -> None:
     results = None
     if loaded.folder is not None and folder_format(loaded.folder).startswith("pack-quantized"):
         results = packed_codes(loaded.folder)  # the codes the method chose, not re-rounded weights
+        records = loaded.meta.get("layers") or {}
+        for name, result in results.items():  # a K-quant grid is known from the layer's record only
+            grid = Grid.of(records.get(name))
+            if grid is not None and grid.kquant is not None:
+                result.grid = grid
     report = write_gguf(loaded.model, loaded.tokenizer, args.out, results=results, source_gguf=source_gguf(loaded),
                         meta=loaded.meta or None, **_gguf_options(args))
     print(f"wrote {report.path}: GGUF {report.file_type}, {report.bytes / 1e6:.1f} MB: {report.summary()}")

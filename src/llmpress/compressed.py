@@ -6,7 +6,7 @@ size accounting read the rest (integer codes, scales, masks) and the typed
 :class:`Grid` and :class:`Sparsity`. A layer's record in ``llmpress.json``
 (``layers``) is JSON; :meth:`Grid.of` and :meth:`Sparsity.of` are the one place
 that knows its keys (``bits``, ``group_size``, ``sym``, ``zero_float``,
-``act_bits``; ``sparsity``, ``n:m``), so size accounting, FLOPs, the exporters
+``act_bits``, ``kquant``; ``sparsity``, ``n:m``), so size accounting, FLOPs, the exporters
 and QAT read fields, never keys.
 
 Per channel is spelled ``group_size = -1`` in configs, recipes, records and
@@ -63,13 +63,16 @@ class Grid:
     """An integer weight grid: ``bits``-bit codes, one scale (and zero point unless ``sym``) per ``group_size``
     consecutive inputs of a row (-1: one per output channel); ``float_zero``: the zero points are floats
     (HQQ), which compressed-tensors cannot pack; ``act_bits``: activations are quantized too (W8A8, per
-    token, dynamic)."""
+    token, dynamic); ``kquant``: the scales (and offsets) are themselves quantized against one fp16 scale per
+    super-block of 256 inputs, llama.cpp's K-quants ("Q4_K": 4-bit groups of 32 with float zero points,
+    "Q6_K": symmetric 6-bit groups of 16; ``llmpress.primitives.kquant_qparams``)."""
 
     bits: int
     group_size: int = -1
     sym: bool = True
     float_zero: bool = False
     act_bits: int | None = None
+    kquant: str | None = None
 
     @property
     def group(self) -> int | None:
@@ -82,6 +85,8 @@ class Grid:
             out["zero_float"] = True
         if self.act_bits is not None:
             out["act_bits"] = self.act_bits
+        if self.kquant is not None:
+            out["kquant"] = self.kquant
         return out
 
     @classmethod
@@ -92,7 +97,8 @@ class Grid:
         group = record.get("group_size")
         return cls(int(record["bits"]), -1 if group is None else int(group), bool(record.get("sym", True)),
                    bool(record.get("zero_float", False)),
-                   None if record.get("act_bits") is None else int(record["act_bits"]))
+                   None if record.get("act_bits") is None else int(record["act_bits"]),
+                   None if record.get("kquant") is None else str(record["kquant"]))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ than ``group_size`` is allowed (widths like 576 or 1536 with group 128).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -79,6 +80,68 @@ def minmax_qparams(W: Tensor, bits: int, group_size: int | None) -> tuple[Tensor
     scale = (hi - lo) / (qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale, qmin - lo / scale
+
+
+QK_K = 256  # weights per K-quant super-block (ggml's QK_K)
+
+
+@dataclass(frozen=True)
+class KQuant:
+    """One of llama.cpp's K-quant grids: ``bits``-bit codes, one scale per ``group_size`` inputs, and those scales
+    (and, unless ``sym``, the offsets) integers 1..``scale_max`` (offsets 0..``scale_max``) times one fp16 scale
+    per super-block of :data:`QK_K` inputs."""
+
+    name: str
+    bits: int
+    group_size: int
+    sym: bool
+    scale_max: int
+
+
+# ggml's block_q4_K (6-bit sub-scales and sub-mins) and block_q6_K (int8 sub-scales)
+KQUANTS: dict[str, KQuant] = {k.name: k for k in (KQuant("Q4_K", 4, 32, False, 63), KQuant("Q6_K", 6, 16, True, 127))}
+_F16_TINY = 2.0 ** -24  # the smallest positive fp16: the super-block scale of an all-zero super-block
+
+
+def kquant_qparams(W: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """Scale and float zero point per (row, group) on llama.cpp's K-quant grid ``kind`` ("Q4_K" or "Q6_K").
+
+    As ggml's ``quantize_row_q4_K_ref`` / ``quantize_row_q6_K_ref`` (``block_q4_K``, ``block_q6_K``) with plain
+    rounding for the sub-scales (no search). Q4_K, per group of 32: lo = min(min, 0), hi = max,
+    s = (hi - lo) / 15; per super-block of 256: d = fp16(max s / 63), sc = round(s / d) in 1..63,
+    dmin = fp16(max(-lo) / 63), m = round(-lo / dmin) in 0..63; llama.cpp's weight
+    ``d sc q - dmin m`` (q in 0..15) is ours with codes c = q - 8, scale d sc and zero -8 + dmin m / (d sc).
+    Q6_K, per group of 16: s = absmax / 31.5 (the symmetric 6-bit scale), d = fp16(max s / 127), sc in 1..127,
+    zero 0. The group with the largest s (-lo) always gets sc (m) = 63 or 127, so d (dmin) is exactly
+    max(d sc) / 63 (127): the GGUF packer reads the integers back off the scales (``export.gguf_blocks``).
+    W (out, in) with ``in`` a multiple of 256; returns (out, in / group_size) each.
+    """
+    spec = KQUANTS[kind]
+    rows, cols = W.shape
+    if cols % QK_K:
+        raise ValueError(f"{cols} columns are not whole super-blocks of {QK_K}: {kind} needs them")
+    Wg = W.float().reshape(rows, cols // QK_K, QK_K // spec.group_size, spec.group_size)
+    levels = 2 ** spec.bits - 1
+    lo = Wg.amin(dim=-1).clamp(max=0)
+    if spec.sym:
+        scale = _superblock_grid(torch.maximum(-lo, Wg.amax(dim=-1)) / (levels / 2), spec.scale_max, lowest=1)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = _superblock_grid((Wg.amax(dim=-1) - lo) / levels, spec.scale_max, lowest=1)
+        zero = qrange(spec.bits)[0] + _superblock_grid(-lo, spec.scale_max, lowest=0) / scale
+    return scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+
+def _superblock_grid(v: Tensor, top: int, lowest: int) -> Tensor:
+    """Values v >= 0 (..., groups of a super-block) rounded to d * k: d = fp16(max v / top), k = round(v / d) in
+    lowest..top, k = top for the largest v (a no-op unless d is an fp16 subnormal). A super-block of zeros
+    gets d = 0 when ``lowest`` is 0 (all k 0), else the smallest fp16 (all k = top)."""
+    d = (v.amax(dim=-1, keepdim=True) / top).to(torch.float16).float()
+    if lowest:
+        d = torch.where(d > 0, d, torch.full_like(d, _F16_TINY))
+    k = torch.round(v / torch.where(d > 0, d, torch.ones_like(d))).clamp(lowest, top)
+    k = torch.where((v == v.amax(dim=-1, keepdim=True)) & (d > 0), torch.full_like(k, top), k)
+    return d * k
 
 
 def qparams_from_range(lo: Tensor, hi: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:

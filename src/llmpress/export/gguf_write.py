@@ -4,10 +4,10 @@ What llama.cpp's ``convert_hf_to_gguf.py`` writes for the same architectures, fr
 memory: the architecture's hyperparameters under ``{arch}.*``, tensor names from the ``gguf``
 package's ``TensorNameMap``, the q/k rows of the Llama family in llama.cpp's rotary order (the
 converter's ``permute``; a permutation of whole rows, so codes and scales move with them), norms and
-biases in F32, and the tokenizer. Each linear that a method quantized on a grid with groups of 32 is
-written in its GGUF block type bit-exactly (:mod:`.gguf_blocks`); a layer whose grid fits no type is
-refused with the reason, or, when the caller asks (``requantize``), re-rounded by llama.cpp's own
-reference rounding (the ``gguf`` package's ``quants.quantize``) and reported. Tensors without codes
+biases in F32, and the tokenizer. Each linear that a method quantized on a grid with groups of 32, or on a
+K-quant grid (Q4_K, Q6_K), is written in its GGUF block type bit-exactly (:mod:`.gguf_blocks`); a layer
+whose grid fits no type is refused with the reason, or, when the caller asks (``requantize``), re-rounded by
+llama.cpp's own reference rounding (the ``gguf`` package's ``quants.quantize``) and reported. Tensors without codes
 (embedding, head, unquantized linears) are written in the caller's types, re-rounded the same way
 when those are block types, as llama.cpp's quantizer does (it stores SmolLM2's embedding as Q8_0 in a
 Q4_0 file).
@@ -349,8 +349,9 @@ def write_gguf(model: nn.Module, tokenizer, out: str | Path, results: dict[str, 
 
     linear = Counter(report.types[t] for t in report.exact) or Counter([dense])
     report.file_type = linear.most_common(1)[0][0]
-    ftype = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}.get(report.file_type,
-                                                                             f"MOSTLY_{report.file_type}")
+    # llama.cpp names the K-quant files by mix; a file of Q4_K linears is its "Q4_K_S" (mostly Q4_K)
+    ftype = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_K": "MOSTLY_Q4_K_S"}.get(
+        report.file_type, f"MOSTLY_{report.file_type}")
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     os.close(fd)
     tmp = Path(tmp_name)

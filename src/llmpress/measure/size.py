@@ -92,6 +92,11 @@ def _groups_per_row(cols: int, group_size) -> int:
     return math.ceil(cols / int(group_size))
 
 
+# per super-block of 256, besides the codes: Q4_K fp16 d and dmin + 12 bytes of 6-bit scales and mins;
+# Q6_K 16 int8 scales + fp16 d (ggml's block_q4_K: 144 bytes, block_q6_K: 210 bytes)
+KQUANT_SUPERBLOCK_BYTES = {"Q4_K": 2 + 2 + 12, "Q6_K": 16 + 2}
+
+
 def layer_bytes(spec: dict, dense_bits: int = 16) -> int:
     """Bytes one compressed weight takes; see :func:`size_report` for the rules."""
     rows, cols = (int(d) for d in spec["shape"])
@@ -104,6 +109,8 @@ def layer_bytes(spec: dict, dense_bits: int = 16) -> int:
         kept = numel * nm[0] // nm[1] if nm is not None else round(numel * (1.0 - sparsity.fraction))
         offsets = 0 if sparsity.two_four(cols) else rows * ROW_OFFSET_BYTES
         return _bytes(kept * dense_bits) + rows * _bytes(cols) + offsets
+    if grid.kquant is not None:  # llama.cpp's super-blocks of 256: fp16 scale(s) and packed sub-scales each
+        return _bytes(numel * grid.bits) + rows * (cols // 256) * KQUANT_SUPERBLOCK_BYTES[grid.kquant]
     groups = rows * _groups_per_row(cols, grid.group_size)
     zeros = 0 if grid.sym else _bytes(groups * grid.bits)
     return _bytes(numel * grid.bits) + groups * SCALE_BYTES + zeros

@@ -17,7 +17,10 @@ order of decreasing diag(H) but the groups are *static*: every group's
 qparams come up front from the original W (after dead-column zeroing) and
 each column keeps its own original group's qparams, so the result needs no
 ``g_idx`` and saves in the standard layout. Per-channel grids
-(``group_size=-1``) are static in both modes.
+(``group_size=-1``) are static in both modes, and so are llama.cpp's K-quant
+grids (``kquant``: every group's scale is tied to its super-block's, so all are
+chosen up front, ``llmpress.primitives.kquant_qparams``); their float zero points
+are rounded as ``round(w / s + z)``.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from torch import Tensor
 from ..compressed import Compressed, Grid
 from ..config import Check, Config
 from ..linalg import inverse_cholesky_upper, prepare_hessian, single_threaded
-from ..primitives import compute_qparams, dequantize, expand_groups, qrange, search_qparams
+from ..primitives import compute_qparams, dequantize, expand_groups, kquant_qparams, qrange, search_qparams
 from ..registry import Method, register
-from .rtn import Bits, GroupSize
+from .rtn import Bits, GroupSize, KQuantName, fix_kquant_grid, kquant_grid
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class GPTQConfig(Config):
     act_order: process columns by decreasing diag(H), static groups; damp: λ = damp·mean(diag H);
     block_size: columns per lazy batch update; mse: clip search per group (``search_qparams``);
     true_sequential: the engine quantizes a block's linears group by group in forward order, each
-    group's Hessian taken with the groups before it already quantized (GPTQ's ``--true-sequential``)."""
+    group's Hessian taken with the groups before it already quantized (GPTQ's ``--true-sequential``);
+    kquant: llama.cpp's K-quant grid "Q4_K" or "Q6_K" (fixes bits, group_size and sym; ``rtn.kquant_grid``)."""
 
     bits: Bits = 4
     group_size: GroupSize = 64
@@ -55,6 +59,10 @@ class GPTQConfig(Config):
     block_size: Annotated[int, Check(ge=1, advice="use a positive integer such as 128")] = 128
     mse: bool = False
     true_sequential: bool = False
+    kquant: KQuantName = None
+
+    def check(self) -> None:
+        fix_kquant_grid(self, "gptq")
 
 
 def gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
@@ -80,7 +88,8 @@ def _gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     W = weight.detach().to(dtype=dtype, copy=True)
     H, _dead = prepare_hessian(hessian.detach().to(dtype), W, cfg.damp)
-    group = None if cfg.group_size == -1 else cfg.group_size
+    grid = Grid(cfg.bits, cfg.group_size, cfg.sym) if cfg.kquant is None else kquant_grid(cfg.kquant, W.shape[1])
+    group = grid.group
     qparams = search_qparams if cfg.mse else compute_qparams
     perm = None
     if cfg.act_order:
@@ -88,22 +97,26 @@ def _gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
         H = H[perm][:, perm]
     U = inverse_cholesky_upper(H)
     Wt = (W.T if perm is None else W.T[perm]).contiguous()  # row c = the c-th column processed
-    if cfg.act_order or group is None:  # static groups
-        scale, zero = qparams(W, cfg.bits, group, cfg.sym)
+    if cfg.act_order or group is None or grid.kquant is not None:  # static groups
+        if grid.kquant is not None:
+            scale, zero = kquant_qparams(W, grid.kquant)
+        else:
+            scale, zero = qparams(W, grid.bits, group, grid.sym)
         S, Z = (expand_groups(t.to(dtype), W.shape[1], group).T for t in (scale, zero))
         if perm is not None:
             S, Z = S[perm], Z[perm]
-        codes_t, loss = _solve(Wt, U, cfg.bits, cfg.block_size, per_column=(S.contiguous(), Z.contiguous()))
+        codes_t, loss = _solve(Wt, U, grid.bits, cfg.block_size, per_column=(S.contiguous(), Z.contiguous()),
+                               float_zero=grid.float_zero)
     else:
-        groups = _CurrentGroups(lambda Wg: qparams(Wg, cfg.bits, None, cfg.sym), group, W.shape[0],
+        groups = _CurrentGroups(lambda Wg: qparams(Wg, grid.bits, None, grid.sym), group, W.shape[0],
                                 math.ceil(W.shape[1] / group))
-        codes_t, loss = _solve(Wt, U, cfg.bits, cfg.block_size, groups=groups)
+        codes_t, loss = _solve(Wt, U, grid.bits, cfg.block_size, groups=groups)
         scale, zero = groups.scale, groups.zero
     codes = codes_t if perm is None else codes_t[torch.argsort(perm)]
     qweight = codes.T.to(torch.int8).contiguous()
     meta = {"method": "gptq", "act_order": cfg.act_order, "mse": cfg.mse}
     return Compressed(weight=dequantize(qweight, scale, zero, group), qweight=qweight, scale=scale,
-                      zero=zero, meta=meta, loss=loss, grid=Grid(cfg.bits, cfg.group_size, cfg.sym))
+                      zero=zero, meta=meta, loss=loss, grid=grid)
 
 
 class _CurrentGroups:
@@ -136,12 +149,13 @@ def _solve(*args, **kwargs) -> tuple[Tensor, float]:
 
 
 def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: tuple[Tensor, Tensor] | None = None,
-                groups: _CurrentGroups | None = None) -> tuple[Tensor, float]:
+                groups: _CurrentGroups | None = None, float_zero: bool = False) -> tuple[Tensor, float]:
     """The blocked GPTQ loop on Wt = Wᵀ (in, out), rows in processing order; returns float codes (in, out), loss.
 
     Working on Wᵀ keeps each column a contiguous row. Qparams come either from
     ``per_column`` (S, Z) (in, out), one row per processed column, or from ``groups``.
-    Wt is overwritten (it holds the error-updated weights at the end).
+    Codes are ``round(w / s) + z`` for integer zero points, ``round(w / s + z)`` when ``float_zero``
+    (as ``llmpress.primitives.quantize``). Wt is overwritten (it holds the error-updated weights at the end).
     """
     columns = Wt.shape[0]
     qmin, qmax = qrange(bits)
@@ -157,7 +171,8 @@ def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: t
             elif c % groups.size == 0:
                 s, z = groups.at(Wt, E1, U, i1, c, i2)
             w = W1[i]
-            q = torch.clamp_(torch.round(w / s).add_(z), qmin, qmax)
+            q = torch.round(w / s + z) if float_zero else torch.round(w / s).add_(z)
+            q = torch.clamp_(q, qmin, qmax)
             Q[c] = q
             err = torch.sub(w, (q - z).mul_(s), out=E1[i]).div_(U1[i, i])
             if i + 1 < i2 - i1:
@@ -188,4 +203,7 @@ register(Method("gptq", GPTQConfig, gptq, ("hessian",), "quantize"), recipes={
     "gptq-q5_0": gptq_recipe(5, 32),
     "gptq-q5_1": gptq_recipe(5, 32, sym=False),
     "gptq-q8_0": gptq_recipe(8, 32),
+    # llama.cpp's K-quants (super-blocks of 256; narrower layers get Q5_0 / Q8_0, as llama-quantize does)
+    "gptq-q4_k": gptq_recipe(4, 32, sym=False, kquant="Q4_K"),
+    "gptq-q6_k": gptq_recipe(6, 16, kquant="Q6_K"),
 })

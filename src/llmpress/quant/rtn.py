@@ -9,20 +9,32 @@ GPTQ repository's MSE search, ``llmpress.primitives.search_qparams``). With
 (``llmpress.primitives.minmax_qparams``): llama.cpp's Q4_1/Q5_1 grid, which need not contain 0,
 so ``rtn-q4_1`` rounds the way llama.cpp's reference quantizer does and writes to GGUF
 (``llmpress.export.gguf_blocks``); compressed-tensors, whose zero points are integers, cannot
-store it (such a model is saved dense).
+store it (such a model is saved dense). With ``kquant`` ("Q4_K", "Q6_K") the group scales are themselves
+quantized against one fp16 scale per super-block of 256 inputs (``llmpress.primitives.kquant_qparams``):
+llama.cpp's K-quants, written to GGUF with these codes; a layer whose inputs are not whole super-blocks gets
+llama.cpp's fallback type instead (Q4_K: Q5_0, Q6_K: Q8_0), as ``llama-quantize`` does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from torch import Tensor
 
 from ..compressed import Compressed, Grid
 from ..config import Check, Config, check_value
 from ..errors import LlmpressError
-from ..primitives import compute_qparams, dequantize, minmax_qparams, quantize, search_qparams
+from ..primitives import (
+    KQUANTS,
+    QK_K,
+    compute_qparams,
+    dequantize,
+    kquant_qparams,
+    minmax_qparams,
+    quantize,
+    search_qparams,
+)
 from ..registry import Method, register
 
 Bits = Annotated[int, Check(ge=2, le=8, verdict="out of range", label="")]
@@ -40,6 +52,41 @@ def check_group_size(group_size: int | None) -> None:
     check_value("group_size", group_size, GroupSize)
 
 
+KQuantName = Annotated[Literal["Q4_K", "Q6_K"] | None, Check(advice="use Q4_K or Q6_K (llama.cpp's K-quants)")]
+# llama.cpp's type for a tensor whose rows are not whole K-quant super-blocks (llama-quant.cpp, llama_tensor_get_type):
+# (name, bits), symmetric groups of 32
+KQUANT_FALLBACK = {"Q4_K": ("Q5_0", 5), "Q6_K": ("Q8_0", 8)}
+
+
+def fix_kquant_grid(config: object, label: str) -> None:
+    """``config.kquant`` fixes bits, group_size and sym: left at their defaults (4, 64, true) they are set to the
+    K-quant's; otherwise they must agree (one-line LlmpressError). ``config`` is a frozen Config being checked."""
+    kind = getattr(config, "kquant", None)
+    if kind is None:
+        return
+    spec = KQUANTS[kind]
+    given, want = (config.bits, config.group_size, config.sym), (spec.bits, spec.group_size, spec.sym)
+    if given == (4, 64, True):  # the defaults: nothing was asked for
+        for name, value in zip(("bits", "group_size", "sym"), want, strict=True):
+            object.__setattr__(config, name, value)
+    elif given != want:
+        raise LlmpressError(f"{label} kquant {kind} is {spec.bits}-bit {'symmetric' if spec.sym else 'asymmetric'} "
+                            f"groups of {spec.group_size}: set bits: {spec.bits}, group_size: {spec.group_size}, "
+                            f"sym: {str(spec.sym).lower()}, or leave them out")
+    if getattr(config, "mse", False):
+        raise LlmpressError(f"{label} kquant {kind} chooses its own scales (ggml's rounding): set mse: false")
+
+
+def kquant_grid(kind: str, in_features: int) -> Grid:
+    """The grid of a layer with ``in_features`` inputs under K-quant ``kind``: the K-quant's own when its rows are
+    whole super-blocks of 256, else llama.cpp's fallback for such tensors (Q4_K: Q5_0, Q6_K: Q8_0; symmetric
+    groups of 32), as ``llama-quantize`` does (SmolLM2's 576-wide layers)."""
+    spec = KQUANTS[kind]
+    if in_features % QK_K == 0:
+        return Grid(spec.bits, spec.group_size, spec.sym, float_zero=not spec.sym, kquant=kind)
+    return Grid(KQUANT_FALLBACK[kind][1], 32, True)
+
+
 def check_flags(config: object, names: tuple[str, ...], method: str = "") -> None:
     """Each named field of ``config`` must be a real bool (YAML true/false), not 0/1 or a string."""
     for name in names:
@@ -50,7 +97,8 @@ def check_flags(config: object, names: tuple[str, ...], method: str = "") -> Non
 class RTNConfig(Config):
     """bits: 2–8; group_size: columns per scale (-1 = per output channel); sym: zero point fixed at 0;
     mse: search the clip range per group instead of using the full [min, max];
-    float_zero: asymmetric groups span exactly [min, max] with a float zero point (GGUF's Q4_1/Q5_1)."""
+    float_zero: asymmetric groups span exactly [min, max] with a float zero point (GGUF's Q4_1/Q5_1);
+    kquant: llama.cpp's K-quant grid "Q4_K" or "Q6_K" (fixes bits, group_size and sym; see ``kquant_grid``)."""
 
     label = "rtn"
 
@@ -59,30 +107,31 @@ class RTNConfig(Config):
     sym: bool = True
     mse: bool = False
     float_zero: bool = False
+    kquant: KQuantName = None
 
     def check(self) -> None:
+        fix_kquant_grid(self, "rtn")
         if self.float_zero and (self.sym or self.mse):
             raise LlmpressError("rtn float_zero is the asymmetric [min, max] grid: set sym: false and mse: false")
 
 
 def rtn(weight: Tensor, cfg: RTNConfig) -> Compressed:
     """Quantize ``weight`` (out, in) by round-to-nearest; returns codes, scales and the dequantized weight."""
-    group = None if cfg.group_size == -1 else cfg.group_size
-    if cfg.float_zero:
-        scale, zero = minmax_qparams(weight, cfg.bits, group)
+    grid = Grid(cfg.bits, cfg.group_size, cfg.sym, float_zero=cfg.float_zero)
+    if cfg.kquant is not None:
+        grid = kquant_grid(cfg.kquant, weight.shape[1])
+    group = grid.group
+    if grid.kquant is not None:
+        scale, zero = kquant_qparams(weight, grid.kquant)
+    elif grid.float_zero:
+        scale, zero = minmax_qparams(weight, grid.bits, group)
     else:
         qparams = search_qparams if cfg.mse else compute_qparams
-        scale, zero = qparams(weight, cfg.bits, group, cfg.sym)
-    q = quantize(weight, scale, zero, cfg.bits, group, float_zero=cfg.float_zero)
+        scale, zero = qparams(weight, grid.bits, group, grid.sym)
+    q = quantize(weight, scale, zero, grid.bits, group, float_zero=grid.float_zero)
     meta = {"method": "rtn", "mse": True} if cfg.mse else {"method": "rtn"}
-    return Compressed(
-        weight=dequantize(q, scale, zero, group),
-        qweight=q,
-        scale=scale,
-        zero=zero,
-        meta=meta,
-        grid=Grid(cfg.bits, cfg.group_size, cfg.sym, float_zero=cfg.float_zero),
-    )
+    return Compressed(weight=dequantize(q, scale, zero, group), qweight=q, scale=scale, zero=zero, meta=meta,
+                      grid=grid)
 
 
 def rtn_recipe(bits: int, group: int, sym: bool = True) -> dict:
@@ -103,4 +152,8 @@ register(Method("rtn", RTNConfig, rtn, (), "quantize"), recipes={
                                                        "float_zero": True}}]},
     "rtn-q5_0": rtn_recipe(5, 32),
     "rtn-q8_0": rtn_recipe(8, 32),
+    # llama.cpp's K-quants (super-blocks of 256; narrower layers get Q5_0 / Q8_0, as llama-quantize does)
+    "rtn-q4_k": {"stages": [{"method": "rtn", "args": {"bits": 4, "group_size": 32, "sym": False,
+                                                       "kquant": "Q4_K"}}]},
+    "rtn-q6_k": {"stages": [{"method": "rtn", "args": {"bits": 6, "group_size": 16, "kquant": "Q6_K"}}]},
 })
