@@ -48,8 +48,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--llamacpp", default="Q4_0,Q4_0+imatrix,Q4_K_M,Q4_K_M+imatrix,Q5_0,Q5_0+imatrix,Q8_0",
                    help="llama.cpp file types made by its own quantizer (+imatrix: with an importance matrix)")
     p.add_argument("--layouts", default="Q4_K_M",
-                   help="llama.cpp files whose per-tensor layout llmpress's GPTQ copies (K-quants mapped to the "
-                        "block types around them: see LAYOUTS)")
+                   help="llama.cpp files whose per-tensor types llmpress's GPTQ copies (same types, same size)")
     p.add_argument("--check", default="rtn-q4_0", help="recipes whose in-memory perplexity is printed too")
     p.add_argument("--eval", default="austen:eval,austen:eval2", help="evaluation texts (the first is the README's)")
     p.add_argument("--work", help="folder for the GGUF files (kept; default: a temporary folder, removed)")
@@ -62,36 +61,38 @@ def _args() -> argparse.Namespace:
     return p.parse_args()
 
 
-# how a llama.cpp tensor type is matched with a GPTQ grid of groups of 32 (bits, sym): the legacy types exactly;
-# a K-quant (super-blocks of 256, quantized sub-scales) by the legacy type of the same or the next size, giving
-# two variants, one no larger than llama.cpp's file and one a little larger
-LEGACY = {"Q4_0": (4, True), "Q4_1": (4, False), "Q5_0": (5, True), "Q5_1": (5, False), "Q8_0": (8, True)}
-LAYOUTS = {"small": {"Q4_K": "Q4_0", "Q5_K": "Q5_0", "Q6_K": "Q5_1"},
-           "large": {"Q4_K": "Q4_1", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}}
+# the GPTQ grid (args of a gptq stage) that gives a llama.cpp tensor type exactly: the legacy types (groups of 32)
+# and the K-quants (super-blocks of 256; ``kquant``)
+GRIDS = {"Q4_0": {"bits": 4, "group_size": 32, "sym": True}, "Q4_1": {"bits": 4, "group_size": 32, "sym": False},
+         "Q5_0": {"bits": 5, "group_size": 32, "sym": True}, "Q5_1": {"bits": 5, "group_size": 32, "sym": False},
+         "Q8_0": {"bits": 8, "group_size": 32, "sym": True},
+         "Q4_K": {"bits": 4, "group_size": 32, "sym": False, "kquant": "Q4_K"},
+         "Q6_K": {"bits": 6, "group_size": 16, "sym": True, "kquant": "Q6_K"}}
 
 
-def layout_recipe(path: Path, model, variant: str, name: str):
-    """A GPTQ recipe giving each linear the block type llama.cpp's file ``path`` gave it (per-layer overrides)."""
+def layout_recipe(path: Path, model, name: str):
+    """A GPTQ recipe giving each linear the type llama.cpp's file ``path`` gave it (per-layer overrides), so the
+    two files hold the same types tensor for tensor and differ only in the codes and scales chosen."""
+    from collections import Counter
+
     from gguf import GGUFReader
 
     from llmpress.quant.gptq import gptq_recipe
     from llmpress.recipe import Recipe
 
     types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
-    chosen = {}
-    for layer, tensor in linear_names(model).items():
-        kind = LAYOUTS[variant].get(types[tensor], types[tensor])
-        if kind not in LEGACY:
-            raise SystemExit(f"{path.name}: {tensor} is {types[tensor]}, which no layout variant maps")
-        chosen[layer] = LEGACY[kind]
-    counts: dict = {}
-    for grid in chosen.values():
-        counts[grid] = counts.get(grid, 0) + 1
-    (bits, sym), _ = max(counts.items(), key=lambda kv: kv[1])
-    recipe = gptq_recipe(bits, 32, sym=sym)
+    chosen = {layer: types[tensor] for layer, tensor in linear_names(model).items()}
+    missing = sorted({t for t in chosen.values() if t not in GRIDS})
+    if missing:
+        raise SystemExit(f"{path.name}: no GPTQ grid gives {', '.join(missing)}")
+    def args(kind: str) -> dict:  # GPTQ's MSE scale search on the legacy grids; K-quants choose their own scales
+        return {**GRIDS[kind], "mse": "kquant" not in GRIDS[kind]}
+
+    common = Counter(chosen.values()).most_common(1)[0][0]
+    recipe = gptq_recipe(**args(common))
     recipe["stages"][0]["overrides"] = [
-        {"targets": sorted(n for n, g in chosen.items() if g == grid), "args": {"bits": grid[0], "sym": grid[1]}}
-        for grid in counts if grid != (bits, sym)]
+        {"targets": sorted(n for n, t in chosen.items() if t == kind), "args": args(kind)}
+        for kind in sorted(set(chosen.values()) - {common})]
     return Recipe.from_dict(recipe, name=name)
 
 
@@ -145,18 +146,17 @@ def main() -> int:
             if name in done and path.exists():
                 keep(_measure(done[name], path, windows, prompt, args))
                 continue
-            if weighted and imatrix is None:
-                ids = calibration_samples(tok, "austen:calib", 128, 512, 0)
-                imatrix = llamacpp.importance_matrix(base.model, ids, linear_names(base.model),
-                                                     progress=not args.quiet)
             if not path.exists():
+                if weighted and imatrix is None:
+                    ids = calibration_samples(tok, "austen:calib", 128, 512, 0)
+                    imatrix = llamacpp.importance_matrix(base.model, ids, linear_names(base.model),
+                                                         progress=not args.quiet)
                 llamacpp.quantize(work / "base-F32.gguf", path, ftype, imatrix if weighted else None)
             keep(_measure({"name": name, "by": "llama.cpp quantizer", "type": ftype}, path, windows, prompt, args))
         recipes: list = [r for r in args.recipes.split(",") if r]
-        for ftype in [f for f in args.layouts.split(",") if f]:
-            for variant in LAYOUTS:
-                recipes.append(layout_recipe(work / f"llamacpp-{ftype}.gguf", base.model, variant,
-                                             f"gptq-{ftype.lower()}-layout-{variant}"))
+        for i, ftype in enumerate(f for f in args.layouts.split(",") if f):  # each after the first recipe
+            recipes.insert(1 + i, layout_recipe(work / f"llamacpp-{ftype}.gguf", base.model,
+                                                f"gptq-{ftype.lower()}-layout"))
         for recipe in recipes:
             label = recipe if isinstance(recipe, str) else recipe.name
             name = f"llmpress {label}"

@@ -43,6 +43,7 @@ PEERS.update({f"{name}-ts": PEERS[name] for name in ("wanda-50", "wanda-24", "sp
 PEERS["wanda-50-head"] = {**PEERS["wanda-50"], "targets": ["Linear"], "ignore": ["lm_head"], "recipe": "wanda-50"}
 # llm-compressor 0.14's own figures on this protocol (shared/assets.md; calibration seed 0, the head left alone)
 PUBLISHED = {"wanda-50": 63.74, "wanda-24": 169.27, "sparsegpt-50": 50.19, "sparsegpt-24": 76.93}
+PUBLISHED.update({f"{name}-ts": figure for name, figure in PUBLISHED.items()})  # the peer's job is the same
 # methods whose results the compressed-tensors exporter stores (sparse or packed); others are saved as they are
 _STORABLE = {"magnitude", "wanda", "sparsegpt", "owl", "rtn", "gptq"}
 
