@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..compressed import Grid
-from ..primitives import KQUANTS, QK_K
+from ..primitives import KQUANTS, QK_K, qrange
 
 BLOCK = 32
 
@@ -190,7 +190,7 @@ def unpack_blocks(data: np.ndarray, kind: BlockType, cols: int) -> tuple[Tensor,
 
 def _check_codes(codes: Tensor, kind: BlockType) -> Tensor:
     """Codes (out, in) as int32, refused when outside ``kind``'s signed range."""
-    lo, hi = -(2 ** (kind.bits - 1)), 2 ** (kind.bits - 1) - 1
+    lo, hi = qrange(kind.bits)
     c = codes.to(torch.int32)
     if c.numel() and (int(c.min()) < lo or int(c.max()) > hi):
         raise ValueError(f"codes outside [{lo}, {hi}] cannot be stored as {kind.name}")

@@ -115,14 +115,19 @@ def quantized_layers(model: nn.Module, results: dict[str, Compressed] | None = N
     return found
 
 
-def linear_names(model: nn.Module) -> dict[str, str]:
-    """Each linear's module name -> the GGUF tensor name of its weight (``blk.0.attn_q.weight``, ...)."""
+def _name_map(config, arch: str):
+    """The ``gguf`` package's map from transformers tensor names to llama.cpp's for ``arch``."""
     from gguf import get_tensor_name_map
     from gguf.constants import MODEL_ARCH_NAMES
 
+    return get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch),
+                               int(config.num_hidden_layers))
+
+
+def linear_names(model: nn.Module) -> dict[str, str]:
+    """Each linear's module name -> the GGUF tensor name of its weight (``blk.0.attn_q.weight``, ...)."""
     arch, _ = architecture(model.config)
-    names = get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch),
-                                int(model.config.num_hidden_layers))
+    names = _name_map(model.config, arch)
     found = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, module in model.named_modules():
@@ -276,8 +281,7 @@ def write_gguf(model: nn.Module, tokenizer, out: str | Path, results: dict[str, 
     untied head (default Q8_0 when some linear has codes, else ``dense``); ``requantize``: block type that
     re-rounds linears whose grid fits none (default: refuse them); ``source_gguf``: a GGUF whose tokenizer
     is copied; ``meta``: llmpress's record of the compression, stored as JSON under ``llmpress.meta``."""
-    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, get_tensor_name_map
-    from gguf.constants import MODEL_ARCH_NAMES
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
     path = check_gguf_out(out)
     config = model.config
@@ -296,8 +300,7 @@ def write_gguf(model: nn.Module, tokenizer, out: str | Path, results: dict[str, 
         raise LlmpressError(f"{len(refused)} quantized layer(s) fit no GGUF type, e.g. {layer}: {why}; compress with "
                             "a GGUF recipe (gptq-q4_0, rtn-q4_1, ...) or pass --requantize Q4_0 to re-round them")
 
-    arch_enum = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
-    names = get_tensor_name_map(arch_enum, int(config.num_hidden_layers))
+    names = _name_map(config, arch)
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     report = GgufReport(path)
