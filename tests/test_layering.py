@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "llmpress"
-METHOD_PACKAGES = ("quant", "prune", "lowrank", "distill")
+METHOD_PACKAGES = ("quant", "prune", "lowrank", "distill", "rotate")
 
 # (module or package prefix, layer); a module's layer is that of its longest matching prefix. Lower numbers
 # are lower layers; a module may import its own layer and the ones below.

@@ -6,7 +6,7 @@ A method module ends with one call::
              recipes={"rtn-w4-g64": {"stages": [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}]}})
 
 and nothing else in llmpress names it: :func:`get_method` and :func:`builtin_recipes` first import
-every module of the method packages (``quant``, ``prune``, ``lowrank``, ``distill``, and
+every module of the method packages (``quant``, ``prune``, ``lowrank``, ``distill``, ``rotate``, and
 ``llmpress.recipes`` for recipes that chain several methods), which registers them. So this module
 imports no method, the engine and the API import only this module, and adding a method is one file.
 
@@ -44,7 +44,7 @@ from .errors import LlmpressError
 
 KINDS = ("quantize", "prune", "block", "model", "plan", "runtime")
 WEIGHT_KINDS = ("quantize", "prune")
-METHOD_PACKAGES = ("quant", "prune", "lowrank", "distill")
+METHOD_PACKAGES = ("quant", "prune", "lowrank", "distill", "rotate")
 INPUTS = ("teacher", "tokenizer", "layers", "results")
 
 

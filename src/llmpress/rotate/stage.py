@@ -1,0 +1,101 @@
+"""The ``rotate`` stage: QuaRot's offline rotations, before a weight quantizer (``rotate+gptq-w3-g64``).
+
+A model-level method (``llmpress.registry``, kind "model"): folds the RMSNorm scales into the linears,
+unties the head, rotates the residual stream by a randomized Hadamard matrix (or a random orthogonal
+one) and, with ``heads``, each attention head's values and outputs (``llmpress.rotate.fold``). The
+model computes the same function in float arithmetic and stays a plain transformers model (no online
+rotations), so every later stage and every save format works on it unchanged. The rotated linears have
+fewer outlier weights, which is what the following quantizer gains from. Recipe::
+
+    stages:
+      - {method: rotate, args: {kind: hadamard, seed: 0}}
+      - {method: gptq, args: {bits: 3, group_size: 64, act_order: true, true_sequential: true}}
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import torch
+from torch import nn
+
+from ..config import Check, Config
+from ..errors import LlmpressError
+from ..models.archs import Arch
+from ..registry import Method, register
+from .fold import fold_norms, head_layout, rotate_heads, rotate_residual, untie_head, why_not
+from .hadamard import has_hadamard, rotation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RotateConfig(Config):
+    """``kind``: "hadamard" (QuaRot: a Hadamard matrix times a random ±1 diagonal; needs a Hadamard order for the
+    hidden size, and for the head dim when ``heads``) or "random" (a random orthogonal matrix, any size).
+    ``seed``: the random signs / matrix. ``heads``: also rotate each attention head's values and outputs.
+    ``verify``: compare the logits on a few random tokens before and after, and fail if they moved."""
+
+    label = "rotate"
+
+    kind: Literal["hadamard", "random"] = "hadamard"
+    seed: Annotated[int, Check(ge=0, lt=2**63, advice="use an integer from 0 to 2**63 - 1")] = 0
+    heads: bool = True
+    verify: bool = True
+
+
+# relative change of the logits allowed by verify: float rounding of the rotated weights, by parameter dtype
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+_LOOSE = 3e-2  # bfloat16 / float16
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.to(torch.float64)
+
+
+def _probe(model: nn.Module) -> torch.Tensor:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    return ids.to(model.get_input_embeddings().weight.device)
+
+
+def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg: RotateConfig, *,
+                 device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = False) -> dict[str, dict]:
+    """Method kind "model": rotate ``model`` in place (see the module docstring); returns no per-layer records
+    (the linears keep their shapes and their function; the recipe in ``llmpress.json`` records the stage)."""
+    reason = why_not(model, arch)
+    if reason is not None:
+        raise LlmpressError(f"rotate cannot rotate a '{arch.name}' model: {reason}; remove the rotate stage")
+    hidden = model.get_input_embeddings().weight.shape[1]
+    head_dim = head_layout(model)[2]
+    sizes = [("hidden size", hidden)] + ([("head dim", head_dim)] if cfg.heads else [])
+    for what, n in sizes:
+        if cfg.kind == "hadamard" and not has_hadamard(n):
+            raise LlmpressError(f"rotate: no Hadamard matrix of order {n} (the {what}) is built here: "
+                                "use rotate(kind=random)")
+    ids = _probe(model) if cfg.verify else None
+    before = _logits(model, ids) if cfg.verify else None
+    tied = untie_head(model)
+    fold_norms(model, arch)
+    rotate_residual(model, arch, rotation(hidden, cfg.kind, cfg.seed))
+    if cfg.heads:
+        rotate_heads(model, arch, rotation(head_dim, cfg.kind, cfg.seed + 1))
+    if cfg.verify:
+        after = _logits(model, ids)
+        change = float((after - before).norm() / before.norm())
+        dtype = model.get_input_embeddings().weight.dtype
+        if change > _TOLERANCE.get(dtype, _LOOSE):
+            raise LlmpressError(f"rotate changed the '{arch.name}' model's logits by {change:.2e} (relative): "
+                                "this architecture does not rotate exactly; remove the rotate stage")
+        log.info("rotate: logits changed by %.2e (relative) on a probe of 16 tokens", change)
+    log.info("rotate: residual stream (%d) rotated by a %s matrix%s%s", hidden, cfg.kind,
+             f", heads ({head_dim})" if cfg.heads else "", "; head untied from the embedding" if tied else "")
+    return {}
+
+
+register(Method("rotate", RotateConfig, rotate_model, (), "model", calibrated=False), recipes={
+    "rotate": {"stages": [{"method": "rotate"}]},
+})
