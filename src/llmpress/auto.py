@@ -10,7 +10,10 @@ rest at 16 bits), so a recipe for "60MB" saves a model of at most 60 MB by eval'
 
 Budgets: ``3.5bpw`` (bits per weight over the block linears, scales included, as eval's
 ``linear_bits_per_weight``), ``60MB`` / ``0.06GB`` / ``60000000B`` (the whole model, with the
-embeddings, norms and any linear left dense at 16 bits), or ``ppl<=40``: the smallest recipe whose
+norms and any linear left dense at 16 bits; the input embedding, and the head when tied to it, takes
+part as one more layer: the embedding quantizer at the same bits and groups, or dense, its cost the
+Fisher-weighted error of its lookup and of the tied head, ``sensitivity.embedding_sensitivity``;
+``embedding=False`` / ``--keep-embedding`` leave it at 16 bits), or ``ppl<=40``: the smallest recipe whose
 *measured* perplexity on the evaluation windows is at most 40. For that one the prediction only
 proposes: each round compresses the model and measures it, scales the predicted NLL increase by
 measured / predicted, and proposes again (``rounds``, default 3); the smallest recipe that met the
@@ -39,7 +42,16 @@ from .models.loader import DEFAULT_MODEL
 from .paths import write_text_atomic
 from .recipe import CalibrationConfig, Recipe
 from .registry import builtin_recipes
-from .sensitivity import Sensitivity, candidate_grid, output_fisher, sensitivity
+from .sensitivity import (
+    Candidate,
+    EmbeddingSensitivity,
+    Sensitivity,
+    candidate_grid,
+    embedding_candidates,
+    embedding_sensitivity,
+    output_fisher,
+    sensitivity,
+)
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9}
 
@@ -88,6 +100,8 @@ class AutoResult:
     sensitivity: Sensitivity
     choice: list[int]
     report: dict
+    embedding: EmbeddingSensitivity | None = None  # its row, when the embedding took part (byte budgets)
+    embedding_choice: int = 0  # the index of its setting there (0: dense)
 
 
 def auto(model=DEFAULT_MODEL, budget: str = "3.5bpw", *, methods: tuple[str, ...] = ("gptq",),
@@ -96,7 +110,7 @@ def auto(model=DEFAULT_MODEL, budget: str = "3.5bpw", *, methods: tuple[str, ...
          data: str | None = None, samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
          fisher_samples: int = 16, device: str = "cpu", progress: bool = False,
          table: str | Path | None = None, eval_data: str = "austen:eval", eval_seq_len: int = 1024,
-         eval_windows: int | None = 16, rounds: int = 3) -> AutoResult:
+         eval_windows: int | None = 16, rounds: int = 3, embedding: bool = True) -> AutoResult:
     """Measure every candidate's cost on every block linear of ``model`` and choose, per layer, the setting
     that minimises the predicted loss within ``budget``; returns the recipe (``.recipe``, for ``compress``)
     and a report of the choice. Calibration defaults to the first method's built-in recipe's.
@@ -104,7 +118,10 @@ def auto(model=DEFAULT_MODEL, budget: str = "3.5bpw", *, methods: tuple[str, ...
     ``table``: a JSON file of the measured costs: read when it exists (when it was measured on the same
     model, calibration and candidates), else written, so that other budgets take seconds, not minutes.
     ``eval_*`` and ``rounds``: the windows and the number of compress-and-measure rounds of a ``ppl<=``
-    budget."""
+    budget. ``embedding``: under a byte budget the input embedding (tied with the head) takes part too, as
+    one more layer whose candidates are the embedding quantizer's (``llmpress.quant.embedding``) at ``bits``
+    and ``groups``, or dense; its cost is measured like the linears' (``sensitivity.embedding_sensitivity``)
+    and saved in ``table`` beside theirs. Bits-per-weight and perplexity budgets leave it at 16 bits."""
     from .api import _loaded, check_seq_len, resolve_device
 
     target = parse_budget(budget)
@@ -139,6 +156,11 @@ def auto(model=DEFAULT_MODEL, budget: str = "3.5bpw", *, methods: tuple[str, ...
     numel = sum(o * i for o, i in sens.shapes)
     rest = size_report(loaded.model)["size_bytes"] - sum(layer_bytes({"shape": list(s)}) for s in sens.shapes)
     costs, sizes = sens.cost.tolist(), sens.bytes.tolist()
+    emb = None
+    if embedding and target.kind == "bytes":
+        emb = _embedding_row(loaded, table, key, calib, fisher_samples, list(bits), list(groups), dev, progress)
+        rest -= int(emb.bytes[0])  # the embedding's dense bytes are now its row's first option
+        costs, sizes = [*costs, emb.cost], [*sizes, emb.bytes]
     measured = None
     if target.kind == "ppl":
         eval_kw = {"data": eval_data, "seq_len": eval_seq_len, "max_windows": eval_windows}
@@ -148,17 +170,54 @@ def auto(model=DEFAULT_MODEL, budget: str = "3.5bpw", *, methods: tuple[str, ...
         try:
             choice = allocate(costs, sizes, limit)
         except ValueError:
-            smallest = sum(min(row) for row in sizes)
+            smallest = sum(min(row) for row in sizes[:len(sens.layers)])
+            held = "norms at 16 bits, the embedding at its smallest" if emb else "embeddings and norms at 16 bits"
+            smallest_all = sum(min(row) for row in sizes) + rest
             raise LlmpressError(
                 f"budget {target.text} is below what the candidates can reach: the smallest choice is "
-                f"{8 * smallest / numel:.2f} bits/weight over the linears ({(smallest + rest) / 1e6:.1f} MB with "
-                f"the {rest / 1e6:.1f} MB of embeddings and norms at 16 bits): raise the budget"
+                f"{8 * smallest / numel:.2f} bits/weight over the linears ({smallest_all / 1e6:.1f} MB with "
+                f"the {(smallest_all - smallest) / 1e6:.1f} MB of {held}): raise the budget"
                 f"{'' if 2 in bits else ' or allow 2 bits (--bits 2,3,4,8)'}") from None
-    recipe = build_recipe(sens, choice, calib, name=f"auto-{target.text}")
+    emb_choice = choice.pop() if emb is not None else 0
+    emb_setting = emb.candidates[emb_choice] if emb is not None else Candidate(None)
+    recipe = build_recipe(sens, choice, calib, name=f"auto-{target.text}", embedding=emb_setting)
     report = _report(sens, choice, target, numel, rest, calib, fisher_samples)
+    if emb is not None:
+        _add_embedding(report, emb, emb_choice)
     if measured is not None:
         report["perplexity_rounds"] = measured
-    return AutoResult(recipe, sens, choice, report)
+    return AutoResult(recipe, sens, choice, report, emb, emb_choice)
+
+
+def _embedding_row(loaded, table, key: dict, calib: dict, fisher_samples: int, bits: list[int], groups: list[int],
+                   device, progress: bool) -> EmbeddingSensitivity:
+    """The embedding's costs: from ``table`` when it holds them for these candidates, else measured (and added
+    to ``table``, whose block-linear costs are then already there)."""
+    candidates = embedding_candidates(bits, groups)
+    path = None if table is None else Path(table).expanduser()
+    data = json.loads(path.read_text()) if path is not None and path.exists() else None
+    if data is not None and data.get("embedding") is not None:
+        try:
+            return EmbeddingSensitivity.from_dict(data["embedding"], candidates)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LlmpressError(f"sensitivity table {path} cannot be reused: {first_line(exc)}: give a new --table "
+                                "path to measure again") from None
+    ids = calibration_samples(loaded.tokenizer, calib["data"], calib["samples"], calib["seq_len"], calib["seed"])
+    row = embedding_sensitivity(loaded.model, ids, fisher_samples, candidates, device=device, progress=progress)
+    if data is not None:
+        write_text_atomic(path, json.dumps({**data, "embedding": row.to_dict()}))
+    return row
+
+
+def _add_embedding(report: dict, emb: EmbeddingSensitivity, index: int) -> None:
+    """The embedding's setting in ``report``: its own entry, and its cost in the predicted totals."""
+    label = emb.candidates[index].label
+    report["embedding"] = {"layer": emb.layer, "setting": label, "tied": emb.tied, "bytes": int(emb.bytes[index]),
+                           "bits_per_weight": 8 * emb.bytes[index] / (emb.shape[0] * emb.shape[1]),
+                           "cost": emb.cost[index], "lookup_cost": emb.lookup[index], "head_cost": emb.head[index]}
+    report["size_bytes"] += int(emb.bytes[index])
+    report["predicted_nll_increase"] += emb.cost[index]
+    report["predicted_ppl_ratio"] = math.exp(report["predicted_nll_increase"])
 
 
 def smallest_within(costs: list[list[float]], sizes: list[list[float]], allowed: float) -> list[int]:
@@ -236,16 +295,20 @@ def _saved_table(table: str | Path | None, key: dict, candidates: list) -> Sensi
                             "path to measure again") from None
 
 
-def build_recipe(sens: Sensitivity, choice: list[int], calibration: dict, name: str | None = None) -> Recipe:
+def build_recipe(sens: Sensitivity, choice: list[int], calibration: dict, name: str | None = None,
+                 embedding: Candidate | None = None) -> Recipe:
     """The recipe carrying a choice: per method one stage, its most common setting as the stage's args and
     every other setting as an override of the layers that take it (a layer type's pattern, e.g.
-    ``*.self_attn.v_proj``, when all layers of that type take it); dense layers are left out."""
+    ``*.self_attn.v_proj``, when all layers of that type take it); dense layers are left out. A quantized
+    ``embedding`` setting comes first, as its own stage, so that the blocks calibrate on what they will see."""
     chosen = {layer: sens.candidates[i] for layer, i in zip(sens.layers, choice)}
     by_method: dict[str, dict[str, Any]] = {}
     for layer, cand in chosen.items():
         if cand.method is not None:
             by_method.setdefault(cand.method, {})[layer] = cand.config
     stages = []
+    if embedding is not None and embedding.method is not None:
+        stages.append({"method": embedding.method, "args": dataclasses.asdict(embedding.config)})
     for method, layers in by_method.items():
         configs = Counter(layers.values())
         base = configs.most_common(1)[0][0]
@@ -307,6 +370,10 @@ def format_report(report: dict) -> str:
     """A few lines a person reads: the size reached, the predicted loss, the settings and where they went."""
     lines = [f"budget {report['budget']}: {report['linear_bits_per_weight']:.3f} bits/weight over the linears, "
              f"{report['size_bytes'] / 1e6:.1f} MB in all; predicted perplexity x{report['predicted_ppl_ratio']:.3f}"]
+    if report.get("embedding"):
+        e = report["embedding"]
+        lines.append(f"embedding ({e['layer']}{', tied with the head' if e['tied'] else ''}): {e['setting']}, "
+                     f"{e['bits_per_weight']:.3f} bits/weight, {e['bytes'] / 1e6:.1f} MB")
     for k, r in enumerate(report.get("perplexity_rounds", []), 1):
         lines.append(f"round {k}: {r['linear_bits_per_weight']:.3f} bits/weight, perplexity predicted "
                      f"{r['predicted_ppl']:.2f}, measured {r['measured_ppl']:.2f} (base {r['base_ppl']:.2f})")

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--groups", default="32,64,128", help="group sizes the quantizers may use (default 32,64,128)")
     a.add_argument("--sparsities", default="0.5,2:4", help="settings the pruning methods may use (default 0.5,2:4)")
     a.add_argument("--no-dense", action="store_true", help="every block linear must be compressed")
+    a.add_argument("--keep-embedding", action="store_true",
+                   help="byte budgets: leave the embedding (and a tied head) at 16 bits; by default it takes part, "
+                        "quantized at --bits and --groups or left dense")
     a.add_argument("--data", help="calibration text (default: the first method's recipe's, austen:calib)")
     a.add_argument("--samples", type=int, help="calibration windows (default 128)")
     a.add_argument("--seq-len", type=int, help="calibration window length (default 512)")
@@ -428,7 +431,7 @@ def cmd_auto(args) -> None:
                   dense=not args.no_dense, data=args.data, samples=args.samples, seq_len=args.seq_len,
                   seed=args.seed, fisher_samples=args.fisher_samples, device=args.device, progress=not args.quiet,
                   table=args.table, eval_data=args.eval_data, eval_windows=args.eval_windows or None,
-                  rounds=args.rounds)
+                  rounds=args.rounds, embedding=not args.keep_embedding)
     write_text_atomic(out, to_yaml(result.recipe))
     if args.json:
         _write_json(Path(args.json).expanduser(), result.report)

@@ -184,3 +184,113 @@ def sensitivity(model: nn.Module, arch: Arch, samples: Tensor, candidates: list[
     log.debug("sensitivity of %d layers x %d candidates", len(layers), len(candidates))
     return Sensitivity(layers, shapes, candidates, torch.tensor(cost, dtype=torch.float64),
                        torch.tensor(error, dtype=torch.float64), torch.tensor(size, dtype=torch.float64))
+
+
+@dataclass
+class EmbeddingSensitivity:
+    """The input embedding's row of the table: per candidate (``dense`` first, then the embedding quantizer's
+    settings) the predicted increase of the mean NLL, its two terms (``lookup``: the input lookup's; ``head``:
+    the tied head's, 0 when untied) and the stored bytes, as eval counts them."""
+
+    layer: str
+    shape: tuple[int, int]
+    tied: bool
+    candidates: list[Candidate]
+    cost: list[float]
+    lookup: list[float]
+    head: list[float]
+    bytes: list[float]
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "shape": list(self.shape), "tied": self.tied,
+                "candidates": [c.label for c in self.candidates], "cost": self.cost, "lookup": self.lookup,
+                "head": self.head, "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, data: dict, candidates: list[Candidate]) -> EmbeddingSensitivity:
+        if data.get("candidates") != [c.label for c in candidates]:
+            raise ValueError(f"its embedding was measured for the candidates {data.get('candidates')}, not "
+                             f"{[c.label for c in candidates]}")
+        return cls(data["layer"], tuple(data["shape"]), bool(data["tied"]), candidates,
+                   *[[float(v) for v in data[k]] for k in ("cost", "lookup", "head", "bytes")])
+
+
+def embedding_candidates(bits: list[int], groups: list[int]) -> list[Candidate]:
+    """"dense", then the embedding quantizer (``llmpress.quant.embedding``) at every (bits, group size)."""
+    config = get_method("embedding").config
+    return [Candidate(None)] + [Candidate("embedding", config(bits=b, group_size=g)) for b in bits for g in groups]
+
+
+def embedding_statistics(model: nn.Module, samples: Tensor, batch_size: int = 4,
+                         device: torch.device | str = "cpu", progress: bool = False) -> dict[str, Tensor]:
+    """What the embedding's cost needs, from one forward and backward pass of the dense model on ``samples``
+    (L the sum of the token NLLs, means over all tokens, as :func:`output_fisher`): ``lookup`` (hidden,) the
+    mean of (∂L/∂e_j)² over the looked-up vectors e; ``head`` (vocab,) the mean of (∂L/∂z_o)² over the logits z;
+    ``gram`` (hidden, hidden) the mean of h hᵀ over the head's inputs h."""
+    sums: dict[str, Tensor] = {}
+
+    def add(key: str, value: Tensor) -> None:
+        sums[key] = value if key not in sums else sums[key] + value
+
+    def squared(key: str):
+        return lambda g: add(key, g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0))
+
+    def lookup_hook(_m, _a, out):
+        out.requires_grad_(True)
+        out.register_hook(squared("lookup"))
+
+    def head_hook(_m, args, out):
+        h = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        add("gram", h.T @ h)
+        out.register_hook(squared("head"))
+
+    handles = [model.get_input_embeddings().register_forward_hook(lookup_hook),
+               model.get_output_embeddings().register_forward_hook(head_hook)]
+    required = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    model.to(device)
+    tokens = 0
+    try:
+        for start in bar(range(0, len(samples), batch_size), progress, "embedding"):
+            ids = samples[start:start + batch_size].to(device)
+            out = model(input_ids=ids, labels=ids)
+            (out.loss * ids.shape[0] * (ids.shape[1] - 1)).backward()
+            tokens += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in zip(model.parameters(), required):
+            p.requires_grad_(r)
+    return {key: value / tokens for key, value in sums.items()}
+
+
+def embedding_sensitivity(model: nn.Module, samples: Tensor, fisher_samples: int, candidates: list[Candidate],
+                          device: torch.device | str = "cpu", progress: bool = False) -> EmbeddingSensitivity:
+    """The cost of every candidate on the input embedding W (vocab, hidden), comparable to the block linears':
+    the same second-order term in the outputs of each use of W, with the diagonal empirical Fisher.
+
+    The lookup is a linear layer whose inputs are one-hot tokens: its Gram is diag(p), p the tokens'
+    frequencies in ``samples``, so its term is ½ Σ_j F_j Σ_v p_v ΔW_vj² with F_j the mean of (∂L/∂e_j)².
+    A tied head computes z = W h: its term is ½ Σ_o F_o (ΔW H ΔWᵀ)_oo with F_o the mean of (∂L/∂z_o)² and
+    H the mean of h hᵀ (``embedding_statistics`` on the first ``fisher_samples`` windows). The cost is their
+    sum, in nats per token like :func:`sensitivity`'s."""
+    from .quant.embedding import embedding_module, quantize_embedding
+
+    name, module, tied = embedding_module(model)
+    stats = embedding_statistics(model, samples[:max(1, fisher_samples)], device=device, progress=progress)
+    W = module.weight.detach().float().to(device)
+    freq = torch.bincount(samples.reshape(-1), minlength=W.shape[0])[:W.shape[0]].to(W).div_(samples.numel())
+    lookup, head, size = [], [], []
+    for cand in candidates:
+        if cand.method is None:
+            lookup.append(0.0)
+            head.append(0.0)
+            size.append(layer_bytes({"shape": list(W.shape)}))
+            continue
+        result = quantize_embedding(W, cand.config)
+        dW = result.weight - W
+        lookup.append(float(0.5 * (freq @ dW.pow(2)) @ stats["lookup"].to(W)))
+        head.append(float(0.5 * (((dW @ stats["gram"].to(W)) * dW).sum(1) @ stats["head"].to(W))) if tied else 0.0)
+        size.append(layer_bytes(dict(result.record(), shape=list(W.shape))))
+    cost = [a + b for a, b in zip(lookup, head)]
+    return EmbeddingSensitivity(name, tuple(W.shape), tied, candidates, cost, lookup, head, [float(s) for s in size])

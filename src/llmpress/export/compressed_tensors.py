@@ -43,6 +43,13 @@ nor vLLM could read a float zero point from this layout, and rounding one (HQQ's
 ``"zero_float": True``) changes the weights. :func:`can_save` refuses such layers with that
 reason, and "auto" then saves the model dense, which stores the weights exactly.
 
+A quantized input embedding (``llmpress.quant.embedding``) is stored the same way, as
+``<embedding>.weight_packed`` / ``weight_scale`` / ``weight_zero_point`` / ``weight_shape`` with (vocab,
+hidden) as (out, in) and its own config group ``embedding`` targeting it by name (its group size as
+chosen: llmpress reads it); a head tied to it has no tensor of its own (the codes are the head's too).
+transformers and vLLM quantize linears only, so such a folder is read by llmpress alone
+(:func:`readers`), which dequantizes it and ties the head again on load.
+
 This module is the ``pack-quantized`` entry of the format table (:data:`FORMAT`,
 ``llmpress.export.formats``).
 """
@@ -65,6 +72,7 @@ from ..compressed import Compressed, Grid
 from ..errors import LlmpressError
 from ..lowrank.module import LowRankLinear
 from ..primitives import expand_groups
+from ..quant.embedding import QuantizedEmbedding
 from ..quant.qlinear import QuantizedLinear, dequantize_packed, integer_zero
 from ..save import save_model
 from .base import Folder, Format
@@ -74,6 +82,7 @@ from .tools import LLMPRESS, LM_EVAL, TRANSFORMERS_CT, VLLM
 log = logging.getLogger(__name__)
 
 PACKED = "pack-quantized"  # compressed-tensors' name of the layout
+EMBEDDING_GROUP = "embedding"  # the config group of a quantized (tied) embedding matrix: llmpress reads it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +166,7 @@ def can_save(model: nn.Module, layers: dict, results: dict[str, Compressed]) -> 
         if isinstance(module, Conv1D):
             convs += 1
             continue
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
             return (f"module {name} is a {type(module).__name__}, not nn.Linear: pass the results computed for "
                     "this model")
         meta = layers.get(name) or result.meta
@@ -188,12 +197,15 @@ def _quantized_layers(model: nn.Module, layers: dict, results: dict[str, Compres
     """{name: (module, result in storage grouping, scheme)} per exportable layer; names of dense Conv1D ones.
 
     Call after :func:`can_save` said yes."""
-    found, dense = {}, []
+    found, dense, embeddings = {}, [], {}
     for name, result in results.items():
         key = _layer_key(name, result, layers)
         if key is None:
             continue
         module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):  # read by llmpress alone: any group size, stored as it is
+            embeddings[name] = (module, result, Scheme(key[0], None if key[1] == -1 else key[1], key[2]))
+            continue
         if isinstance(module, Conv1D):
             dense.append(name)
             continue
@@ -212,7 +224,7 @@ def _quantized_layers(model: nn.Module, layers: dict, results: dict[str, Compres
     for name, (module, result, key) in found.items():
         scheme = Scheme(key[0], storage[key], key[2])
         chosen[name] = (module, regroup(result, key[1], scheme.group_size), scheme)
-    return chosen, dense
+    return chosen, dense, embeddings
 
 
 MARLIN_TILES = (128, 64)  # vLLM's Marlin kernel: input features and output features multiples of these
@@ -261,7 +273,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, layers: dict[str, dict]
     reason = can_save(model, layers, results)
     if reason is not None:
         raise LlmpressError(reason)
-    chosen, dense = _quantized_layers(model, layers, results)
+    chosen, dense, embeddings = _quantized_layers(model, layers, results)
     schemes: dict[Scheme, list[str]] = {}
     replacements = {}
     for name, (module, result, scheme) in chosen.items():
@@ -270,17 +282,28 @@ def save_compressed_tensors(model: nn.Module, tokenizer, layers: dict[str, dict]
         replacements[name] = QuantizedLinear.from_compressed(module, result, meta)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in replacements]
     config = quantization_config(schemes, ignore)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    for name, (module, result, scheme) in embeddings.items():  # its own group, by name (at most one embedding)
+        replacements[name] = QuantizedEmbedding.from_compressed(module, result, Grid(scheme.bits,
+                                                                 scheme.group_size or -1, scheme.sym))
+        if head is not None and getattr(head, "weight", None) is module.weight:  # tied: the codes are the head's
+            replacements[next(n for n, m in model.named_modules() if m is head)] = nn.Identity()
+        config["config_groups"][EMBEDDING_GROUP] = {"targets": [name], "weights": scheme.weights(),
+                                                    "input_activations": None, "output_activations": None,
+                                                    "format": PACKED}
     scale_dtype = str(next(iter(replacements.values())).weight_scale.dtype).removeprefix("torch.")
     meta = {**(extra_meta or {})}
     meta.setdefault("layers", layers)
-    misfits = vllm_marlin_misfits({n: (m.out_features, m.in_features) for n, m in replacements.items()},
+    misfits = vllm_marlin_misfits({n: (m.out_features, m.in_features) for n, m in replacements.items()
+                                   if n in chosen},
                                   {n: scheme for n, (_, _, scheme) in chosen.items()})
     if misfits:
         log.warning("vLLM: %d of %d packed layers do not fit its Marlin kernel (inputs a multiple of 128, outputs "
                     "of 64), e.g. %s: on GPUs other than Hopper (Machete) serve with --dtype float16 (Exllama), "
                     "or compress a model whose widths fit", len(misfits), len(replacements), misfits[0])
     meta["export"] = {"format": "compressed-tensors", "compression_format": PACKED, "scale_dtype": scale_dtype,
-                      "packed_layers": len(replacements), "dense_conv1d_layers": dense,
+                      "packed_layers": len(chosen), "packed_embedding": next(iter(embeddings), None),
+                      "dense_conv1d_layers": dense,
                       "vllm_marlin_misfits": len(misfits)}
     meta["readers"] = readers({"quantization_config": config})
     with swapped(model, replacements, config):
@@ -381,7 +404,7 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     groups = qconfig.get("config_groups") or {}
     ours = Path(path).is_dir() and bool(groups) and all(_readable(g, qconfig) for g in groups.values())
     installed = importlib.util.find_spec("compressed_tensors") is not None
-    if not ours or (len(groups) == 1 and installed):
+    if not ours or (len(groups) == 1 and installed and EMBEDDING_GROUP not in groups):
         from transformers import CompressedTensorsConfig
 
         with warnings.catch_warnings():  # "the model already has a quantization_config": intended
@@ -417,6 +440,8 @@ def readers(config: dict) -> list[str]:
     """One group: llmpress, transformers (compressed-tensors), vLLM, and lm-eval for symmetric schemes
     (its default loading runs the compressed layers, which fails for asymmetric ones); several: llmpress, vLLM."""
     groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    if EMBEDDING_GROUP in groups:  # transformers and vLLM pack linears only
+        return [LLMPRESS]
     if len(groups) > 1:
         return [LLMPRESS, VLLM]
     symmetric = all(((g or {}).get("weights") or {}).get("symmetric", True) for g in groups.values())

@@ -117,7 +117,7 @@ def layer_bytes(spec: dict, dense_bits: int = 16) -> int:
 
 
 def _layer_weights(model, layers: dict[str, dict]) -> dict[int, dict]:
-    """Map id(weight) -> spec (with shape filled in) for each listed layer."""
+    """Map id(weight) -> spec (with shape filled in) for each listed layer (an embedding's too)."""
     out = {}
     for name, spec in layers.items():
         try:
@@ -176,27 +176,34 @@ def size_report(
       layer (``pack-quantized``, the pruned weights as the zero point's code),
       so counted like one: sparsity saves no bytes there (compressed-tensors
       has no packed-and-sparse CPU format);
+    * a quantized embedding (``llmpress.quant.embedding``; tied with the head or
+      not) like a quantized linear, (vocab, hidden) its (out, in);
     * everything else (embeddings, norms, biases, untouched layers) at ``d``
       bits; tied tensors are counted once.
 
     Returns ``size_bytes``, ``dense_bytes`` (all at ``d`` bits; those of the
     original model when a record has ``base_params``), ``compression_ratio``,
-    ``bits_per_weight`` (over all parameters), ``linear_bits_per_weight`` (over the listed layers, or None),
+    ``bits_per_weight`` (over all parameters), ``linear_bits_per_weight`` (over the listed layers other than
+    embeddings, or None), ``embedding_bits_per_weight`` (over a listed embedding matrix, or None),
     ``disk_bytes`` (files under ``folder``, or None) and ``params``.
     """
     if not isinstance(dense_bits, int) or dense_bits < 1:
         raise LlmpressError(f"dense_bits must be a positive integer, got {dense_bits!r}")
     specs = _layer_weights(model, layers or {})
     params = count_params(model)
-    rest_numel = listed_bytes = listed_numel = 0
-    for _module, _name, param in _unique_params(model):
+    head = _output_embedding(model)
+    rest_numel = listed_bytes = listed_numel = embed_bytes = embed_numel = 0
+    for module, name, param in _unique_params(model):
         spec = specs.get(id(param))
         if spec is None:
             rest_numel += param.numel()
             continue
-        listed_bytes += layer_bytes(spec, dense_bits)
-        listed_numel += spec["shape"][0] * spec["shape"][1]
-    size = _bytes(rest_numel * dense_bits) + listed_bytes
+        stored, numel = layer_bytes(spec, dense_bits), spec["shape"][0] * spec["shape"][1]
+        if isinstance(module, nn.Embedding) or (module is head and name == "weight"):  # not a block linear
+            embed_bytes, embed_numel = embed_bytes + stored, embed_numel + numel
+        else:
+            listed_bytes, listed_numel = listed_bytes + stored, listed_numel + numel
+    size = _bytes(rest_numel * dense_bits) + listed_bytes + embed_bytes
     # Structured pruning shrinks the model itself: a record's "base_params" (the parameter count
     # before compression) makes dense_bytes, and so the ratio, those of the original model.
     base_params = max((int(spec.get("base_params") or 0) for spec in (layers or {}).values()), default=0)
@@ -207,6 +214,7 @@ def size_report(
         "compression_ratio": dense / size if size else math.inf,
         "bits_per_weight": 8 * size / params["total"] if params["total"] else 0.0,
         "linear_bits_per_weight": 8 * listed_bytes / listed_numel if listed_numel else None,
+        "embedding_bits_per_weight": 8 * embed_bytes / embed_numel if embed_numel else None,
         "disk_bytes": folder_bytes(folder) if folder is not None else None,
         "params": params,
     }
