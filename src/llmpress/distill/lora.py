@@ -35,7 +35,6 @@ from ..compressed import Compressed, Grid
 from ..config import PositiveInt, check_value
 from ..errors import LlmpressError
 from ..primitives import dequantize, quantize
-from ..quant.packing import unpack_int
 from ..quant.qlinear import QuantizedLinear, packed_tensors
 
 log = logging.getLogger(__name__)
@@ -64,8 +63,7 @@ def grid_of(base: QuantizedLinear) -> tuple[Tensor, Tensor]:
     scale = base.weight_scale.float()
     if base.sym:
         return scale, torch.zeros_like(scale)
-    zero = unpack_int(base.weight_zero_point.t().contiguous(), base.bits, base.out_features).t()
-    return scale, zero.float()
+    return scale, base.codes()[1].float()
 
 
 def _group(group_size: int | None) -> int | None:

@@ -371,7 +371,7 @@ def packed_codes(path: str | Path) -> dict[str, Compressed]:
     its grid: what a method returned, for writing the same codes in another format (GGUF)."""
     import json
 
-    from ..quant.packing import unpack_int
+    from ..quant.qlinear import unpack_codes
 
     config = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
     _, layers = _packed_parts(path, config)
@@ -380,11 +380,10 @@ def packed_codes(path: str | Path) -> dict[str, Compressed]:
         bits, (out_features, in_features) = int(weights["num_bits"]), (int(n) for n in parts["weight_shape"])
         sym = bool(weights.get("symmetric", True))
         group_size = int(weights.get("group_size") or -1) if weights["strategy"] == "group" else -1
-        zero = None
-        if not sym:
-            zero = unpack_int(parts["weight_zero_point"].t().contiguous(), bits, out_features).t().float()
-        found[name] = Compressed(None, unpack_int(parts["weight_packed"], bits, in_features),
-                                 parts["weight_scale"].float(), zero, grid=Grid(bits, group_size, sym))
+        codes, zero = unpack_codes(parts["weight_packed"], None if sym else parts["weight_zero_point"], bits,
+                                   out_features, in_features)
+        found[name] = Compressed(None, codes, parts["weight_scale"].float(), None if zero is None else zero.float(),
+                                 grid=Grid(bits, group_size, sym))
     return found
 
 

@@ -95,7 +95,6 @@ def quantized_layers(model: nn.Module, results: dict[str, Compressed] | None = N
                      layers: dict[str, dict] | None = None) -> dict[str, tuple[Compressed, Grid]]:
     """Linear name -> (codes, grid): from ``results`` (a compression's per-layer codes, or a pack-quantized
     folder's: ``compressed_tensors.packed_codes``) and from any ``QuantizedLinear`` modules of the model."""
-    from ..quant.packing import unpack_int
     from ..quant.qlinear import QuantizedLinear
 
     found: dict[str, tuple[Compressed, Grid]] = {}
@@ -106,10 +105,7 @@ def quantized_layers(model: nn.Module, results: dict[str, Compressed] | None = N
             found[name] = (result, grid)
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear) and name not in found:
-            codes = unpack_int(module.weight_packed, module.bits, module.in_features)
-            zero = None
-            if not module.sym:
-                zero = unpack_int(module.weight_zero_point.t().contiguous(), module.bits, module.out_features).t()
+            codes, zero = module.codes()
             grid = Grid(module.bits, -1 if module.group_size in (None, -1) else module.group_size, module.sym)
             found[name] = (Compressed(None, codes, module.weight_scale.float(), zero, grid=grid), grid)
     return found

@@ -73,6 +73,16 @@ def packed_tensors(result: Compressed, bits: int, group_size: int | None, sym: b
     return tensors
 
 
+def unpack_codes(packed: Tensor, zero_packed: Tensor | None, bits: int, out_features: int,
+                 in_features: int) -> tuple[Tensor, Tensor | None]:
+    """The inverse of :func:`packed_tensors`'s two packed tensors: int8 codes (out, in) and integer zero points
+    (out, groups), or None for a symmetric layer (``zero_packed`` None)."""
+    codes = unpack_int(packed, bits, in_features)
+    if zero_packed is None:
+        return codes, None
+    return codes, unpack_int(zero_packed.t().contiguous(), bits, out_features).t()
+
+
 def dequantize_packed(packed: Tensor, scale: Tensor, zero_packed: Tensor | None, bits: int,
                       group_size: int | None, in_features: int) -> Tensor:
     """(out, in) weight from pack-quantized tensors, in ``scale.dtype``, as compressed-tensors computes it.
@@ -81,9 +91,9 @@ def dequantize_packed(packed: Tensor, scale: Tensor, zero_packed: Tensor | None,
     (ceil(out*bits/32), groups) or None (symmetric); a partial last group is allowed.
     """
     group = _group(group_size)
-    W = unpack_int(packed, bits, in_features).to(scale.dtype)
-    if zero_packed is not None:
-        zero = unpack_int(zero_packed.t().contiguous(), bits, packed.shape[0]).t()
+    codes, zero = unpack_codes(packed, zero_packed, bits, packed.shape[0], in_features)
+    W = codes.to(scale.dtype)
+    if zero is not None:
         W = W - expand_groups(zero.to(scale.dtype), in_features, group)
     return W * expand_groups(scale, in_features, group)
 
@@ -141,6 +151,11 @@ class QuantizedLinear(nn.Module):
         if linear.bias is not None:
             module.bias = linear.bias
         return module
+
+    def codes(self) -> tuple[Tensor, Tensor | None]:
+        """The stored int8 codes (out, in) and integer zero points (out, groups), None when symmetric."""
+        return unpack_codes(self.weight_packed, None if self.sym else self.weight_zero_point, self.bits,
+                            self.out_features, self.in_features)
 
     def dequantized_weight(self) -> Tensor:
         """The (out, in) weight in the scale's dtype: ``(q - zero) * scale``, group by group."""
