@@ -34,6 +34,18 @@ from param_check import changes, difference  # noqa: E402  (plain torch, shared 
 PEER_SCRIPT = Path(__file__).parent / "peers" / "llmcompressor_peer.py"
 
 
+def split_list(text: str) -> list[str]:
+    """``a,b(x=1, y=2),c`` -> ``["a", "b(x=1, y=2)", "c"]``: commas inside parentheses or brackets belong to a
+    recipe's arguments, not to the list."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += (ch in "([") - (ch in ")]")
+        if ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    return [item for item in items if item]
+
+
 def parser(description: str, recipes: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="smollm2-135m")
@@ -246,7 +258,7 @@ def main(description: str, recipes: list[str], peer_specs: dict[str, dict], benc
 def _run(args, recipes, peer_specs, bench_class, extra_table, published) -> list[str]:
     python = peer_python(args.peer_python)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
-    names = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    names = split_list(args.recipes)
     jobs = [(seed, name) for seed in seeds for name in names if python and name in peer_specs]
     if args.peer_parallel:
         torch.set_num_threads(1)

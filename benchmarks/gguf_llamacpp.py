@@ -18,9 +18,11 @@ Needs llama.cpp's bindings (``pip install 'llmpress[llamacpp]'``). From SmolLM2-
 
 Calibration (GPTQ and the importance matrix): 128 windows x 512 tokens of ``austen:calib``, seed 0, the
 README's. Every file's perplexity is computed from llama.cpp's logits on the first 16 windows x 1024 tokens of
-each ``--eval`` text (the first is the README's; ``austen:eval2`` is held out); speed is batch 1, llama.cpp on
-all cores: prefill of 512 tokens and 64 decode steps, median of 3. For ``--check`` recipes (default
-rtn-q4_0) the in-memory perplexity of the model llmpress compressed is printed beside llama.cpp's.
+each ``--eval`` text (the first is the README's; ``austen:eval2`` is held out). Speed is batch 1, llama.cpp
+on all cores: prefill of 512 tokens and 64 decode steps; every file is timed once in each of
+``--speed-rounds`` interleaved rounds (default 5) and the medians reported, measured again in every run,
+never reused from ``--rows``. For ``--check`` recipes (default rtn-q4_0) the in-memory perplexity of the
+model llmpress compressed is printed beside llama.cpp's.
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 import llmpress
+from _common import split_list
 from llmpress.data import calibration_samples, eval_windows
 from llmpress.export.gguf_write import linear_names, write_gguf
 from llmpress.measure import llamacpp, perplexity
@@ -55,6 +61,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--json", help="write every row (JSON) to this file, rewritten after each row")
     p.add_argument("--rows", nargs="+", default=[], help="earlier --json files: their rows are reused, not rerun")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--speed-rounds", type=int, default=5, help="interleaved timing rounds over all files (median)")
     p.add_argument("--threads", type=int, help="llama.cpp threads for perplexity (default: all cores; speed always "
                    "uses all cores)")
     p.add_argument("--quiet", action="store_true")
@@ -96,17 +103,32 @@ def layout_recipe(path: Path, model, name: str):
     return Recipe.from_dict(recipe, name=name)
 
 
-def _measure(row: dict, path: Path, windows: dict, prompt: list[int], args) -> dict:
-    """Fill in what ``row`` lacks (a row from --rows keeps its figures): size, perplexities, speed."""
-    row["bytes"] = path.stat().st_size
+def _measure(row: dict, path: Path, windows: dict, args) -> dict:
+    """Fill in what ``row`` lacks (a row from --rows keeps its figures): size and perplexities."""
+    row["bytes"], row["file"] = path.stat().st_size, path.name
     for name, w in windows.items():
         if f"ppl {name}" not in row:
             row[f"ppl {name}"] = llamacpp.perplexity(path, w, n_threads=args.threads,
                                                      progress=not args.quiet)["perplexity"]
-    if not args.no_speed and "decode_tok_s" not in row:
-        row.update(llamacpp.speed(path, prompt))
-        row["load_average"] = os.getloadavg()[0]
     return row
+
+
+def _speed(rows: list[dict], work: Path, prompt: list[int], args) -> None:
+    """Every file timed again in this run (speed is never reused from --rows), in ``--speed-rounds`` interleaved
+    rounds (file 1, file 2, ..., then again), so that a busy spell of a shared machine slows every file alike
+    instead of one; each round is one warm-up and one timed pass; the figures are the medians over rounds."""
+    times: dict[str, list[dict]] = {r["name"]: [] for r in rows}
+    for _ in tqdm(range(args.speed_rounds), desc="llama.cpp speed rounds", disable=args.quiet):
+        for r in rows:
+            times[r["name"]].append({**llamacpp.speed(work / r["file"], prompt, repeats=1),
+                                     "load_average": os.getloadavg()[0]})
+    for r in rows:
+        got = times[r["name"]]
+        for key in ("prefill_tok_s", "decode_tok_s"):
+            values = [t[key] for t in got]
+            r[key], r[key.replace("_tok_s", "_range")] = statistics.median(values), [min(values), max(values)]
+        r["speed_rounds"], r["load_average"] = len(got), max(t["load_average"] for t in got)
+        r["threads"], r["prompt_tokens"], r["decode_tokens"] = got[0]["threads"], len(prompt), got[0]["decode_tokens"]
 
 
 def main() -> int:
@@ -137,14 +159,14 @@ def main() -> int:
             if not path.exists():
                 write_gguf(base.model, tok, path, dense=dense, embedding=dense, source_gguf=source)
             row = done.get(f"base {dense}") or {"name": f"base {dense}", "by": "llmpress export", "type": dense}
-            keep(_measure(row, path, windows, prompt, args))
+            keep(_measure(row, path, windows, args))
         imatrix = None
         for spec in [s for s in args.llamacpp.split(",") if s]:
             ftype, weighted = spec.removesuffix("+imatrix"), spec.endswith("+imatrix")
             name = f"llama.cpp {spec}"
             path = work / f"llamacpp-{spec.replace('+', '-')}.gguf"
             if name in done and path.exists():
-                keep(_measure(done[name], path, windows, prompt, args))
+                keep(_measure(done[name], path, windows, args))
                 continue
             if not path.exists():
                 if weighted and imatrix is None:
@@ -152,8 +174,8 @@ def main() -> int:
                     imatrix = llamacpp.importance_matrix(base.model, ids, linear_names(base.model),
                                                          progress=not args.quiet)
                 llamacpp.quantize(work / "base-F32.gguf", path, ftype, imatrix if weighted else None)
-            keep(_measure({"name": name, "by": "llama.cpp quantizer", "type": ftype}, path, windows, prompt, args))
-        recipes: list = [r for r in args.recipes.split(",") if r]
+            keep(_measure({"name": name, "by": "llama.cpp quantizer", "type": ftype}, path, windows, args))
+        recipes: list = split_list(args.recipes)
         for i, ftype in enumerate(f for f in args.layouts.split(",") if f):  # each after the first recipe
             recipes.insert(1 + i, layout_recipe(work / f"llamacpp-{ftype}.gguf", base.model,
                                                 f"gptq-{ftype.lower()}-layout"))
@@ -162,7 +184,7 @@ def main() -> int:
             name = f"llmpress {label}"
             path = work / f"llmpress-{label}.gguf"
             if name in done and path.exists():
-                keep(_measure(done[name], path, windows, prompt, args))
+                keep(_measure(done[name], path, windows, args))
                 continue
             row = {"name": name, "by": "llmpress --format gguf", "recipe": label}
             model = load_model(args.model)
@@ -170,11 +192,15 @@ def main() -> int:
             result = llmpress.compress(model, recipe, out=None if path.exists() else path, format="gguf",
                                        progress=not args.quiet)
             row["compress_s"] = time.perf_counter() - start
-            if result.gguf is not None:
-                row["type"] = result.gguf.file_type
+            if result.gguf is not None:  # a layout recipe has many types: the llama.cpp file type it copies
+                row["type"] = result.gguf.file_type if isinstance(recipe, str) else label.split("-")[1].upper()
             if label in args.check.split(","):
                 row["in-memory ppl"] = perplexity(result.model, windows[args.eval.split(",")[0]])["perplexity"]
-            keep(_measure(row, path, windows, prompt, args))
+            keep(_measure(row, path, windows, args))
+        if not args.no_speed:
+            _speed(rows, work, prompt, args)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1))
     _table(rows, args)
     return 0
 
