@@ -95,12 +95,13 @@ def test_size_counts_the_embedding_as_stored_and_keeps_the_linears_bits(tiny):
     assert report["size_bytes"] == size["size_bytes"] and report["embedding_bits_per_weight"] == pytest.approx(4.5)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_compressed_tensors_stores_the_codes_and_reloads_exactly(tiny, tmp_path, tied):
+@pytest.mark.parametrize("tied,linears", [(True, True), (False, True), (True, False)])
+def test_compressed_tensors_stores_the_codes_and_reloads_exactly(tiny, tmp_path, tied, linears):
     tok, data, _ids = tiny
     model = _tied(tok) if tied else tiny_model("llama", vocab_size=len(tok))
-    recipe = load_recipe({"stages": [{"method": "embedding", "args": {"bits": 4, "group_size": 32, "sym": False}},
-                                     {"method": "rtn", "args": {"bits": 4, "group_size": 32}}]})
+    stages = [{"method": "embedding", "args": {"bits": 4, "group_size": 32, "sym": False}},
+              {"method": "rtn", "args": {"bits": 4, "group_size": 32}}]
+    recipe = load_recipe({"stages": stages if linears else stages[:1]})  # the embedding alone: one config group
     result = llmpress.compress(model, recipe, tokenizer=tok, out=tmp_path / "q")
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     assert "model.embed_tokens.weight" not in tensors and "model.embed_tokens.weight_packed" in tensors
