@@ -205,3 +205,18 @@ def test_cli_auto_keep_embedding_refuses_what_the_default_meets(tiny, tmp_path, 
                  "--quiet"]) == 0
     records = json.loads((tmp_path / "c" / "llmpress.json").read_text())["layers"]
     assert size_report(llmpress.load_model(tmp_path / "c").model, records)["size_bytes"] <= whole * 0.3
+
+
+def test_gguf_writes_the_embedding_codes_as_token_embd(tiny, tmp_path):
+    pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType, GGUFReader, quants
+
+    tok, _data, _ids = tiny
+    model = _tied(tok)
+    recipe = load_recipe({"stages": [{"method": "embedding", "args": {"bits": 4, "group_size": 32}},
+                                     {"method": "rtn", "args": {"bits": 4, "group_size": 32}}]})
+    result = llmpress.compress(model, recipe, tokenizer=tok, out=tmp_path / "q.gguf", format="gguf")
+    assert result.gguf.types["token_embd.weight"] == "Q4_0" and "token_embd.weight" in result.gguf.exact
+    tensor = next(t for t in GGUFReader(tmp_path / "q.gguf").tensors if t.name == "token_embd.weight")
+    W = quants.dequantize(tensor.data, GGMLQuantizationType.Q4_0).reshape(model.model.embed_tokens.weight.shape)
+    torch.testing.assert_close(torch.from_numpy(W.copy()), model.model.embed_tokens.weight.detach(), rtol=0, atol=1e-3)
