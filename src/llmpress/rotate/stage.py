@@ -10,6 +10,14 @@ fewer outlier weights, which is what the following quantizer gains from. Recipe:
     stages:
       - {method: rotate, args: {kind: hadamard, seed: 0}}
       - {method: gptq, args: {bits: 3, group_size: 64, act_order: true, true_sequential: true}}
+
+Measured on SmolLM2-135M (austen:eval 16×1024): the rotated dense model 33.53, as the base; ``rotate+rtn-w4-g64``
+63.79 against 45.00 without rotation. RTN is worse after rotation on this model: the RMSNorm gains are small
+exactly on the channels with massive normalized activations (layer 0's go down to 2e-4), so without folding
+the rounding error of those columns is scaled down by the gain; folded and rotated, those activations are
+spread over every channel and meet the full rounding error. Quantizers that see the activations (GPTQ's
+Hessian) are the ones to pair with a rotation. The online Hadamard before ``down_proj`` (QuaRot's R4, needed
+for int4 activations) is not implemented: the saved model would need a module transformers does not have.
 """
 
 from __future__ import annotations
