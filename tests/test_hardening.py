@@ -503,7 +503,10 @@ def test_stale_temporary_folder_is_reported_and_removed(capsys, tmp_path, tiny_d
 
 
 _SAVE_AND_WAIT = """
-import sys, time
+import signal, sys, time
+# a shell that starts a job in the background starts it with SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler: put back the one an interactive user has, whoever started the tests
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from transformers import PreTrainedModel
 from llmpress.cli import main
 original = PreTrainedModel.save_pretrained
