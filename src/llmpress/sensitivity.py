@@ -92,7 +92,6 @@ def output_fisher(model: nn.Module, arch: Arch, samples: Tensor, batch_size: int
     blocks = get_blocks(model, arch)
     prefix = block_prefix(model, blocks)
     sums: dict[str, Tensor] = {}
-    tokens = 0
 
     def keep(name: str):
         def hook(_module, _args, output):
@@ -106,22 +105,30 @@ def output_fisher(model: nn.Module, arch: Arch, samples: Tensor, batch_size: int
                for i, block in enumerate(blocks) for n, module in block_linears(block, arch).items()]
     embed = model.get_input_embeddings()
     handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+    tokens = _backward_passes(model, samples, batch_size, handles, device, progress, "fisher")
+    return {name: s / tokens for name, s in sums.items()}
+
+
+def _backward_passes(model: nn.Module, samples: Tensor, batch_size: int, handles: list, device, progress: bool,
+                     label: str) -> int:
+    """Backward of the summed token NLL over ``samples`` in batches, with the parameters frozen (the hooks in
+    ``handles`` collect what is wanted, and are removed at the end); returns the number of tokens seen."""
     required = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     model.to(device)
+    tokens = 0
     try:
-        for start in bar(range(0, len(samples), batch_size), progress, "fisher"):
+        for start in bar(range(0, len(samples), batch_size), progress, label):
             ids = samples[start:start + batch_size].to(device)
             out = model(input_ids=ids, labels=ids)
-            predicted = ids.shape[0] * (ids.shape[1] - 1)
-            (out.loss * predicted).backward()  # the sum of the token NLLs
+            (out.loss * ids.shape[0] * (ids.shape[1] - 1)).backward()  # the sum of the token NLLs
             tokens += ids.numel()
     finally:
         for h in handles:
             h.remove()
         for p, r in zip(model.parameters(), required):
             p.requires_grad_(r)
-    return {name: s / tokens for name, s in sums.items()}
+    return tokens
 
 
 def candidate_grid(methods: list[str], bits: list[int], groups: list[int], sparsities: list[str],
@@ -246,21 +253,7 @@ def embedding_statistics(model: nn.Module, samples: Tensor, batch_size: int = 4,
 
     handles = [model.get_input_embeddings().register_forward_hook(lookup_hook),
                model.get_output_embeddings().register_forward_hook(head_hook)]
-    required = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    model.to(device)
-    tokens = 0
-    try:
-        for start in bar(range(0, len(samples), batch_size), progress, "embedding"):
-            ids = samples[start:start + batch_size].to(device)
-            out = model(input_ids=ids, labels=ids)
-            (out.loss * ids.shape[0] * (ids.shape[1] - 1)).backward()
-            tokens += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, r in zip(model.parameters(), required):
-            p.requires_grad_(r)
+    tokens = _backward_passes(model, samples, batch_size, handles, device, progress, "embedding")
     return {key: value / tokens for key, value in sums.items()}
 
 
