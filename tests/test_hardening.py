@@ -350,7 +350,19 @@ def test_disk_full_while_saving(capsys, tmp_path, tiny_dir, monkeypatch):
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
     error_case(capsys, tmp_path, ["compress", tiny_dir, "--recipe", "rtn-w4-g64", "--out", tmp_path / "o",
-                                  "--format", "dense"], "no space left on the device")
+                                  "--format", "dense", "--stream", "off"], "no space left on the device")
+
+
+def test_disk_full_while_streaming(capsys, tmp_path, tiny_dir, monkeypatch):
+    from llmpress import stream
+
+    def full(tensors, path, metadata=None):
+        Path(str(path) + ".tmp").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(stream, "_atomic_save", full)
+    error_case(capsys, tmp_path, ["compress", tiny_dir, "--recipe", "rtn-w4-g64", "--out", tmp_path / "o"],
+               "no space left on the device")
 
 
 def test_seq_len_longer_than_the_model(capsys, tmp_path, tok_dir):
@@ -393,7 +405,19 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(capsys, tmp_path, tiny_dir, monke
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
     error_case(capsys, tmp_path, ["compress", tiny_dir, "--recipe", "rtn-w4-g64", "--out", tmp_path / "o",
-                                  "--format", "dense"], "interrupted (Ctrl-C)", expected=130)
+                                  "--format", "dense", "--stream", "off"], "interrupted (Ctrl-C)", expected=130)
+
+
+def test_ctrl_c_while_streaming_the_first_block_leaves_nothing(capsys, tmp_path, tiny_dir, monkeypatch):
+    from llmpress import stream
+
+    def interrupted(tensors, path, metadata=None):
+        Path(str(path) + ".tmp").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream, "_atomic_save", interrupted)
+    error_case(capsys, tmp_path, ["compress", tiny_dir, "--recipe", "rtn-w4-g64", "--out", tmp_path / "o"],
+               "interrupted (Ctrl-C)", expected=130)
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_dir):
@@ -474,7 +498,7 @@ def test_saved_files_are_ordinary(capsys, tmp_path, tok_dir, umask):
     finally:
         os.umask(old)
     modes = {**_modes(out), **_modes(report), "r.json": stat.S_IMODE((tmp_path / "r.json").stat().st_mode)}
-    assert {"model.safetensors", "config.json", "llmpress.json", "report.json", "report.md"} <= set(modes)
+    assert {"model.safetensors.index.json", "config.json", "llmpress.json", "report.json", "report.md"} <= set(modes)
     assert set(modes.values()) == {0o666 & ~umask}, modes
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
 
@@ -531,7 +555,8 @@ def _start_saving(argv: list[str]) -> subprocess.Popen:
 
 def test_sigkill_while_saving_then_the_same_command(capsys, tmp_path, tiny_dir, caplog):
     out = tmp_path / "w4"
-    argv = ["compress", str(tiny_dir), "--recipe", "rtn-w4-g64", "--out", str(out), "--format", "dense", "--quiet"]
+    argv = ["compress", str(tiny_dir), "--recipe", "rtn-w4-g64", "--out", str(out), "--format", "dense", "--quiet",
+            "--stream", "off"]  # the in-memory saver; a streamed run's kill and resume: tests/test_stream.py
     proc = _start_saving(argv)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -549,7 +574,7 @@ def test_sigkill_while_saving_then_the_same_command(capsys, tmp_path, tiny_dir, 
 def test_sigint_while_saving_is_one_line_and_leaves_nothing(tmp_path, tiny_dir):
     out = tmp_path / "w4"
     proc = _start_saving(["compress", str(tiny_dir), "--recipe", "rtn-w4-g64", "--out", str(out),
-                          "--format", "dense", "--quiet"])
+                          "--format", "dense", "--quiet", "--stream", "off"])
     proc.send_signal(signal.SIGINT)
     _stdout, err = proc.communicate(timeout=60)
     one_error(proc.returncode, err, "interrupted (Ctrl-C)", expected=130)

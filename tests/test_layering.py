@@ -25,7 +25,9 @@ LAYERS = [
     *[(p, 4) for p in METHOD_PACKAGES],
     ("recipes", 4),  # built-in recipes that chain methods: data over the registry
     ("export", 5), ("save", 5), ("models.loader", 6), ("models.smollm2", 6),
-    ("recipe", 7), ("recipe_names", 7), ("engine", 8), ("sensitivity", 8), ("api", 9), ("sweep", 9), ("auto", 9),
+    ("measure.streamed", 6),  # reads folders (formats) and runs blocks (calib): the loader's layer
+    ("recipe", 7), ("recipe_names", 7), ("engine", 8), ("stream", 8), ("plan", 8), ("sensitivity", 8),
+    ("api", 9), ("sweep", 9), ("auto", 9),
     ("cli", 10), ("", 11),  # "" = the package's __init__
 ]
 

@@ -29,18 +29,28 @@ from .export.gguf_write import check_gguf_out, write_gguf
 from .measure import PeakMemory, flops_per_token, perplexity, size_report, speed
 from .measure.attribution import METRICS as ERROR_METRICS
 from .measure.plots import error_records
+from .measure.streamed import cannot_stream, open_folder, should_stream, streamed_perplexity
 from .models.archs import arch_for
-from .models.loader import DEFAULT_MODEL, LoadedModel, load_model, source_gguf
+from .models.loader import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    folder_notes,
+    load_model,
+    load_tokenizer,
+    local_folder,
+    source_gguf,
+)
 from .recipe import Recipe, load_recipe
 from .registry import get_method
 from .save import check_output, check_space
+from .stream import why_not as why_not_streamed
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class CompressResult:
-    model: torch.nn.Module
+    in_memory: torch.nn.Module | None  # None after a streamed run: ``model`` then reads the output folder
     tokenizer: object | None
     recipe: Recipe
     layers: dict[str, dict]
@@ -51,6 +61,13 @@ class CompressResult:
     results: dict = field(default_factory=dict)  # layer name -> Compressed (codes, scales, mask) for export
     blocks: dict[str, dict] = field(default_factory=dict)  # block name -> {"output_error": ...} (engine)
     gguf: object | None = None  # the GgufReport of a --format gguf save (tensor types, re-rounded tensors)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The compressed model: in memory, or (after a streamed run) loaded from the output folder on first use."""
+        if self.in_memory is None and self.out is not None:
+            self.in_memory = load_model(self.out).model
+        return self.in_memory
 
     @property
     def meta(self) -> dict:
@@ -119,7 +136,7 @@ def param_bytes(model: torch.nn.Module) -> int:
 def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: str | None = None,
              samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
              out: str | Path | None = None, device: str = "cpu", progress: bool = False,
-             format: str = "auto", gguf: dict | None = None) -> CompressResult:
+             format: str = "auto", gguf: dict | None = None, stream: str = "auto") -> CompressResult:
     """Compress ``model`` with ``recipe`` block by block; save to ``out`` when given.
 
     ``data``/``samples``/``seq_len``/``seed`` override the recipe's calibration settings.
@@ -134,6 +151,10 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     the calibration data, or ``weight_error`` when the recipe has none; ``llmpress.engine``), and
     ``blocks`` each block's output error; ``data``/``samples`` given to a recipe that needs no
     calibration (RTN) are used for these output errors alone.
+    ``stream``: "auto" (default) compresses a safetensors folder block by block from disk, writing each block
+    to ``out`` as it finishes (``llmpress.stream``: memory of one block, the checkpoint's dtype kept, resumable
+    after a kill by the same call) whenever the recipe's stages allow it and ``out`` is given, else in memory;
+    "on" insists (a one-line error says why it cannot), "off" loads the whole model.
     >>> result = compress("smollm2-135m", "rtn-w4-g64", out="smollm2-w4")  # doctest: +SKIP
     """
     recipe = load_recipe(recipe)
@@ -153,6 +174,9 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     if calibrate:
         describe_spec(recipe.calibration.data)
     dev = resolve_device(device)
+    folder = _streamable(model, recipe, out, format, stream)
+    if folder is not None:
+        return _compress_streamed(folder, tokenizer, recipe, out, dev, progress, format, calibrate)
     loaded = _loaded(model, tokenizer)
     arch = arch_for(loaded.model)
     _check_plan(loaded.model, recipe, out, calibrate)
@@ -201,6 +225,85 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     elif out is not None:  # the format table (llmpress.export.formats) chooses and writes
         result.out = formats.save(loaded.model, loaded.tokenizer, out, result.meta, layers, results, format)
     return result
+
+
+def plan(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, data: str | None = None, samples: int | None = None,
+         seq_len: int | None = None, out: str | Path | None = None, device: str = "cpu"):
+    """The :class:`~llmpress.plan.Plan` of ``compress(model, recipe, out=out, ...)``: peak RAM, device memory, disk
+    and time, from the checkpoint's headers and two probe blocks (``llmpress.plan``). Streamed runs only."""
+    from .models.loader import load_tokenizer
+    from .plan import plan_streamed
+
+    recipe = load_recipe(recipe)
+    overrides = {k: v for k, v in {"data": data, "samples": samples, "seq_len": seq_len}.items() if v is not None}
+    if overrides:
+        recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, **overrides))
+    folder = local_folder(model) if isinstance(model, (str, Path)) else None
+    reason = why_not_streamed(folder, recipe, "auto")
+    if reason is not None:
+        raise LlmpressError(f"cannot plan this run: {reason} (plans cover runs streamed from a safetensors folder)")
+    dev = resolve_device(device)
+    ids = None
+    if recipe.needs_calibration or data is not None or samples is not None:
+        tokenizer = load_tokenizer(folder)
+        if tokenizer is None:
+            raise LlmpressError("this recipe needs calibration text but the model folder has no tokenizer")
+        c = recipe.calibration
+        describe_spec(c.data)
+        ids = calibration_samples(tokenizer, c.data, c.samples, c.seq_len, c.seed)
+    return plan_streamed(folder, recipe, ids, dev, None if out is None else Path(out).expanduser(), name=str(model))
+
+
+STREAM = ("auto", "on", "off")
+
+
+def _streamable(model, recipe: Recipe, out, format: str, stream: str) -> Path | None:
+    """The folder to compress streamed (``llmpress.stream``), or None for the in-memory path."""
+    if stream not in STREAM:
+        raise LlmpressError(f"unknown stream setting '{stream}': use one of {', '.join(STREAM)}")
+    if stream == "off":
+        return None
+    folder, reason = None, "the model is given in memory"
+    if isinstance(model, (str, Path)):
+        folder = local_folder(model)
+        reason = why_not_streamed(folder, recipe, format) if out is not None else "no --out to write to"
+    if reason is None:
+        return folder
+    if stream == "on":
+        raise LlmpressError(f"cannot compress this run streamed: {reason}; use --stream off (or auto)")
+    log.debug("compressing in memory: %s", reason)
+    return None
+
+
+def _compress_streamed(folder: Path, tokenizer, recipe: Recipe, out, dev: torch.device, progress: bool,
+                       format: str, calibrate: bool) -> CompressResult:
+    """:func:`compress` for a checkpoint folder, block by block from disk (``llmpress.stream``)."""
+    from types import SimpleNamespace
+
+    from .models.lazy import Checkpoint
+    from .stream import compress_streamed, plain_config
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
+    config = plain_config(folder)
+    if calibrate:
+        check_seq_len(SimpleNamespace(config=config), recipe.calibration.seq_len, "calibration seq_len")
+    check_space(out, Checkpoint(folder).total_bytes())
+    ids = None
+    if calibrate:
+        if tokenizer is None:
+            raise LlmpressError("this recipe needs calibration text but the model has no tokenizer: pass one")
+        c = recipe.calibration
+        ids = calibration_samples(tokenizer, c.data, c.samples, c.seq_len, c.seed)
+    notes = [*folder_notes(folder), f"compressed from {folder}"]
+    from .plan import check, plan_streamed
+
+    check(plan_streamed(folder, recipe, ids, dev, Path(out).expanduser(), probe=False))
+    with PeakMemory(dev) as mem:
+        layers, blocks, path, seconds = compress_streamed(
+            folder, tokenizer, recipe, ids, out, dev, calibration_dtype(recipe.calibration.dtype, dev), progress,
+            format, notes, memory=mem)
+    return CompressResult(None, tokenizer, recipe, layers, seconds, mem.peak_bytes, out=path, notes=notes,
+                          blocks=blocks)
 
 
 # "auto" and the families of the format table (compressed-tensors, dense), and GGUF (one file, not a folder)
@@ -307,12 +410,40 @@ def _task_paths(tasks: list[str], include_path: list[str] | None, task_data: str
     return paths
 
 
+STREAM_NO_SPEED = "pass --stream off to measure speed with the whole model in memory, or --no-speed"
+_STREAM_SETTINGS = {None: None, "auto": None, True: True, "on": True, False: False, "off": False}
+
+
+def _streamed_folder(model, stream: bool | str | None, tasks: list[str] | None):
+    """The folder ``evaluate`` reads block by block (a ``StreamedModel``), or None to load the model whole."""
+    if stream not in _STREAM_SETTINGS:
+        raise LlmpressError(f"unknown stream setting {stream!r}: use True / 'on', False / 'off' or None / 'auto'")
+    setting = _STREAM_SETTINGS[stream]
+    if setting is False or (setting is None and not should_stream(model)):
+        return None
+    reason = cannot_stream(model)
+    if reason is not None:
+        raise LlmpressError(reason)
+    if tasks:
+        raise LlmpressError("--tasks runs the whole model and cannot be streamed: drop --tasks (or pass --stream off "
+                            "on a machine with the memory for it)")
+    return open_folder(model)
+
+
+def _loaded_streamed(streamed, source, tokenizer) -> LoadedModel:
+    """A streamed folder as the LoadedModel evaluate() reports on (its model a skeleton on meta)."""
+    notes = [*streamed.notes, "evaluated block by block (streamed from disk)"]
+    return LoadedModel(streamed.model, tokenizer if tokenizer is not None else streamed.tokenizer, str(source),
+                       streamed.folder, streamed.meta, notes)
+
+
 def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, seq_len: int = 1024,
              max_windows: int | None = 16, device: str = "cpu", layers: dict | None = None,
              measure_speed: bool = True, progress: bool = False, name: str | None = None,
              kv_cache=None, tasks: list[str] | None = None, limit: int | float | None = None,
              num_fewshot: int | None = None, include_path: list[str] | None = None,
-             task_data: str = "austen:eval2", task_batch_size: int = 8) -> dict:
+             task_data: str = "austen:eval2", task_batch_size: int = 8,
+             stream: bool | str | None = None) -> dict:
     """Perplexity, size, FLOPs, speed and memory of ``model`` on consecutive windows of ``data``.
 
     Returns one JSON-able dict; its top-level keys ``perplexity``, ``params``, ``size_bytes``,
@@ -324,6 +455,10 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
     adds a ``tasks`` entry: per task the headline metric, its standard error, all metrics and the
     per-document scores (``llmpress.measure.tasks``), with the KV-cache setting applied. The built-in local
     tasks ``llmpress_lastword`` and ``llmpress_nextsent`` are built from ``task_data`` (``llmpress.data.tasks``).
+    ``stream`` (True/"on", False/"off", None/"auto"): evaluate a local safetensors folder (dense or pack-quantized)
+    block by block from disk, never holding the whole model (``llmpress.measure.streamed``: the same perplexity
+    to the last bit); "auto" streams when the dense model in float32 would take more than half the memory
+    available. The report then has ``"streamed": True``, no ``speed`` (a note says so), and ``tasks`` are refused.
     """
     description = describe_spec(data)  # a bad spec fails before the model is loaded
     task_paths = _task_paths(tasks, include_path, task_data) if tasks else None
@@ -336,7 +471,8 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
         blocks = model.blocks
         kv = kv or runtime.from_meta(model.meta)
         model = LoadedModel(model.model, model.tokenizer, "compressed (in memory)", notes=model.notes)
-    loaded = _loaded(model, tokenizer)
+    streamed = _streamed_folder(model, stream, tasks)
+    loaded = _loaded(model, tokenizer) if streamed is None else _loaded_streamed(streamed, model, tokenizer)
     if loaded.tokenizer is None:
         raise LlmpressError("the model has no tokenizer, so text cannot be evaluated: pass a tokenizer")
     layers = loaded.meta.get("layers") if layers is None else layers
@@ -346,13 +482,18 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
     windows = eval_windows(loaded.tokenizer, data, seq_len, max_windows)
     _announce(windows, max_windows, description)
     with PeakMemory(dev) as mem:
-        ppl = perplexity(loaded.model.to(dev), windows, dev, progress=progress,
-                         cache_factory=runtime.cache_factory(loaded.model, kv))
-    size = size_report(loaded.model, layers, loaded.folder)
+        if streamed is None:
+            ppl = perplexity(loaded.model.to(dev), windows, dev, progress=progress,
+                             cache_factory=runtime.cache_factory(loaded.model, kv))
+        else:
+            ppl = streamed_perplexity(streamed, windows, dev, progress=progress,
+                                      cache_factory=runtime.cache_factory(loaded.model, kv))
+    nonzero = ppl.get("nonzero")  # a streamed model's parameters are on meta: counted as they were read
+    size = size_report(loaded.model, layers, loaded.folder, nonzero=nonzero)
     if loaded.gguf is not None:  # a GGUF file: its tensors as stored, not the dequantized model in memory
         size.update(gguf_size(loaded.gguf))
         size["compression_ratio"] = size["dense_bytes"] / size["size_bytes"]
-    flops = flops_per_token(loaded.model.config, seq_len, layers, model=loaded.model)
+    flops = flops_per_token(loaded.model.config, seq_len, layers, model=loaded.model, nonzero=nonzero)
     report = {
         "name": name or loaded.source,
         "model": loaded.source,
@@ -388,7 +529,12 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
                                         cache_factory=runtime.cache_factory(loaded.model, kv))
         report["task_data"] = task_data if any(t in LOCAL_TASKS for t in tasks) else None
         report["task_seconds"] = round(time.perf_counter() - started, 1)
-    if measure_speed:
+    if streamed is not None:
+        report["streamed"] = True
+    if measure_speed and streamed is not None:
+        log.warning("speed is not measured when streaming (it runs the whole model in memory): %s", STREAM_NO_SPEED)
+        report["notes"] = [*loaded.notes, f"speed not measured (streamed block by block): {STREAM_NO_SPEED}"]
+    elif measure_speed:
         report["speed"] = speed(loaded.model, dev, progress=progress)
     errors = error_records(layers, blocks)
     if errors:

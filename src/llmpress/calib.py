@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,13 +68,15 @@ class BlockInputs:
                 cast[size] = (extra, kw) if dtype is None else (_cast(extra, dtype), _cast(kw, dtype))
             yield (h if dtype is None else h.to(dtype)), cast[size]
 
-    def run(self, block: nn.Module, block_index: int, stop: type[Exception] | None = None) -> list[torch.Tensor]:
+    def run(self, block: nn.Module, block_index: int, stop: type[Exception] | None = None,
+            sink: list | DiskList | None = None) -> list[torch.Tensor] | DiskList:
         """The block's output for every batch, computed in the block's own dtype.
 
         ``stop``: an exception a hook raises to end a batch's forward early (no output then).
+        ``sink``: where the outputs go (e.g. a :class:`DiskList`, to keep them out of memory); a new list by default.
         """
         dtype = float_dtype(block)
-        outputs = []
+        outputs = [] if sink is None else sink
         caught: tuple[type[Exception], ...] = () if stop is None else (stop,)  # () catches nothing
         with torch.inference_mode():
             for h, (extra, kw) in self.batches(block_index, dtype):
@@ -82,6 +85,50 @@ class BlockInputs:
                 except caught:
                     pass
         return outputs
+
+
+    def advance(self, block: nn.Module, block_index: int) -> None:
+        """Replace every batch's hidden states by the block's output, batch by batch (one batch of extra memory,
+        not a second copy of all of them, as ``self.hidden = self.run(...)`` holds)."""
+        dtype = float_dtype(block)
+        with torch.inference_mode():
+            for j, (h, (extra, kw)) in enumerate(self.batches(block_index, dtype)):
+                output = hidden_of(block(h, *extra, **kw))
+                del h
+                self.hidden[j] = output
+
+
+class DiskList:
+    """Tensors kept on disk, one safetensors file each, appended and read back one at a time.
+
+    Activations that need not stay in memory (a block's reference outputs, kept only to compare with the
+    compressed block's) go here when a run is streamed: one batch in memory instead of all of them.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+
+    def append(self, tensor: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"t": tensor.detach().cpu().contiguous()}, str(self.folder / f"{self.count}.safetensors"))
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        from safetensors.torch import load_file
+
+        for j in range(self.count):
+            yield load_file(str(self.folder / f"{j}.safetensors"))["t"]
+
+    def clear(self) -> None:
+        for j in range(self.count):
+            (self.folder / f"{j}.safetensors").unlink(missing_ok=True)
+        self.count = 0
 
 
 def float_dtype(block: nn.Module) -> torch.dtype:
@@ -128,7 +175,8 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tenso
     so the real blocks are never run (nor onloaded) here; the forward stops at
     the last block, before the final norm and lm_head.
     """
-    leaves = _outside_leaves(model, blocks)
+    leaves = [m for m in _outside_leaves(model, blocks)  # a streamed model's head, norm: on meta, never run here
+              if not any(t.is_meta for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
     homes = [next(iter(m.parameters(recurse=False)), next(iter(m.buffers(recurse=False)), None)) for m in leaves]
     homes = [t.device if t is not None else None for t in homes]
     for m in leaves:
@@ -179,13 +227,14 @@ def input_groups(arch: Arch, modules: dict[str, nn.Module]) -> list[dict[str, nn
 
 def collect_stats(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], needs: tuple[str, ...],
                   inputs: BlockInputs, index: int, stop_early: bool = False,
-                  stop_after: nn.Module | None = None) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
+                  stop_after: nn.Module | None = None,
+                  sink: DiskList | None = None) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor] | DiskList]:
     """Run all calibration batches through ``block``; each module's input statistics, and the block's outputs.
 
     ``needs`` names entries of ``llmpress.stats.STATS``. Linears of one group share their input, so
     one hook per group feeds them all. With ``stop_early`` (one input group) each batch's forward
     ends as soon as the group's input is seen (and no outputs come back); with ``stop_after``, as
-    soon as that sub-module has returned instead.
+    soon as that sub-module has returned instead. ``sink``: where the block's outputs go (``BlockInputs.run``).
     """
     shared = input_representatives(arch, modules)
     stats = {rep: {s: STATS[s]() for s in needs} for rep in set(shared.values())}
@@ -205,7 +254,7 @@ def collect_stats(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], n
     if stop_early and stop_after is not None:
         handles.append(stop_after.register_forward_hook(stop))
     try:
-        outputs = inputs.run(block, index, stop=StopForward if stop_early else None)
+        outputs = inputs.run(block, index, stop=StopForward if stop_early else None, sink=sink)
     finally:
         for h in handles:
             h.remove()

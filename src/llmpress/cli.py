@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", default="auto", choices=["auto", "compressed-tensors", "dense", "gguf"],
                    help="auto (default): packed compressed-tensors when weights were quantized, else dense; "
                         "gguf: one llama.cpp file (--out FILE.gguf), each linear with its own codes")
+    c.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="auto (default): a safetensors folder is compressed block by block from disk, each block "
+                        "written as it finishes (memory of one block; the same command resumes a killed run); "
+                        "on: insist; off: load the whole model")
     _add_gguf_options(c)
     _add_common(c)
 
@@ -113,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help=f"alias ({DEFAULT_MODEL}), model folder, .gguf file or hub id")
     _add_eval_window_args(e)
     e.add_argument("--base", help="also evaluate this base model on the same windows, side by side")
+    e.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="on: read a safetensors folder one block at a time, never the whole model (the same "
+                        "perplexity; no speed, no --tasks); auto (default): when the model would take more than "
+                        "half the free memory; off: load it whole")
     _add_kv_bits(e, "")
     _add_outputs(e, "write the result (one JSON object) to this file")
     _add_common(e)
@@ -179,10 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--top", type=int, default=10, help="rows per table (default 10)")
     i.add_argument("--json", help="write the result (one JSON object) to this file")
 
+    pl = sub.add_parser("plan", help="the peak RAM, device memory, disk and time a compression needs, before it runs")
+    pl.add_argument("model", help=f"alias ({DEFAULT_MODEL}) or model folder")
+    pl.add_argument("--recipe", required=True, help="built-in recipe name or YAML file (see 'llmpress recipes')")
+    pl.add_argument("--out", help="where the output would go (its disk's free space is checked)")
+    pl.add_argument("--data", help="calibration text, overrides the recipe")
+    pl.add_argument("--samples", type=int, help="calibration windows, overrides the recipe")
+    pl.add_argument("--seq-len", type=int, help="calibration window length, overrides the recipe")
+    pl.add_argument("--json", help="write the plan (one JSON object) to this file")
+    _add_common(pl)
+
     r = sub.add_parser("recipes", help="list the built-in recipes")
     f = sub.add_parser("fetch", help="download the default model and corpus into the cache")
     _add_common(f)
-    for p in (c, e, d, m, w, a, i, r, f):
+    for p in (c, e, d, m, w, a, i, pl, r, f):
         _add_debug(p, default=argparse.SUPPRESS)  # also after the command; the value before it stays
     return parser
 
@@ -212,7 +230,8 @@ def _write_json(path: Path, data: dict) -> None:
 def _evaluate_kwargs(args) -> dict:
     """evaluate()'s keywords from the window, task and --kv-bits arguments (the same for every model)."""
     return {"data": args.data, "seq_len": args.seq_len, "max_windows": args.max_windows or None,
-            "measure_speed": not args.no_speed, "kv_cache": getattr(args, "kv_bits", None), **_task_kwargs(args)}
+            "measure_speed": not args.no_speed, "kv_cache": getattr(args, "kv_bits", None), **_task_kwargs(args),
+            **({"stream": args.stream} if args.command == "eval" else {})}
 
 
 def _evaluate_rows(args, models: list[tuple[str, object]]) -> list[dict]:
@@ -256,7 +275,7 @@ def cmd_compress(args) -> None:
 
     result = compress(args.model, args.recipe, data=args.data, samples=args.samples, seq_len=args.seq_len,
                       seed=args.seed, out=args.out, device=args.device, progress=not args.quiet,
-                      format=args.format, gguf=_gguf_options(args))
+                      format=args.format, gguf=_gguf_options(args), stream=args.stream)
     from .export import readers
 
     n = len(result.layers)
@@ -456,6 +475,19 @@ def cmd_inspect(args) -> None:
         _write_json(Path(args.json).expanduser(), result)
 
 
+def cmd_plan(args) -> None:
+    from .api import plan
+
+    _check_outputs(args)
+    result = plan(args.model, args.recipe, data=args.data, samples=args.samples, seq_len=args.seq_len,
+                  out=args.out, device=args.device)
+    print(result.table())
+    reason = result.fits()
+    print(f"fits: {'no: ' + reason if reason else 'yes'}")
+    if args.json:
+        _write_json(Path(args.json).expanduser(), result.to_dict())
+
+
 def cmd_recipes(_args) -> None:
     from .recipe import load_recipe
     from .registry import builtin_recipes
@@ -476,7 +508,8 @@ def cmd_fetch(_args) -> None:
 
 
 COMMANDS = {"compress": cmd_compress, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo, "compare": cmd_compare,
-            "sweep": cmd_sweep, "auto": cmd_auto, "inspect": cmd_inspect, "recipes": cmd_recipes, "fetch": cmd_fetch}
+            "sweep": cmd_sweep, "auto": cmd_auto, "inspect": cmd_inspect, "plan": cmd_plan,
+            "recipes": cmd_recipes, "fetch": cmd_fetch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("llmpress: error: interrupted (Ctrl-C); unfinished output was removed", file=sys.stderr)
+        _close_bars()
+        print("llmpress: error: interrupted (Ctrl-C); unfinished output was removed, except the finished blocks "
+              "of a streamed compress (.OUT.partial), which the same command resumes", file=sys.stderr)
         return 130
     except Exception as exc:
         if args.debug:
@@ -515,8 +550,17 @@ def _report(exc: Exception) -> int:
     else:
         message, code = (f"internal error: {type(exc).__name__}: {first_line(exc)} "
                          "(run with --debug for the traceback, and please report it)"), 1
+    _close_bars()  # a run that fails mid-way (a damaged block read while streaming) has a bar on the line
     print(f"llmpress: error: {' '.join(message.split())}", file=sys.stderr)
     return code
+
+
+def _close_bars() -> None:
+    """Close the progress bars still shown, so that the error line starts a line of its own."""
+    from tqdm.auto import tqdm
+
+    for shown in list(getattr(tqdm, "_instances", ())):
+        shown.close()
 
 
 if __name__ == "__main__":

@@ -29,11 +29,21 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .calib import BlockInputs, block_prefix, capture_inputs, collect_stats, float_dtype, input_groups, move_to
+from .calib import (
+    BlockInputs,
+    DiskList,
+    block_prefix,
+    capture_inputs,
+    collect_stats,
+    float_dtype,
+    input_groups,
+    move_to,
+)
 from .compressed import Compressed
 from .measure.attribution import RelativeError, relative_error, relative_output_error
 from .models.archs import Arch, block_linears, get_blocks, linear_weight, set_linear_weight
@@ -82,7 +92,12 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                     on_block: Callable[[int, nn.Module, nn.ModuleList], None] | None = None,
                     results: dict[str, Compressed] | None = None,
                     compute_dtype: torch.dtype | None = None, block_records: dict[str, dict] | None = None,
-                    attribute: bool = True, attribution_tokens: int | None = ATTRIBUTION_TOKENS) -> dict[str, dict]:
+                    attribute: bool = True, attribution_tokens: int | None = ATTRIBUTION_TOKENS,
+                    start: int = 0, hidden: list[torch.Tensor] | None = None,
+                    after_block: Callable[[int, nn.Module, list[torch.Tensor] | None], None] | None = None,
+                    layers: dict[str, dict] | None = None,
+                    originals: Callable[[int, str], torch.Tensor] | None = None,
+                    spill: Path | None = None) -> dict[str, dict]:
     """Apply ``stages`` to every linear in every block, block by block; returns per-layer metadata.
 
     ``samples`` (n, L) token ids are needed when a stage's method uses calibration inputs.
@@ -101,6 +116,14 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
     needs none, else ``weight_error``; see :class:`_Attribution`), measured on the first
     ``attribution_tokens`` calibration tokens (or all, see there); ``block_records``, when given,
     receives per block ("model.layers.0") ``{"output_error": ...}``, the relative change of its output.
+    Resuming (``llmpress.stream``): blocks before ``start`` are skipped (never onloaded), ``hidden`` are the
+    calibration activations entering block ``start`` (in place of the captured ones) and ``layers`` the records
+    of the blocks done; ``after_block(i, block, hidden)`` is called once block i is final and ``hidden`` (the
+    activations entering block i + 1, None without calibration) computed, while the block is still onloaded.
+    ``originals(i, name)``, when given, reads linear ``name`` of block i as it was before any stage (float32,
+    (out, in)) for its error, instead of a copy of every linear kept from the block's start (a streamed
+    model re-reads it from the checkpoint: no second copy of the block in memory). ``spill``: a folder where
+    each block's reference outputs (kept only for its output error) wait on disk instead of in memory.
     """
     device = torch.device(device)
     blocks = get_blocks(model, arch)
@@ -118,12 +141,16 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
         inputs.kwargs = [{b: move_to(kw, device) for b, kw in per.items()} for per in inputs.kwargs]
         if compute_dtype is not None:
             inputs.hidden = [h.to(compute_dtype) for h in inputs.hidden]
+        if hidden is not None:
+            inputs.hidden = [h.to(device) for h in hidden]
 
     prefix = block_prefix(model, blocks)
-    layers: dict[str, dict] = {}
-    bar = progress_bar(total=len(blocks), enabled=progress, desc="blocks", unit="block")
+    layers = {} if layers is None else layers
+    bar = progress_bar(total=len(blocks), enabled=progress, desc="blocks", unit="block", initial=start)
     for i, block in enumerate(blocks):
-        start = time.perf_counter()
+        if i < start:
+            continue
+        began = time.perf_counter()
         placement.onload(block)
         modules = block_linears(block, arch)
         settled = SettledOutputs(list(modules), len(inputs.hidden) if inputs is not None else 0)
@@ -132,7 +159,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
         if attribute:
             attribution = _attribution(arch, modules, shadow, inputs, i, attribution_tokens, block_records is not None,
                                        [(s, m) for s, m in zip(stages, methods) if m.kind != "runtime"
-                                        and any(s.applies_to(f"{prefix}{i}.{n}") for n in modules)])
+                                        and any(s.applies_to(f"{prefix}{i}.{n}") for n in modules)],
+                                       None if originals is None else (lambda name, i=i: originals(i, name)), spill)
         for stage, method in zip(stages, methods):
             settled.clear()
             chosen = {n: m for n, m in modules.items() if stage.applies_to(f"{prefix}{i}.{n}")}
@@ -182,14 +210,16 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
         if on_block is not None:
             on_block(i, block, blocks)
         if inputs is not None and i + 1 < len(blocks):
-            inputs.hidden = inputs.run(shadow.get()[0], i)
+            inputs.advance(shadow.get()[0], i)
         if attribution is not None and attribution.dense is not None and block_records is not None:
             outputs = inputs.hidden if i + 1 < len(blocks) else attribution.inputs.run(shadow.get()[0], i)
             block_records[f"{prefix}{i}"] = {"output_error": attribution.block_error(outputs)}
         log.debug("block %d: %d settled sub-module outputs reused", i, settled.hits)
         settled.clear()
+        if after_block is not None:
+            after_block(i, block, inputs.hidden if inputs is not None and i + 1 < len(blocks) else None)
         placement.offload(block)
-        log.debug("block %d compressed in %.2fs", i, time.perf_counter() - start)
+        log.debug("block %d compressed in %.2fs", i, time.perf_counter() - began)
         bar.update(1)
     bar.close()
     return layers
@@ -222,7 +252,8 @@ class _Shadow:
 
 
 def _attribution(arch: Arch, modules: dict[str, nn.Module], shadow: _Shadow, inputs: BlockInputs | None, index: int,
-                 tokens: int | None, outputs: bool, applying: list[tuple[Stage, object]]) -> _Attribution | None:
+                 tokens: int | None, outputs: bool, applying: list[tuple[Stage, object]],
+                 source: Callable[[str], torch.Tensor] | None = None, spill: Path | None = None) -> _Attribution | None:
     """Block ``index``'s :class:`_Attribution`, given the non-runtime stages ``applying`` to it (None without).
 
     Its reference pass runs on every calibration batch when the first stage collects only Hessians in one
@@ -240,7 +271,8 @@ def _attribution(arch: Arch, modules: dict[str, nn.Module], shadow: _Shadow, inp
             kept += 1
         inputs = BlockInputs(inputs.hidden[:kept], inputs.kwargs)
     smoothing = any(m.kind == "block" for _, m in applying)
-    return _Attribution(arch, modules, shadow, inputs, index, grams=not smoothing, outputs=outputs, reusable=reusable)
+    return _Attribution(arch, modules, shadow, inputs, index, grams=not smoothing, outputs=outputs, reusable=reusable,
+                        source=source, sink=None if spill is None or not outputs else DiskList(spill))
 
 
 class _Attribution:
@@ -266,17 +298,21 @@ class _Attribution:
     """
 
     def __init__(self, arch: Arch, modules: dict[str, nn.Module], shadow: _Shadow, inputs: BlockInputs | None,
-                 index: int, grams: bool = True, outputs: bool = True, reusable: bool = False) -> None:
+                 index: int, grams: bool = True, outputs: bool = True, reusable: bool = False,
+                 source: Callable[[str], torch.Tensor] | None = None, sink: DiskList | None = None) -> None:
         self.arch, self.shadow, self.inputs, self.reusable = arch, shadow, inputs, reusable
         self.calibrated = inputs is not None
-        self.originals = {n: linear_weight(m, arch).detach().float().clone() for n, m in modules.items()}
+        self.source = source
+        self.originals = {} if source is not None else {n: linear_weight(m, arch).detach().float().clone()
+                                                         for n, m in modules.items()}
         self.rewritten: set[str] = set()
         self.smoothed = False
         self.grams: dict[str, torch.Tensor] = {}
-        self.dense: list[torch.Tensor] | None = None
+        self.dense: list[torch.Tensor] | DiskList | None = None
         if inputs is not None and (grams or outputs):
             calib, calib_modules = shadow.get()
-            stats, self.dense = collect_stats(calib, arch, calib_modules, ("hessian",) if grams else (), inputs, index)
+            stats, self.dense = collect_stats(calib, arch, calib_modules, ("hessian",) if grams else (), inputs, index,
+                                              sink=sink)
             self.grams = {n: s["hessian"] for n, s in stats.items() if "hessian" in s}
         self.version = shadow.version
 
@@ -295,7 +331,8 @@ class _Attribution:
             return {}
         found = {}
         for name in sorted(self.rewritten):
-            W, W_hat = self.originals[name], linear_weight(modules[name], self.arch).detach()
+            W = self.originals[name] if self.source is None else self.source(name)
+            W_hat = linear_weight(modules[name], self.arch).detach()
             if W.shape != W_hat.shape:
                 continue
             if self.calibrated:
@@ -310,6 +347,8 @@ class _Attribution:
         total = RelativeError()
         for dense, compressed in zip(self.dense, outputs):
             total.add(dense, compressed)
+        if isinstance(self.dense, DiskList):
+            self.dense.clear()
         return total.result()
 
 

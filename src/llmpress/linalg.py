@@ -74,18 +74,25 @@ def inverse_cholesky_upper(H: Tensor) -> Tensor:
                         "increase damp (e.g. damp=0.1) or use more calibration samples")
 
 
+# weights of at least this many elements are solved on every thread: their column loop's ops are large enough
+# (an 8B down_proj row block is 4096 x 128) that the OpenMP regions pay, and the lazy-batch updates are GEMMs
+MANY_THREADS_ELEMENTS = 1 << 22
+
+
 @contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch on one intra-op thread inside the block, restoring the count after.
+def single_threaded(elements: int | None = None) -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block, restoring the count after; threads by size: a weight of
+    ``elements`` ≥ :data:`MANY_THREADS_ELEMENTS` keeps every thread.
 
     GPTQ/SparseGPT's column loop is thousands of small ops per layer, each
     (above 32k elements) its own OpenMP region; on a busy machine every region
     waits for a descheduled thread. Measured on a 2-core CPU shared with other
     jobs: one SmolLM2 block's seven GPTQ solves took 6–16 s with 2 threads and
-    about 2 s with 1 (0.4 s of CPU time).
+    about 2 s with 1 (0.4 s of CPU time). An 8B ``down_proj`` (4096 x 14336) took
+    141 s on one core; there the ops are large and the cores pay.
     """
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or (elements is not None and elements >= MANY_THREADS_ELEMENTS):
         yield
         return
     torch.set_num_threads(1)

@@ -48,8 +48,10 @@ def silenced(quiet: bool = True):
             logging.getLogger(name).setLevel(level)
 
 
-def bar(items=None, enabled: bool = True, desc: str = "", total: int | None = None, unit: str = "it"):
-    """A tqdm progress bar over ``items`` (or a manual one of ``total`` steps), shown when ``enabled``."""
+def bar(items=None, enabled: bool = True, desc: str = "", total: int | None = None, unit: str = "it",
+        initial: int = 0):
+    """A tqdm progress bar over ``items`` (or a manual one of ``total`` steps, ``initial`` of them done), shown
+    when ``enabled``."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, total=total, unit=unit, disable=not enabled, leave=False)
+    return tqdm(items, desc=desc, total=total, unit=unit, disable=not enabled, leave=False, initial=initial)

@@ -71,6 +71,7 @@ from transformers.pytorch_utils import Conv1D
 from ..compressed import Compressed, Grid
 from ..errors import LlmpressError
 from ..lowrank.module import LowRankLinear
+from ..models.lazy import Checkpoint
 from ..primitives import expand_groups
 from ..quant.embedding import QuantizedEmbedding
 from ..quant.qlinear import QuantizedLinear, dequantize_packed, integer_zero
@@ -333,6 +334,19 @@ def _scheme_for(name: str, groups: dict) -> dict | None:
     return found[min(found)] if found else None
 
 
+PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")  # a packed layer's tensors
+
+
+def _packed_weights(name: str, config: dict, where) -> dict:
+    """The weights scheme of the config group targeting packed layer ``name`` (a one-line error when no
+    readable group does)."""
+    group = _scheme_for(name, config.get("config_groups") or {})
+    if group is None or not _readable(group, config):
+        raise LlmpressError(f"{where}: no readable pack-quantized config group targets {name}: "
+                            "check quantization_config in config.json")
+    return group["weights"]
+
+
 def _packed_parts(path: str | Path, config: dict):
     """The folder's safetensors, and for each packed layer its config group's weights scheme and its packed
     tensors (removed from the first): (tensors, {name: (weights scheme, {part: tensor})})."""
@@ -341,29 +355,43 @@ def _packed_parts(path: str | Path, config: dict):
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         tensors.update(load_file(file))
-    groups = config.get("config_groups") or {}
     layers = {}
     for key in [k for k in tensors if k.endswith(".weight_packed")]:
         name = key.removesuffix(".weight_packed")
-        group = _scheme_for(name, groups)
-        if group is None or not _readable(group, config):
-            raise LlmpressError(f"{path}: no readable pack-quantized config group targets {name}: "
-                                "check quantization_config in config.json")
-        layers[name] = (group["weights"], {p: tensors.pop(f"{name}.{p}", None) for p in (
-            "weight_packed", "weight_scale", "weight_zero_point", "weight_shape")})
+        layers[name] = (_packed_weights(name, config, path), {p: tensors.pop(f"{name}.{p}", None) for p in PARTS})
     return tensors, layers
+
+
+def _dequantized(weights: dict, parts: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """The (out, in) weight of one packed layer, in its scales' dtype."""
+    zero = None if weights.get("symmetric", True) else parts["weight_zero_point"]
+    group_size = weights.get("group_size") if weights["strategy"] == "group" else None
+    return dequantize_packed(parts["weight_packed"], parts["weight_scale"], zero, int(weights["num_bits"]),
+                             group_size, int(parts["weight_shape"][1]))
+
+
+def dense_tensors(checkpoint: Checkpoint, config: dict, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of ``checkpoint`` named ``prefix...`` as the dense model holds them: each packed layer's
+    weight dequantized from its packed tensors into ``<module>.weight``, every floating tensor in ``dtype``.
+
+    ``config`` is the folder's ``quantization_config`` ({} for a dense folder). Reads only the tensors under
+    ``prefix`` ("model.layers.3."; "" for all): a streamed evaluation (``llmpress.measure.streamed``) reads a
+    folder one block at a time this way.
+    """
+    names = [n for n in checkpoint.names() if n.startswith(prefix)]
+    packed = [n.removesuffix(".weight_packed") for n in names if n.endswith(".weight_packed")]
+    parts_of = {f"{name}.{part}" for name in packed for part in PARTS}
+    tensors = {n: checkpoint.get(n, dtype) for n in names if n not in parts_of}
+    for name in packed:
+        weights = _packed_weights(name, config, checkpoint.folder)
+        parts = {p: checkpoint.get(f"{name}.{p}") if f"{name}.{p}" in checkpoint else None for p in PARTS}
+        tensors[f"{name}.weight"] = _dequantized(weights, parts).to(dtype)
+    return tensors
 
 
 def dense_state_dict(path: str | Path, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's safetensors, packed layers dequantized to ``<module>.weight`` in ``dtype``."""
-    tensors, layers = _packed_parts(path, config)
-    for name, (weights, parts) in layers.items():
-        zero = None if weights.get("symmetric", True) else parts["weight_zero_point"]
-        group_size = weights.get("group_size") if weights["strategy"] == "group" else None
-        W = dequantize_packed(parts["weight_packed"], parts["weight_scale"], zero, int(weights["num_bits"]),
-                              group_size, int(parts["weight_shape"][1]))
-        tensors[f"{name}.weight"] = W.to(dtype)
-    return tensors
+    return dense_tensors(Checkpoint(path), config, "", dtype)
 
 
 def packed_codes(path: str | Path) -> dict[str, Compressed]:

@@ -58,6 +58,9 @@ def relative_error(reference: Tensor, approx: Tensor) -> float:
     return total.result()
 
 
+CHUNK_ELEMENTS = 1 << 22  # larger tensors are compared in row chunks (an 8B down_proj in float64 is 470 MB)
+
+
 class RelativeError:
     """:func:`relative_error` accumulated over batches: Σ‖b − a‖² / Σ‖a‖² (a block's output change)."""
 
@@ -68,6 +71,11 @@ class RelativeError:
     def add(self, reference: Tensor, approx: Tensor) -> None:
         if reference.shape != approx.shape:
             raise ValueError(f"shapes differ: {tuple(reference.shape)} and {tuple(approx.shape)}")
+        if reference.dim() > 1 and reference.numel() > CHUNK_ELEMENTS:  # rows at a time: float64 copies of a chunk
+            rows = max(1, CHUNK_ELEMENTS // reference[0].numel())
+            for r in range(0, reference.shape[0], rows):
+                self.add(reference[r:r + rows], approx[r:r + rows])
+            return
         ref = reference.detach().double()
         diff = approx.detach().to(ref.device, torch.float64) - ref
         self.error += float((diff * diff).sum())

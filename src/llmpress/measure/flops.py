@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from llmpress.compressed import Sparsity
 from llmpress.errors import LlmpressError
+from llmpress.measure.size import nonzero_count
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,10 @@ def _config_linear_shapes(config) -> tuple[list[tuple[int, int]], tuple[int, int
     return (attn + mlp) * n_layers, (int(cfg.vocab_size), head_in)
 
 
-def _density(spec: dict | None, weight: torch.Tensor | None) -> float:
-    """Fraction of non-zero weights: from the compression record, else counted."""
+def _density(spec: dict | None, weight: torch.Tensor | None, name: str | None = None,
+             nonzero: dict[str, int] | None = None) -> float:
+    """Fraction of non-zero weights: from the compression record, else counted (a meta weight's count from
+    ``nonzero`` by ``name``, see ``size.nonzero_count``)."""
     if spec is not None:
         sparsity = Sparsity.of(spec)
         if sparsity is None:
@@ -88,7 +91,7 @@ def _density(spec: dict | None, weight: torch.Tensor | None) -> float:
         return sparsity.nm[0] / sparsity.nm[1] if sparsity.nm is not None else 1.0 - sparsity.fraction
     if weight is None or weight.numel() == 0:
         return 1.0
-    return int(torch.count_nonzero(weight.detach()).item()) / weight.numel()
+    return nonzero_count(weight, name, nonzero) / weight.numel()
 
 
 def _is_int_linear(module) -> bool:
@@ -97,7 +100,7 @@ def _is_int_linear(module) -> bool:
         getattr(module, "weight", None), torch.Tensor)
 
 
-def _model_linear_flops(model, layers: dict) -> dict:
+def _model_linear_flops(model, layers: dict, nonzero: dict[str, int] | None = None) -> dict:
     """Dense and zero-discounted FLOPs of every Linear / Conv1D in ``model``."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
@@ -109,7 +112,7 @@ def _model_linear_flops(model, layers: dict) -> dict:
         key = "lm_head" if module is head else "linear"
         # The LM head's zeros are padding-token rows, not pruning: count them only if listed.
         counted = module.weight if key == "linear" else None
-        sparse = dense * _density(layers.get(name), counted)
+        sparse = dense * _density(layers.get(name), counted, f"{name}.weight", nonzero)
         out[key] += dense
         out["sparse_" + key] += sparse
     return out
@@ -129,7 +132,8 @@ def _config_linear_flops(config, layers: dict) -> dict:
     return {"linear": linear, "lm_head": lm_head, "sparse_linear": linear - saved, "sparse_lm_head": lm_head}
 
 
-def flops_per_token(config, seq_len: int, layers: dict | None = None, model=None) -> dict:
+def flops_per_token(config, seq_len: int, layers: dict | None = None, model=None,
+                    nonzero: dict[str, int] | None = None) -> dict:
     """Forward FLOPs per token at sequence length ``seq_len``.
 
     ``linear``: 2 x weight elements of every block Linear/Conv1D (the model's
@@ -138,13 +142,14 @@ def flops_per_token(config, seq_len: int, layers: dict | None = None, model=None
     :func:`attention_flops`. ``sparse_flops_per_token`` discounts zero
     weights (from ``layers`` records where listed, otherwise counted in the
     model's block weights; the LM head only when listed, since its zero rows
-    are padding tokens); sparsity never lowers ``flops_per_token`` itself.
+    are padding tokens); sparsity never lowers ``flops_per_token`` itself. ``nonzero``: the non-zero counts of
+    a skeleton's meta weights by name (a streamed evaluation, ``llmpress.measure.streamed``).
     """
     if not isinstance(seq_len, int) or seq_len < 1:
         raise LlmpressError(f"flops_per_token: seq_len must be a positive integer, got {seq_len!r}")
     layers = layers or {}
     if model is not None:
-        lin = _model_linear_flops(model, layers)
+        lin = _model_linear_flops(model, layers, nonzero)
     else:
         lin = _config_linear_flops(config, layers)
     attention = attention_flops(config, seq_len)

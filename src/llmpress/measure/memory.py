@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _return_free_memory() -> None:
+def return_free_memory() -> None:
     """Ask glibc to give freed heap pages back to the OS, so RSS reflects live memory.
 
     Without this, memory freed earlier stays resident and a new allocation that
@@ -77,7 +77,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
             return self
-        _return_free_memory()
+        return_free_memory()
         self.start_bytes = self._peak = current_rss()
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, name="llmpress-peak-memory", daemon=True)
@@ -98,6 +98,12 @@ class PeakMemory:
         self.delta_bytes = max(0, self.peak_bytes - self.start_bytes)
         log.debug("peak memory %d bytes (+%d)", self.peak_bytes, self.delta_bytes)
         return False
+
+    def so_far(self) -> int:
+        """The peak up to now, inside the block (what ``peak_bytes`` would be if it ended here)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return max(self._peak, current_rss())
 
     def as_dict(self) -> dict:
         """JSON-able summary for a report row."""

@@ -43,20 +43,33 @@ def _unique_params(model) -> list[tuple[nn.Module, str, nn.Parameter]]:
     return out
 
 
-def count_params(model) -> dict:
+def nonzero_count(param: torch.Tensor, name: str | None, nonzero: dict[str, int] | None = None) -> int:
+    """Non-zero entries of ``param``: counted, or for a parameter on the meta device (a skeleton evaluated block
+    by block, ``llmpress.measure.streamed``) taken from ``nonzero`` {full parameter name: count}."""
+    if not param.is_meta:
+        return int(torch.count_nonzero(param.detach()).item())
+    if nonzero is None or name not in nonzero:
+        raise LlmpressError(f"parameter {name} is on the meta device (no data): pass its non-zero count "
+                            "(nonzero=, counted as the weights were read)")
+    return nonzero[name]
+
+
+def count_params(model, nonzero: dict[str, int] | None = None) -> dict:
     """Count unique parameters (tied embeddings once) and sort them by kind.
 
     ``linear``: weights of ``nn.Linear`` / ``Conv1D`` modules other than the
     LM head; ``embedding``: ``nn.Embedding`` parameters plus an untied LM-head
     weight (an embedding matrix in all but name); ``other``: everything else
-    (norms, biases). ``nonzero`` counts non-zero entries over all of them.
+    (norms, biases). ``nonzero`` counts non-zero entries over all of them
+    (for parameters on the meta device, from the ``nonzero`` argument: :func:`nonzero_count`).
     """
     head = _output_embedding(model)
+    names = {id(p): n for n, p in model.named_parameters()}  # a shared parameter by its first name
     counts = {"total": 0, "nonzero": 0, "linear": 0, "embedding": 0, "other": 0}
     for module, name, param in _unique_params(model):
         n = param.numel()
         counts["total"] += n
-        counts["nonzero"] += int(torch.count_nonzero(param.detach()).item())
+        counts["nonzero"] += nonzero_count(param, names.get(id(param)), nonzero)
         if isinstance(module, nn.Embedding) or (module is head and name == "weight"):
             counts["embedding"] += n
         elif isinstance(module, (nn.Linear, Conv1D)) and name == "weight":
@@ -151,6 +164,7 @@ def size_report(
     layers: dict[str, dict] | None = None,
     folder: str | Path | None = None,
     dense_bits: int = 16,
+    nonzero: dict[str, int] | None = None,
 ) -> dict:
     """The bytes a model's weights take in compressed form.
 
@@ -185,12 +199,13 @@ def size_report(
     original model when a record has ``base_params``), ``compression_ratio``,
     ``bits_per_weight`` (over all parameters), ``linear_bits_per_weight`` (over the listed layers other than
     embeddings, or None), ``embedding_bits_per_weight`` (over a listed embedding matrix, or None),
-    ``disk_bytes`` (files under ``folder``, or None) and ``params``.
+    ``disk_bytes`` (files under ``folder``, or None) and ``params`` (:func:`count_params`; ``nonzero``: the
+    non-zero counts of a skeleton's meta parameters, by name).
     """
     if not isinstance(dense_bits, int) or dense_bits < 1:
         raise LlmpressError(f"dense_bits must be a positive integer, got {dense_bits!r}")
     specs = _layer_weights(model, layers or {})
-    params = count_params(model)
+    params = count_params(model, nonzero)
     head = _output_embedding(model)
     rest_numel = listed_bytes = listed_numel = embed_bytes = embed_numel = 0
     for module, name, param in _unique_params(model):

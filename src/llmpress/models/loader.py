@@ -42,7 +42,7 @@ class LoadedModel:
 
 
 def _load_folder(path: Path, dtype: torch.dtype, hub: bool = False):
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     # at call time: the CLI imports this module (DEFAULT_MODEL) and stays light
     from ..export import formats
@@ -74,12 +74,40 @@ def _load_folder(path: Path, dtype: torch.dtype, hub: bool = False):
         raise LlmpressError(f"cannot load the weights in '{path}' ({reason}): "
                             "the checkpoint is damaged, incomplete or does not match config.json; save or "
                             "download it again") from exc
+    return model.eval(), load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer, or None when it has none that transformers reads."""
+    from transformers import AutoTokenizer
+
     try:
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path)
     except (ValueError, OSError, TypeError):
-        tokenizer = None
-    return model.eval(), tokenizer
+        return None
+
+
+def local_folder(source: str | Path) -> Path | None:
+    """The local model folder ``source`` names (an alias's cached folder too), without loading it; else None."""
+    text = str(source)
+    if text in ALIASES:
+        from .smollm2 import ensure_smollm2
+
+        return ensure_smollm2()
+    path = Path(text).expanduser()
+    return path if path.is_dir() and (path / "config.json").is_file() else None
+
+
+def folder_notes(folder: Path) -> list[str]:
+    """The notes a model from ``folder`` carries: its alias's, and those in its ``llmpress.json``."""
+    notes = []
+    if folder.resolve() == local_folder(DEFAULT_MODEL).resolve():
+        from .smollm2 import NOTE
+
+        notes.append(NOTE)
+    notes += [str(n) for n in read_meta(folder).get("notes", [])]
+    return list(dict.fromkeys(notes))
 
 
 def read_meta(folder: Path) -> dict:

@@ -91,7 +91,7 @@ def sparsegpt(weight: Tensor, hessian: Tensor, cfg: SparseGPTConfig) -> Compress
     sparsity, nm = resolve_sparsity(cfg.sparsity, cfg.pattern)
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     W = weight.detach().to(dtype=dtype, copy=True)
-    with single_threaded():
+    with single_threaded(W.numel()):
         H, _dead = prepare_hessian(hessian.detach().to(dtype), W, cfg.damp)
         keep_t = (W != 0).T.contiguous() if cfg.keep_zeros else torch.ones_like(W.T, dtype=torch.bool)
         grid = None if cfg.bits is None else _Grid(cfg, W, keep_t)

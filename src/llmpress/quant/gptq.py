@@ -75,7 +75,7 @@ def gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
     int8 codes (out, in) and scale/zero (out, groups), all in the original column
     order, and ``loss`` = Σ (w − q)²/[H_F⁻¹]_qq / 2 over all quantized entries (the
     reference code's estimate): half of tr(ΔHΔᵀ), Δ = W − Ŵ, for the damped H.
-    The column loop runs on one torch thread (see ``llmpress.linalg.single_threaded``); the
+    The column loop runs on one torch thread below 4M weights (``llmpress.linalg.single_threaded``); the
     factorizations use all of them.
     """
     return _gptq(weight, hessian, cfg)
@@ -143,9 +143,9 @@ class _CurrentGroups:
         return s[:, 0].to(Wt.dtype), z[:, 0].to(Wt.dtype)
 
 
-def _solve(*args, **kwargs) -> tuple[Tensor, float]:
-    with single_threaded():
-        return _solve_loop(*args, **kwargs)
+def _solve(Wt: Tensor, *args, **kwargs) -> tuple[Tensor, float]:
+    with single_threaded(Wt.numel()):  # threads by size: one for small layers, all for large ones
+        return _solve_loop(Wt, *args, **kwargs)
 
 
 def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: tuple[Tensor, Tensor] | None = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import torch
 from torch import Tensor
 
 from ..compressed import Compressed, Grid
@@ -115,8 +116,28 @@ class RTNConfig(Config):
             raise LlmpressError("rtn float_zero is the asymmetric [min, max] grid: set sym: false and mse: false")
 
 
+ROWS_AT_ONCE = 1 << 22  # weights with more elements are rounded in row chunks: the temporaries stay small
+
+
 def rtn(weight: Tensor, cfg: RTNConfig) -> Compressed:
-    """Quantize ``weight`` (out, in) by round-to-nearest; returns codes, scales and the dequantized weight."""
+    """Quantize ``weight`` (out, in) by round-to-nearest; returns codes, scales and the dequantized weight.
+
+    Every row is rounded on its own, so a large weight is done in chunks of rows (the same numbers; the
+    float temporaries of one chunk instead of several copies of an 8B ``down_proj``)."""
+    if weight.dim() == 2 and weight.numel() > ROWS_AT_ONCE and weight.shape[0] > 1:
+        rows = max(1, ROWS_AT_ONCE // weight.shape[1])
+        parts = [_rtn(weight[r:r + rows], cfg) for r in range(0, weight.shape[0], rows)]
+        first = parts[0]
+
+        def cat(name):
+            return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
+
+        return Compressed(weight=cat("weight"), qweight=cat("qweight"), scale=cat("scale"), zero=cat("zero"),
+                          meta=first.meta, grid=first.grid)
+    return _rtn(weight, cfg)
+
+
+def _rtn(weight: Tensor, cfg: RTNConfig) -> Compressed:
     grid = Grid(cfg.bits, cfg.group_size, cfg.sym, float_zero=cfg.float_zero)
     if cfg.kquant is not None:
         grid = kquant_grid(cfg.kquant, weight.shape[1])
