@@ -96,6 +96,7 @@ def _gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         H = H[perm][:, perm]
     U = inverse_cholesky_upper(H)
+    del H  # only U is needed from here: one (in, in) matrix less during the solve
     Wt = (W.T if perm is None else W.T[perm]).contiguous()  # row c = the c-th column processed
     if cfg.act_order or group is None or grid.kquant is not None:  # static groups
         if grid.kquant is not None:
