@@ -44,6 +44,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from _common import provenance, split_list
 from quantization import PEERS
@@ -408,9 +409,9 @@ class Scale:
         run_dir = self.work / "peer" / tag
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        windows, spec, result, out = (run_dir / "windows.pt", run_dir / "spec.json", run_dir / "result.json",
-                                      run_dir / "model")
-        torch.save({"calib": ids}, windows)
+        windows, spec, result, out = (run_dir / "windows.safetensors", run_dir / "spec.json",
+                                      run_dir / "result.json", run_dir / "model")
+        save_file({"calib": ids.contiguous()}, str(windows))  # tensors only: nothing the peer loads can run code
         spec.write_text(json.dumps({**PEERS[recipe], "dtype": "auto"}))
         env = {**os.environ, "TQDM_DISABLE": "1"}
         row["compress"] = self._run([self.args.peer_python, str(PEER_SCRIPT), str(folder), str(windows), str(spec),

@@ -44,7 +44,9 @@ def main():
     model_dir, windows_file, spec_file, out_file = sys.argv[1:5]
     save_dir = sys.argv[5] if len(sys.argv) > 5 else None
     spec = json.loads(Path(spec_file).read_text())
-    calib = torch.load(windows_file)["calib"]
+    from safetensors.torch import load_file
+
+    calib = load_file(windows_file)["calib"]
     result = {"load_seconds": None, "oneshot_seconds": None, "save_seconds": None, "quantized": None,
               "weights": None, "w4a16_preset": None, "peak_rss_bytes": None, "error": None}
     try:
