@@ -146,13 +146,14 @@ def test_sensitivity_cost_is_half_the_fisher_weighted_output_error(tiny):
 
 
 def test_overrides_give_layers_their_own_settings_in_one_stage(tiny):
-    model, tok, data, _ids = tiny
+    _model, tok, data, _ids = tiny
     recipe = load_recipe({"calibration": {"data": data, "samples": 8, "seq_len": 32},
                           "stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 32},
                                       "overrides": [{"targets": ["*.v_proj"], "args": {"bits": 8}},
                                                     {"targets": ["model.layers.1.mlp.*"], "args": {"bits": 3}}]}]})
     assert load_recipe(recipe.to_dict()) == recipe  # the YAML round trip keeps the overrides
-    result = llmpress.compress(model, recipe, tokenizer=tok)
+    # compress works in place: a fresh model, so the module's shared one stays the base for the tests after this
+    result = llmpress.compress(tiny_model("llama", vocab_size=len(tok)), recipe, tokenizer=tok)
     bits = {name: meta["bits"] for name, meta in result.layers.items()}
     assert bits["model.layers.0.self_attn.v_proj"] == bits["model.layers.1.self_attn.v_proj"] == 8
     assert bits["model.layers.1.mlp.down_proj"] == 3 and bits["model.layers.0.mlp.down_proj"] == 4

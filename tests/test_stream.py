@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from llmpress import api
 from llmpress.errors import LlmpressError
 from llmpress.models.lazy import Checkpoint, materialize, release, skeleton, tied_names
-from tiny_models import TOKENIZER_TEXT, tiny_model, tiny_tokenizer
+from tiny_models import tiny_model
 
 LAYERS = 4
 
@@ -35,10 +35,10 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, calib):
     """A tiny Llama saved sharded in float32 and in bfloat16 (tied head), with a tokenizer and calibration text."""
     root = tmp_path_factory.mktemp("stream")
-    tok = tiny_tokenizer()
+    tok, data = calib
     model = tiny_model("llama", num_hidden_layers=LAYERS, vocab_size=len(tok), tie_word_embeddings=True)
     folders = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -46,9 +46,7 @@ def checkpoints(tmp_path_factory):
         model.to(dtype).save_pretrained(folder, max_shard_size="20KB")
         tok.save_pretrained(folder)
         folders[name] = folder
-    text = root / "calib.txt"
-    text.write_text(TOKENIZER_TEXT * 3)
-    return folders, f"text:{text}", root
+    return folders, data, root
 
 
 def test_lazy_block_equals_whole_load(checkpoints):
@@ -170,7 +168,7 @@ def test_plan_predicts_and_compress_refuses_what_does_not_fit(checkpoints, tmp_p
     # the disk estimate: a probe block's shard per block, plus what is not in blocks
     ckpt = Checkpoint(folders["bf16"])
     assert found.disk_bytes >= ckpt.total_bytes() - ckpt.total_bytes("model.layers.")
-    monkeypatch.setattr(planning, "available_ram", lambda: 1000)
+    monkeypatch.setattr(planning, "available_memory", lambda: 1000)
     monkeypatch.setattr(planning, "current_rss", lambda: 0)
     code = main(["compress", str(folders["bf16"]), "--recipe", "rtn-w4-g64", "--out", str(tmp_path / "x"), "--quiet"])
     assert code == 2 and not (tmp_path / "x").exists() and not list(tmp_path.iterdir())

@@ -21,19 +21,17 @@ from llmpress.measure.streamed import open_folder, streamed_perplexity
 from llmpress.models.lazy import Checkpoint
 from llmpress.models.loader import load_model
 from llmpress.recipe import load_recipe
-from tiny_models import TOKENIZER_TEXT, random_ids, tiny_model, tiny_tokenizer
+from tiny_models import random_ids, tiny_model
 
 WINDOWS = {"seq_len": 32, "max_windows": 3, "measure_speed": False}
 ONLY_WHOLE = {"notes", "peak_memory_bytes", "streamed"}  # what a streamed report may differ in
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("streamed")
-    tok = tiny_tokenizer()
-    text = root / "text.txt"
-    text.write_text(TOKENIZER_TEXT * 4)
-    return root, tok, f"text:{text}"
+def tiny(tmp_path_factory, calib):
+    """A folder for the tiny models, and conftest's tokenizer and text spec."""
+    tok, data = calib
+    return tmp_path_factory.mktemp("streamed"), tok, data
 
 
 def _saved(root, tok, name: str, model) -> str:

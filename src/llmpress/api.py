@@ -34,6 +34,7 @@ from .models.archs import arch_for
 from .models.loader import (
     DEFAULT_MODEL,
     LoadedModel,
+    folder_config,
     folder_notes,
     load_model,
     load_tokenizer,
@@ -157,11 +158,7 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     "on" insists (a one-line error says why it cannot), "off" loads the whole model.
     >>> result = compress("smollm2-135m", "rtn-w4-g64", out="smollm2-w4")  # doctest: +SKIP
     """
-    recipe = load_recipe(recipe)
-    overrides = {k: v for k, v in {"data": data, "samples": samples, "seq_len": seq_len, "seed": seed}.items()
-                 if v is not None}
-    if overrides:
-        recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, **overrides))
+    recipe = _with_calibration(load_recipe(recipe), data=data, samples=samples, seq_len=seq_len, seed=seed)
     if format not in FORMATS:
         raise LlmpressError(f"unknown format '{format}': use one of {', '.join(FORMATS)}")
     if format == "gguf" and not (gguf or {}).get("requantize"):
@@ -180,12 +177,7 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     loaded = _loaded(model, tokenizer)
     arch = arch_for(loaded.model)
     _check_plan(loaded.model, recipe, out, calibrate)
-    ids = None
-    if calibrate:
-        if loaded.tokenizer is None:
-            raise LlmpressError("this recipe needs calibration text but the model has no tokenizer: pass one")
-        c = recipe.calibration
-        ids = calibration_samples(loaded.tokenizer, c.data, c.samples, c.seq_len, c.seed)
+    ids = _calibration_ids(loaded.tokenizer, recipe) if calibrate else None
     start = time.perf_counter()
     compute_dtype = calibration_dtype(recipe.calibration.dtype, dev)
     results: dict = {}
@@ -231,13 +223,9 @@ def plan(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, data: str | None = None, s
          seq_len: int | None = None, out: str | Path | None = None, device: str = "cpu"):
     """The :class:`~llmpress.plan.Plan` of ``compress(model, recipe, out=out, ...)``: peak RAM, device memory, disk
     and time, from the checkpoint's headers and two probe blocks (``llmpress.plan``). Streamed runs only."""
-    from .models.loader import load_tokenizer
     from .plan import plan_streamed
 
-    recipe = load_recipe(recipe)
-    overrides = {k: v for k, v in {"data": data, "samples": samples, "seq_len": seq_len}.items() if v is not None}
-    if overrides:
-        recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, **overrides))
+    recipe = _with_calibration(load_recipe(recipe), data=data, samples=samples, seq_len=seq_len)
     folder = local_folder(model) if isinstance(model, (str, Path)) else None
     reason = why_not_streamed(folder, recipe, "auto")
     if reason is not None:
@@ -245,13 +233,25 @@ def plan(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, data: str | None = None, s
     dev = resolve_device(device)
     ids = None
     if recipe.needs_calibration or data is not None or samples is not None:
-        tokenizer = load_tokenizer(folder)
-        if tokenizer is None:
-            raise LlmpressError("this recipe needs calibration text but the model folder has no tokenizer")
-        c = recipe.calibration
-        describe_spec(c.data)
-        ids = calibration_samples(tokenizer, c.data, c.samples, c.seq_len, c.seed)
+        describe_spec(recipe.calibration.data)
+        ids = _calibration_ids(load_tokenizer(folder), recipe)
     return plan_streamed(folder, recipe, ids, dev, None if out is None else Path(out).expanduser(), name=str(model))
+
+
+def _with_calibration(recipe: Recipe, **overrides) -> Recipe:
+    """``recipe`` with the calibration settings given (not None) in place of its own."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return recipe
+    return dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, **given))
+
+
+def _calibration_ids(tokenizer, recipe: Recipe) -> torch.Tensor:
+    """The recipe's calibration windows (N, L) of token ids; a one-line error without a tokenizer."""
+    if tokenizer is None:
+        raise LlmpressError("this recipe needs calibration text but the model has no tokenizer: pass one")
+    c = recipe.calibration
+    return calibration_samples(tokenizer, c.data, c.samples, c.seq_len, c.seed)
 
 
 STREAM = ("auto", "on", "off")
@@ -281,19 +281,14 @@ def _compress_streamed(folder: Path, tokenizer, recipe: Recipe, out, dev: torch.
     from types import SimpleNamespace
 
     from .models.lazy import Checkpoint
-    from .stream import compress_streamed, plain_config
+    from .stream import compress_streamed
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
-    config = plain_config(folder)
     if calibrate:
-        check_seq_len(SimpleNamespace(config=config), recipe.calibration.seq_len, "calibration seq_len")
+        check_seq_len(SimpleNamespace(config=folder_config(folder)), recipe.calibration.seq_len,
+                      "calibration seq_len")
     check_space(out, Checkpoint(folder).total_bytes())
-    ids = None
-    if calibrate:
-        if tokenizer is None:
-            raise LlmpressError("this recipe needs calibration text but the model has no tokenizer: pass one")
-        c = recipe.calibration
-        ids = calibration_samples(tokenizer, c.data, c.samples, c.seq_len, c.seed)
+    ids = _calibration_ids(tokenizer, recipe) if calibrate else None
     notes = [*folder_notes(folder), f"compressed from {folder}"]
     from .plan import check, plan_streamed
 

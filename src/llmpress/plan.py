@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -34,13 +33,13 @@ from pathlib import Path
 import torch
 
 from .calib import block_prefix, calibration_dtype
-from .engine import compress_blocks
 from .errors import LlmpressError
-from .measure.memory import PeakMemory, current_rss
+from .measure.memory import PeakMemory, available_memory, current_rss
 from .models.archs import arch_for, get_blocks
 from .models.lazy import Checkpoint, skeleton
+from .models.loader import folder_config
 from .recipe import Recipe
-from .stream import REST_SHARD_BYTES, Staging, _groups, _StreamPlacement, _Writer, embed_for_capture, storage_dtype
+from .stream import REST_SHARD_BYTES, _groups, _StreamPlacement, _Writer, embed_for_capture, packs, run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +89,6 @@ class Plan:
         return "\n".join(f"{k:>14}  {v}" for k, v in rows)
 
 
-def available_ram() -> int:
-    """RAM the run may take: what the system says is available."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def _fit(xs: tuple[int, int], ys: tuple[float, float], x: int) -> float:
     """The line through (xs, ys) at x, never below the larger measured point's share."""
     slope = max(0.0, (ys[1] - ys[0]) / (xs[1] - xs[0]))
@@ -115,15 +103,13 @@ def _probe(folder: Path, recipe: Recipe, samples: torch.Tensor | None, device: t
     """Compress block 0 of ``folder`` as the streamed run does, into a throwaway folder: seconds (block phase),
     peak RSS above the start, bytes of its shard, seconds reading and writing."""
     checkpoint = Checkpoint(folder)
-    model = skeleton(_config(folder))
+    model = skeleton(folder_config(folder))
     arch = arch_for(model)
     blocks = get_blocks(model, arch)
     prefix = block_prefix(model, blocks)
     scratch = Path(tempfile.mkdtemp(prefix=".llmpress-plan-"))
     try:
-        staging = Staging(scratch / "probe", "probe")
-        staging.folder = scratch
-        writer = _Writer(staging, model, checkpoint, any(s.method in ("rtn", "gptq") for s in recipe.stages))
+        writer = _Writer(scratch, model, checkpoint, packs(recipe, "auto"))
         drop = embed_for_capture(model, checkpoint) if samples is not None else (lambda: None)
         timing = {"read": 0.0, "write": 0.0}
 
@@ -146,13 +132,9 @@ def _probe(folder: Path, recipe: Recipe, samples: torch.Tensor | None, device: t
         began = time.perf_counter()
         with PeakMemory("cpu") as mem:
             try:
-                compress_blocks(model, arch, recipe.stages, samples, device, recipe.calibration.batch_size,
-                                placement=placement, results=results,
-                                compute_dtype=calibration_dtype(recipe.calibration.dtype, device),
-                                block_records={}, after_block=after, layers=layers,
-                                originals=lambda i, name: checkpoint.get(f"{prefix}{i}.{name}.weight",
-                                                                         torch.float32),
-                                spill=scratch / "spill")
+                run_blocks(model, checkpoint, recipe, samples, device,
+                           calibration_dtype(recipe.calibration.dtype, device), placement, scratch / "spill",
+                           results=results, block_records={}, after_block=after, layers=layers)
             except _Stop:
                 pass
         seconds = time.perf_counter() - began
@@ -164,12 +146,6 @@ def _probe(folder: Path, recipe: Recipe, samples: torch.Tensor | None, device: t
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _config(folder: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(folder)
-
-
 def plan_streamed(folder: Path, recipe: Recipe, samples: torch.Tensor | None, device: torch.device,
                   out: Path | None = None, name: str | None = None, probe: bool = True) -> Plan:
     """The :class:`Plan` of a streamed run of ``recipe`` on ``folder`` with calibration ``samples`` (N, L) or None.
@@ -178,7 +154,7 @@ def plan_streamed(folder: Path, recipe: Recipe, samples: torch.Tensor | None, de
     sizes alone (a block's float32 weights three times: weights, originals, rewritten; three copies of the
     activations), no time."""
     checkpoint = Checkpoint(folder)
-    config = _config(folder)
+    config = folder_config(folder)
     model = skeleton(config)
     blocks = get_blocks(model, arch_for(model))
     prefix = block_prefix(model, blocks)
@@ -189,7 +165,7 @@ def plan_streamed(folder: Path, recipe: Recipe, samples: torch.Tensor | None, de
     compute = calibration_dtype(recipe.calibration.dtype, device)
     act = count * length * hidden * (compute or torch.float32).itemsize
     block_bytes = checkpoint.total_bytes(f"{prefix}0.")
-    block_fp32 = block_bytes * 4 // max(1, storage_dtype(checkpoint).itemsize)
+    block_fp32 = block_bytes * 4 // max(1, checkpoint.float_dtype().itemsize)
     if not probe:  # what compress checks before it starts: the sizes alone, no probe block
         probes = [{"seconds": math.nan, "peak_delta_bytes": 3 * block_fp32 + 3 * act, "shard_bytes": block_bytes,
                    "read_s": 1.0, "write_s": 0.0, "block_bytes": block_bytes}]
@@ -209,7 +185,7 @@ def plan_streamed(folder: Path, recipe: Recipe, samples: torch.Tensor | None, de
     rest_bytes = sum(checkpoint.nbytes(n_) for n_ in rest)
     largest_rest = max((sum(checkpoint.nbytes(x) for x in g) for g in _groups(rest, checkpoint)), default=0)
     embed = model.get_input_embeddings().weight
-    capture = embed.numel() * storage_dtype(checkpoint).itemsize + act if samples is not None else 0
+    capture = embed.numel() * checkpoint.float_dtype().itemsize + act if samples is not None else 0
     finish = 2 * min(largest_rest, max(REST_SHARD_BYTES, largest_rest))
     peak = base + max(capture, int(delta), finish)
     io_rate = (last["block_bytes"] + last["shard_bytes"]) / max(1e-6, last["read_s"] + last["write_s"])
@@ -219,9 +195,9 @@ def plan_streamed(folder: Path, recipe: Recipe, samples: torch.Tensor | None, de
     free_disk = shutil.disk_usage(where).free if where.exists() else None
     device_bytes = None
     if device.type != "cpu":
-        device_bytes = int(last["block_bytes"] * 4 / max(1, storage_dtype(checkpoint).itemsize) + 3 * act)
+        device_bytes = int(last["block_bytes"] * 4 / max(1, checkpoint.float_dtype().itemsize) + 3 * act)
     return Plan(name or str(folder), recipe.name, n, True, count, length, int(peak), device_bytes, int(disk),
-                float(seconds), available_ram() + base, free_disk,
+                float(seconds), available_memory() + base, free_disk,
                 {"probes": probes, "base_rss_bytes": base, "activation_bytes": act, "rest_bytes": rest_bytes})
 
 

@@ -92,7 +92,7 @@ def _tmp_pattern(path: Path) -> re.Pattern:
     return re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)-[A-Za-z0-9_]+")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -110,7 +110,7 @@ def stale_temporaries(path: Path) -> list[Path]:
     except OSError:
         return []
     return sorted(p for p in entries if (m := pattern.fullmatch(p.name)) and p.is_dir() and not p.is_symlink()
-                  and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))))
+                  and int(m.group(1)) != os.getpid() and not process_alive(int(m.group(1))))
 
 
 def remove_stale(path: Path) -> None:

@@ -46,10 +46,11 @@ from .export.formats import readers
 from .measure.memory import return_free_memory
 from .models.archs import arch_for, block_linears, get_blocks
 from .models.lazy import Checkpoint, check_names, materialize, release, skeleton, tied_names
+from .models.loader import folder_config
 from .paths import make_public
 from .quant.qlinear import integer_zero, packed_tensors
 from .recipe import Recipe
-from .save import META_FILE, check_new_path
+from .save import META_FILE, check_new_path, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _why_not_model(folder: Path) -> str | None:
     """None when the folder's model can be built weightless and its checkpoint names its parameters, else why
     not (the in-memory path then loads it, and words its own errors: an unsupported architecture, ...)."""
     try:
-        model = skeleton(plain_config(folder))
+        model = skeleton(folder_config(folder))
         arch = arch_for(model)
         get_blocks(model, arch)
     except Exception as exc:  # noqa: BLE001 - any failure here means: load it the ordinary way
@@ -96,10 +97,6 @@ def _why_not_model(folder: Path) -> str | None:
         return check_names(model, Checkpoint(folder))
     except LlmpressError as exc:
         return str(exc)
-
-
-def storage_dtype(checkpoint: Checkpoint) -> torch.dtype:
-    return checkpoint.float_dtype()
 
 
 def fingerprint(checkpoint: Checkpoint, recipe: Recipe, samples: torch.Tensor | None, device: torch.device,
@@ -172,7 +169,7 @@ class Staging:
         if self.folder.exists():
             lock = self.folder / LOCK
             pid = int(lock.read_text() or 0) if lock.is_file() else 0
-            if pid and pid != os.getpid() and _alive(pid):
+            if pid and pid != os.getpid() and process_alive(pid):
                 raise LlmpressError(f"another llmpress run (pid {pid}) is writing --out {self.out} now: wait for it "
                                     f"or choose another --out")
             progress = self.folder / PROGRESS
@@ -218,16 +215,6 @@ class Staging:
         return self.out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 class _StreamPlacement(Placement):
     """Onload = read the block from the checkpoint (float32, on the device); offload = back to meta."""
 
@@ -255,9 +242,9 @@ class _Writer:
     """Writes each finished block's tensors to its shard: packed codes for quantized linears, the rest dense in
     the checkpoint's dtype."""
 
-    def __init__(self, staging: Staging, model: nn.Module, checkpoint: Checkpoint, pack: bool) -> None:
-        self.staging, self.model, self.checkpoint, self.pack = staging, model, checkpoint, pack
-        self.dtype = storage_dtype(checkpoint)
+    def __init__(self, folder: Path, model: nn.Module, checkpoint: Checkpoint, pack: bool) -> None:
+        self.folder, self.model, self.checkpoint, self.pack = folder, model, checkpoint, pack
+        self.dtype = checkpoint.float_dtype()
         self.blocks = get_blocks(model, arch_for(model))
         self.prefix = block_prefix(model, self.blocks)
         block_names = {n for n in checkpoint.names() if n.startswith(self.prefix)}
@@ -298,22 +285,22 @@ class _Writer:
             tensors[base + name] = t.to(self.dtype) if t.is_floating_point() else t
         for name in [n for n in results if n.startswith(base)]:
             results.pop(name)
-        _atomic_save(tensors, self.staging.folder / self.shard(i), {"format": "pt"})
+        _atomic_save(tensors, self.folder / self.shard(i), {"format": "pt"})
 
     def finish(self, layers: dict) -> dict:
         """Copy embeddings, norm and head from the checkpoint; write the index. Returns the packed schemes."""
         for k, names in enumerate(self.rest):
             _atomic_save({n: self.checkpoint.get(n) for n in names},
-                         self.staging.folder / self.shard(len(self.blocks) + k), {"format": "pt"})
+                         self.folder / self.shard(len(self.blocks) + k), {"format": "pt"})
         weight_map, total = {}, 0
         from .models.lazy import read_header
 
         for k in range(self.total):
-            for name, entry in read_header(self.staging.folder / self.shard(k)).items():
+            for name, entry in read_header(self.folder / self.shard(k)).items():
                 weight_map[name] = self.shard(k)
                 total += entry["data_offsets"][1] - entry["data_offsets"][0]
         _atomic_json({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                     self.staging.folder / "model.safetensors.index.json")
+                     self.folder / "model.safetensors.index.json")
         schemes: dict[Scheme, list[str]] = {}
         if self.pack:
             for name in sorted({n.removesuffix(".weight_packed") for n in weight_map if n.endswith(".weight_packed")}):
@@ -335,6 +322,25 @@ def _groups(names: list[str], checkpoint: Checkpoint) -> list[list[str]]:
     return groups
 
 
+def packs(recipe: Recipe, format: str) -> bool:
+    """Whether the streamed run writes packed codes (a weight quantizer, and a format other than dense)."""
+    return format != "dense" and any(s.method in QUANTIZERS for s in recipe.stages)
+
+
+def run_blocks(model: nn.Module, checkpoint: Checkpoint, recipe: Recipe, samples: torch.Tensor | None,
+               device: torch.device, compute_dtype: torch.dtype | None, placement: Placement, spill: Path,
+               **kw) -> dict[str, dict]:
+    """The engine on a skeleton whose blocks ``placement`` reads from ``checkpoint``: each linear's original weight
+    for its error read again from there, the blocks' reference outputs waiting on disk in ``spill``; ``kw`` as
+    :func:`~llmpress.engine.compress_blocks` takes them. The streamed run and the plan's probe block both run this."""
+    arch = arch_for(model)
+    prefix = block_prefix(model, get_blocks(model, arch))
+    return compress_blocks(model, arch, recipe.stages, samples, device, recipe.calibration.batch_size,
+                           placement=placement, compute_dtype=compute_dtype,
+                           originals=lambda i, name: checkpoint.get(f"{prefix}{i}.{name}.weight", torch.float32),
+                           spill=spill, **kw)
+
+
 def embed_for_capture(model: nn.Module, checkpoint: Checkpoint):
     """Read the input embedding to embed the calibration windows; returns the function that drops it again.
 
@@ -344,7 +350,7 @@ def embed_for_capture(model: nn.Module, checkpoint: Checkpoint):
     embedding = model.get_input_embeddings()
     name = next(n for n, m in model.named_modules() if m is embedding)
     plain = type(embedding) is nn.Embedding
-    materialize(model, name, checkpoint, storage_dtype(checkpoint) if plain else torch.float32)
+    materialize(model, name, checkpoint, checkpoint.float_dtype() if plain else torch.float32)
     hook = embedding.register_forward_hook(lambda _m, _args, output: output.float()) if plain else None
 
     def drop() -> None:
@@ -355,12 +361,6 @@ def embed_for_capture(model: nn.Module, checkpoint: Checkpoint):
     return drop
 
 
-def plain_config(folder: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(folder)
-
-
 def compress_streamed(folder: Path, tokenizer, recipe: Recipe, samples: torch.Tensor | None, out: str | Path,
                       device: torch.device, compute_dtype: torch.dtype | None, progress: bool, format: str,
                       notes: list[str], memory=None) -> tuple[dict, dict, Path, float]:
@@ -369,7 +369,7 @@ def compress_streamed(folder: Path, tokenizer, recipe: Recipe, samples: torch.Te
     start = time.perf_counter()
     out = check_new_path(out, "--out", "output folder")
     checkpoint = Checkpoint(folder)
-    config = plain_config(folder)
+    config = folder_config(folder)
     model = skeleton(config)
     reason = check_names(model, checkpoint)
     if reason is not None:
@@ -377,14 +377,14 @@ def compress_streamed(folder: Path, tokenizer, recipe: Recipe, samples: torch.Te
     arch = arch_for(model)
     if arch.transposed:
         raise LlmpressError("cannot stream a GPT-2 (Conv1D) model: run with --stream off")
-    pack = format != "dense" and any(s.method in QUANTIZERS for s in recipe.stages)
+    pack = packs(recipe, format)
     key = fingerprint(checkpoint, recipe, samples, device, compute_dtype, format)
     staging = Staging(out, key)
     resumed = staging.open(f"{recipe.name} on {folder}")
     if resumed:
         log.warning("resuming the unfinished run in %s after block %d", staging.folder.name, staging.done - 1)
     try:
-        writer = _Writer(staging, model, checkpoint, pack)
+        writer = _Writer(staging.folder, model, checkpoint, pack)
         blocks = get_blocks(model, arch)
         prefix = block_prefix(model, blocks)
         layers, block_records = staging.layers, staging.blocks
@@ -400,14 +400,11 @@ def compress_streamed(folder: Path, tokenizer, recipe: Recipe, samples: torch.Te
             staging.record(i + 1, layers, block_records, hidden, previous + time.perf_counter() - start)
 
         if staging.done < len(blocks):
-            layers.update(compress_blocks(model, arch, [s for s in recipe.stages], samples, device,
-                                          recipe.calibration.batch_size, placement=placement, progress=progress,
-                                          results=results, compute_dtype=compute_dtype, block_records=block_records,
-                                          start=staging.done, hidden=staging.hidden() if resumed else None,
-                                          after_block=after_block, layers=layers,
-                                          originals=lambda i, name: checkpoint.get(f"{prefix}{i}.{name}.weight",
-                                                                                   torch.float32),
-                                          spill=staging.folder / SPILL))
+            layers.update(run_blocks(model, checkpoint, recipe, samples, device, compute_dtype, placement,
+                                     staging.folder / SPILL, progress=progress, results=results,
+                                     block_records=block_records, start=staging.done,
+                                     hidden=staging.hidden() if resumed else None, after_block=after_block,
+                                     layers=layers))
         drop_embedding()
         schemes = writer.finish(layers)
         seconds = previous + time.perf_counter() - start

@@ -14,6 +14,7 @@ import os
 import resource
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -32,6 +33,18 @@ def return_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def available_memory() -> int:
+    """Bytes of memory the system can give a process now (``MemAvailable``, what psutil reports on Linux;
+    elsewhere the free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def current_rss() -> int:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +42,12 @@ from ..errors import LlmpressError
 from ..export.base import Folder
 from ..export.compressed_tensors import dense_tensors
 from ..export.formats import folder_format
-from ..export.reading import quiet_transformers, reader_errors
+from ..export.reading import reader_errors
 from ..models.archs import arch_for, get_blocks
 from ..models.lazy import Checkpoint, check_names, materialize, release, skeleton, tied_names
-from ..models.loader import read_meta
+from ..models.loader import folder_config, load_tokenizer, read_meta
 from ..progress import bar
+from .memory import available_memory
 from .perplexity import _check_windows, window_nll
 
 log = logging.getLogger(__name__)
@@ -115,32 +115,11 @@ def _what(source) -> str:
     return f"an in-memory {type(source).__name__}"
 
 
-def available_memory() -> int:
-    """Bytes of memory available to this process now (psutil's estimate when installed, else free pages)."""
-    try:
-        import psutil
-    except ImportError:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(psutil.virtual_memory().available)
-
-
 def dense_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Bytes the model's parameters take dense in ``dtype``, tied ones once (by identity: every meta tensor's
     ``data_ptr()`` is 0)."""
     unique = {id(p): p.numel() for p in model.parameters()}
     return sum(unique.values()) * torch.empty((), dtype=dtype).element_size()
-
-
-def _config(path: Path):
-    """The folder's transformers config, as the dense model's (no quantization_config: packed layers are read
-    dequantized)."""
-    from transformers import AutoConfig
-
-    with quiet_transformers():
-        config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return config
 
 
 def should_stream(source, dtype: torch.dtype = torch.float32) -> bool:
@@ -149,7 +128,7 @@ def should_stream(source, dtype: torch.dtype = torch.float32) -> bool:
     if cannot_stream(source) is not None:
         return False
     try:
-        need = dense_bytes(skeleton(_config(Path(str(source)).expanduser())), dtype)
+        need = dense_bytes(skeleton(folder_config(Path(str(source)).expanduser())), dtype)
     except (*reader_errors(), ImportError):  # an architecture transformers cannot build: the whole load says why
         return False
     available = available_memory()
@@ -162,19 +141,13 @@ def should_stream(source, dtype: torch.dtype = torch.float32) -> bool:
 
 def open_folder(folder: str | Path) -> StreamedModel:
     """``folder`` (see :func:`cannot_stream`) as a skeleton whose tensors stay on disk, with tokenizer and meta."""
-    from transformers import AutoTokenizer
-
     path = Path(folder).expanduser()
     reason = cannot_stream(path)
     if reason is not None:
         raise LlmpressError(reason)
     meta = read_meta(path)
-    model = skeleton(_config(path))
-    with quiet_transformers():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (ValueError, OSError, TypeError):
-            tokenizer = None
+    model = skeleton(folder_config(path))
+    tokenizer = load_tokenizer(path)
     tensors = FolderTensors(path, Folder.of(path).quantization)
     reason = check_names(model, tensors)
     if reason is not None:

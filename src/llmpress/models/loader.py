@@ -77,6 +77,18 @@ def _load_folder(path: Path, dtype: torch.dtype, hub: bool = False):
     return model.eval(), load_tokenizer(path)
 
 
+def folder_config(path: Path):
+    """The folder's transformers config as its dense model's (read quietly, without a quantization_config: a
+    streamed reader dequantizes packed layers itself), for building a weightless skeleton."""
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def load_tokenizer(path: Path):
     """The folder's tokenizer, or None when it has none that transformers reads."""
     from transformers import AutoTokenizer
