@@ -11,11 +11,11 @@ from llmpress.compressed import Compressed, Grid, Sparsity
 from llmpress.quant.rtn import RTNConfig, rtn
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "llmpress"
-KEYS = ("bits", "group_size", "sym", "zero_float", "act_bits", "sparsity", "n:m")
+KEYS = ("bits", "group_size", "sym", "zero_float", "act_bits", "codebook", "sparsity", "n:m")
 
 
 @pytest.mark.parametrize("grid", [Grid(4, 64), Grid(3, -1, sym=False), Grid(4, 64, sym=False, float_zero=True),
-                                  Grid(8, -1, act_bits=8)])
+                                  Grid(8, -1, act_bits=8), Grid(3, -1, sym=False, codebook=True)])
 def test_grid_round_trips_through_its_record(grid):
     assert Grid.of(grid.to_record()) == grid
     assert grid.group == (None if grid.group_size == -1 else grid.group_size)

@@ -34,7 +34,8 @@ WRITTEN = [("magnitude-50", "auto", "dense"), ("rtn-w4-g64", "dense", "dense"),
            ("rtn-w4-g64", "auto", "pack-quantized"), ("rtn-w4-g64-asym", "compressed-tensors", "pack-quantized"),
            ("smoothquant-w8a8", "auto", "int-quantized"), ("magnitude-50", "compressed-tensors", "sparse"),
            ("magnitude-24", "compressed-tensors", "sparse"), ("svd-80", "auto", "low-rank"),
-           ("svd-llm-80+rtn-w8", "auto", "low-rank"), ("width-20", "auto", "dense")]
+           ("svd-llm-80+rtn-w8", "auto", "low-rank"), ("width-20", "auto", "dense"),
+           ("squeezellm-w3", "auto", "codebook"), ("gptq-lut-w4", "dense", "dense")]
 
 
 @pytest.mark.parametrize("recipe, fmt, entry", WRITTEN)
@@ -48,10 +49,11 @@ def test_each_format_detects_its_own_folder_and_only_it(calib, tmp_path, recipe,
 
 
 def test_auto_order_and_families():
-    assert NAMES == ["low-rank", "pack-quantized", "int-quantized", "sparse", "dense"]
+    assert NAMES == ["rotated", "low-rank", "codebook", "pack-quantized", "int-quantized", "sparse", "dense"]
     assert formats.REQUESTS == ("auto", "compressed-tensors", "dense") == api.FORMATS[:-1]
     assert api.FORMATS[-1] == "gguf"  # a file, written by llmpress.export.gguf_write, not a folder entry
-    assert [f.name for f in formats.FORMATS if f.auto] == ["low-rank", "pack-quantized", "int-quantized", "dense"]
+    assert [f.name for f in formats.FORMATS if f.auto] == ["rotated", "low-rank", "codebook", "pack-quantized",
+                                                           "int-quantized", "dense"]
     with pytest.raises(LlmpressError, match="unknown format 'gguf': use one of auto, compressed-tensors, dense"):
         formats.choose("gguf", tiny_model("llama"), {}, {})
 
@@ -93,7 +95,7 @@ def test_every_refusal_is_one_line():
     reasons += [compressed_tensors.can_save(gpt2, gpt2_layers, gpt2_results),
                 compressed_tensors.can_save(model, {**layers, "x": {"bits": 8, "act_bits": 8}}, results),
                 compressed_tensors.can_save(float_model, float_layers, float_results)]
-    assert len(reasons) == 7
+    assert len(reasons) == len(formats.FORMATS) - 1 + 3
     for reason in reasons:
         assert isinstance(reason, str) and reason and "\n" not in reason, reason
     assert [e.name for e in formats.FORMATS if e.can_save(model, layers, results) is None] == ["pack-quantized",

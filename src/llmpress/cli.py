@@ -284,7 +284,11 @@ def cmd_compress(args) -> None:
         print(f"GGUF {result.gguf.file_type}, {result.gguf.bytes / 1e6:.1f} MB: {result.gguf.summary()}")
         return
     tools = readers(result.out)
-    only = (" only (other tools refuse it; --format dense writes a folder every tool reads)"
+    from .export import folder_format
+
+    dense_too = folder_format(result.out) != "rotated"  # online Hadamards and int4 activations: no dense form
+    only = ((" only (other tools refuse it; --format dense writes a folder every tool reads)" if dense_too else
+             " only (no other tool runs online Hadamard transforms or int4 activations)")
             if tools == ["llmpress"] else "")
     print(f"readable by: {', '.join(tools)}{only}")
 

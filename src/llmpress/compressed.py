@@ -6,7 +6,7 @@ size accounting read the rest (integer codes, scales, masks) and the typed
 :class:`Grid` and :class:`Sparsity`. A layer's record in ``llmpress.json``
 (``layers``) is JSON; :meth:`Grid.of` and :meth:`Sparsity.of` are the one place
 that knows its keys (``bits``, ``group_size``, ``sym``, ``zero_float``,
-``act_bits``, ``kquant``; ``sparsity``, ``n:m``), so size accounting, FLOPs, the exporters
+``act_bits``, ``kquant``, ``codebook``; ``sparsity``, ``n:m``), so size accounting, FLOPs, the exporters
 and QAT read fields, never keys.
 
 Per channel is spelled ``group_size = -1`` in configs, recipes, records and
@@ -31,6 +31,8 @@ class Compressed:
     qweight/scale/zero: integer codes (int8, (out, in)) and per-group scale
         and zero point ((out, groups)) when the weight was quantized.
     mask: bool (out, in), True where a weight was kept, when it was pruned.
+    codebook: the lookup table (out, 2^bits) of a non-uniform grid (``Grid.codebook``), one sorted row
+        of values per output row; qweight then holds indices 0..2^bits-1 into it (uint8) and scale/zero are None.
     grid: the grid of qweight/scale/zero, when the weight was quantized.
     sparsity: the measured fraction of zeros and N:M pattern, when it was pruned.
     meta: the method's own record ({"method", ...}, JSON-serialisable); the
@@ -47,6 +49,7 @@ class Compressed:
     loss: float | None = None
     grid: Grid | None = None
     sparsity: Sparsity | None = None
+    codebook: Tensor | None = None
 
     def record(self) -> dict[str, Any]:
         """The layer's JSON record: the method's meta, then the grid's and the sparsity's keys."""
@@ -65,7 +68,10 @@ class Grid:
     (HQQ), which compressed-tensors cannot pack; ``act_bits``: activations are quantized too (W8A8, per
     token, dynamic); ``kquant``: the scales (and offsets) are themselves quantized against one fp16 scale per
     super-block of 256 inputs, llama.cpp's K-quants ("Q4_K": 4-bit groups of 32 with float zero points,
-    "Q6_K": symmetric 6-bit groups of 16; ``llmpress.primitives.kquant_qparams``)."""
+    "Q6_K": symmetric 6-bit groups of 16; ``llmpress.primitives.kquant_qparams``); ``codebook``: a
+    non-uniform grid, each ``bits``-bit code an index into a lookup table of 2^bits fp16 values per
+    ``group_size`` inputs of a row (-1: one table per row; SqueezeLLM, ``llmpress.quant.squeezellm``), no
+    scales or zero points."""
 
     bits: int
     group_size: int = -1
@@ -73,6 +79,7 @@ class Grid:
     float_zero: bool = False
     act_bits: int | None = None
     kquant: str | None = None
+    codebook: bool = False
 
     @property
     def group(self) -> int | None:
@@ -87,6 +94,8 @@ class Grid:
             out["act_bits"] = self.act_bits
         if self.kquant is not None:
             out["kquant"] = self.kquant
+        if self.codebook:
+            out["codebook"] = True
         return out
 
     @classmethod
@@ -98,7 +107,8 @@ class Grid:
         return cls(int(record["bits"]), -1 if group is None else int(group), bool(record.get("sym", True)),
                    bool(record.get("zero_float", False)),
                    None if record.get("act_bits") is None else int(record["act_bits"]),
-                   None if record.get("kquant") is None else str(record["kquant"]))
+                   None if record.get("kquant") is None else str(record["kquant"]),
+                   bool(record.get("codebook", False)))
 
 
 @dataclass(frozen=True)

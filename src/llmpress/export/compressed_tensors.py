@@ -158,6 +158,9 @@ def can_save(model: nn.Module, layers: dict, results: dict[str, Compressed]) -> 
         if grid is not None and grid.act_bits:
             return (f"layer {name} also quantizes activations (W8A8), and pack-quantized writes weight-only "
                     "schemes: save it with --format auto, which writes W8A8 models int-quantized")
+        if grid is not None and grid.codebook:
+            return (f"layer {name} is quantized on a lookup table (non-uniform grid), which pack-quantized cannot "
+                    "store: save it with --format auto (llmpress's codebook folder) or --format dense")
     linears, convs = 0, 0
     for name, result in results.items():
         key = _layer_key(name, result, layers)

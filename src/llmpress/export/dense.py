@@ -25,7 +25,9 @@ from ..quant.qlinear import QuantizedLinear
 from ..quant.w8a8 import W8A8Linear
 from ..save import save_model
 from .base import Folder, Format
+from .codebook import detect as is_codebook
 from .lowrank import detect as is_lowrank
+from .rotated import detect as is_rotated
 from .tools import LLMPRESS, LM_EVAL, TRANSFORMERS, VLLM
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,8 @@ def save(model: nn.Module, tokenizer, out: str | Path, meta: dict, layers: dict,
 
 
 def detect(folder: Folder) -> bool:
-    return not folder.config.get("quantization_config") and not is_lowrank(folder)
+    return (not folder.config.get("quantization_config") and not is_lowrank(folder) and not is_codebook(folder)
+            and not is_rotated(folder))
 
 
 def readers(config: dict) -> list[str]:

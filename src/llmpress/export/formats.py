@@ -7,8 +7,13 @@ in its own module next to its code and listed here in the order "auto" tries the
 ==============  ===========================================  ==========================================
 entry           on disk                                      "auto" chooses it when
 ==============  ===========================================  ==========================================
+rotated         ``rotated.safetensors`` + config             the model computes online Hadamard transforms
+                "llmpress_rotated" (``export/rotated.py``)   (``rotate(online=true)``) or has W4A4 layers
 low-rank        ``lowrank.safetensors`` + config "llmpress"  the model has factorized (LowRankLinear)
                 (``export/lowrank.py``)                      layers
+codebook        ``codebook.safetensors`` (codes + lookup     some linear is quantized on a non-uniform
+                tables) + config "llmpress"                  (codebook) grid
+                (``export/codebook.py``)
 pack-quantized  compressed-tensors pack-quantized            some linear is weight-only quantized, every
                 (``export/compressed_tensors.py``)           such layer with its codes, no GPT-2 Conv1D
 int-quantized   compressed-tensors int-quantized, W8A8       the model has W8A8Linear layers
@@ -45,13 +50,14 @@ from torch import nn
 
 from ..compressed import Compressed
 from ..errors import LlmpressError
-from . import compressed_tensors, dense, lowrank, sparse, w8a8
+from . import codebook, compressed_tensors, dense, lowrank, rotated, sparse, w8a8
 from .base import Folder, Format
 from .tools import LLMPRESS
 
 log = logging.getLogger(__name__)
 
-FORMATS: tuple[Format, ...] = (lowrank.FORMAT, compressed_tensors.FORMAT, w8a8.FORMAT, sparse.FORMAT, dense.FORMAT)
+FORMATS: tuple[Format, ...] = (rotated.FORMAT, lowrank.FORMAT, codebook.FORMAT, compressed_tensors.FORMAT,
+                                w8a8.FORMAT, sparse.FORMAT, dense.FORMAT)
 REQUESTS = ("auto", *dict.fromkeys(f.family for f in FORMATS if f.family))  # auto, compressed-tensors, dense
 
 
@@ -63,6 +69,14 @@ def choose(request: str, model: nn.Module, layers: dict, results: dict[str, Comp
     """
     if request not in REQUESTS:
         raise LlmpressError(f"unknown format '{request}': use one of {', '.join(REQUESTS)}")
+    if rotated.FORMAT.fits(model, layers, results):  # online rotations, W4A4: only llmpress's own folder holds them
+        if request != "auto":
+            raise LlmpressError(f"format {request} cannot hold this model's online rotations or W4A4 layers: use "
+                                "--format auto (llmpress's rotated folder)")
+        reason = rotated.FORMAT.can_save(model, layers, results)
+        if reason is not None:  # never fall through to a format that would drop the online transforms
+            raise LlmpressError(reason)
+        return rotated.FORMAT
     if request != "auto":
         family = [f for f in FORMATS if f.family == request]
         chosen = next((f for f in family if f.fits(model, layers, results)), family[0])

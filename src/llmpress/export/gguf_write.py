@@ -39,6 +39,7 @@ from ..errors import LlmpressError
 from ..paths import make_public
 from ..save import check_new_path
 from .gguf_blocks import BLOCK_TYPES, block_type_for, pack_blocks, why_not
+from .rotated import fits as rotated_model
 
 log = logging.getLogger(__name__)
 
@@ -281,12 +282,21 @@ def write_gguf(model: nn.Module, tokenizer, out: str | Path, results: dict[str, 
 
     path = check_gguf_out(out)
     config = model.config
+    if rotated_model(model, {}, {}):
+        raise LlmpressError("the model computes online Hadamard transforms (rotate(online=true)) or int4 activations "
+                            "(w4a4), which llama.cpp does not: save it as a folder (--format auto)")
     arch, permute = architecture(config)
     dense = _check_type(dense, "--dense-type")
     requantize = None if requantize is None else _check_type(requantize, "--requantize")
     if requantize is not None and requantize not in BLOCK_TYPES:
         raise LlmpressError(f"--requantize takes a block type ({', '.join(BLOCK_TYPES)}), not {requantize}")
     quantized = quantized_layers(model, results, layers)
+    grids = {n: Grid.of(layers[n]) if layers and n in layers else r.grid for n, r in (results or {}).items()}
+    tables = [n for n, grid in grids.items() if grid is not None and grid.codebook]
+    if tables:
+        raise LlmpressError(f"{len(tables)} layer(s) are quantized on lookup tables (non-uniform grid), e.g. "
+                            f"{tables[0]}, which no GGUF type holds: save them as a folder (--format auto) or "
+                            "compress with a GGUF recipe (gptq-q4_0, rtn-q4_1, ...)")
     embedding = _check_type(embedding or ("Q8_0" if quantized else dense), "--embedding-type")
 
     refused = {n: why_not(g, r.qweight.shape[1]) for n, (r, g) in quantized.items()

@@ -122,6 +122,9 @@ def layer_bytes(spec: dict, dense_bits: int = 16) -> int:
         kept = numel * nm[0] // nm[1] if nm is not None else round(numel * (1.0 - sparsity.fraction))
         offsets = 0 if sparsity.two_four(cols) else rows * ROW_OFFSET_BYTES
         return _bytes(kept * dense_bits) + rows * _bytes(cols) + offsets
+    if grid.codebook:  # codes + one table of 2^b fp16 values per row (or group): llmpress.export.codebook
+        tables = rows * _groups_per_row(cols, grid.group_size)
+        return _bytes(numel * grid.bits) + tables * (1 << grid.bits) * SCALE_BYTES
     if grid.kquant is not None:  # llama.cpp's super-blocks of 256: fp16 scale(s) and packed sub-scales each
         return _bytes(numel * grid.bits) + rows * (cols // 256) * KQUANT_SUPERBLOCK_BYTES[grid.kquant]
     groups = rows * _groups_per_row(cols, grid.group_size)
@@ -177,6 +180,8 @@ def size_report(
 
     * quantized: ``out*in*b/8`` packed values + ``out*g*2`` fp16 scales +,
       if asymmetric, ``out*g*b/8`` packed zero points;
+    * quantized on a codebook (non-uniform) grid: ``out*in*b/8`` packed codes +
+      ``out*g*2^b*2`` bytes of fp16 lookup tables;
     * sparse only (``sparsity > 0``), as compressed-tensors' ``sparse-bitmask``:
       bitmask of ``out*ceil(in/8)`` bytes (one bit per element, rows padded to
       bytes) + the ``round(out*in*(1-s))`` kept values at ``d`` bits + one

@@ -149,14 +149,28 @@ def _solve(Wt: Tensor, *args, **kwargs) -> tuple[Tensor, float]:
         return _solve_loop(Wt, *args, **kwargs)
 
 
+def solve_nearest(Wt: Tensor, U: Tensor, block_size: int,
+                  nearest: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, float]:
+    """GPTQ's blocked column loop for any grid: ``nearest(w) -> (codes, values)`` rounds one column w (out,).
+
+    Wt = Wᵀ (in, out) in processing order (overwritten), U the upper Cholesky factor of H⁻¹ in that order
+    (``llmpress.linalg.inverse_cholesky_upper``); returns the float codes (in, out) and the loss, as
+    :func:`gptq` computes them. Used by the non-uniform (codebook) variant, ``llmpress.quant.squeezellm``.
+    """
+    return _solve(Wt, U, 8, block_size, nearest=nearest)
+
+
 def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: tuple[Tensor, Tensor] | None = None,
-                groups: _CurrentGroups | None = None, float_zero: bool = False) -> tuple[Tensor, float]:
+                groups: _CurrentGroups | None = None, float_zero: bool = False,
+                nearest: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, float]:
     """The blocked GPTQ loop on Wt = Wᵀ (in, out), rows in processing order; returns float codes (in, out), loss.
 
     Working on Wᵀ keeps each column a contiguous row. Qparams come either from
     ``per_column`` (S, Z) (in, out), one row per processed column, or from ``groups``.
     Codes are ``round(w / s) + z`` for integer zero points, ``round(w / s + z)`` when ``float_zero``
-    (as ``llmpress.primitives.quantize``). Wt is overwritten (it holds the error-updated weights at the end).
+    (as ``llmpress.primitives.quantize``). Any other grid (a non-uniform codebook,
+    ``llmpress.quant.squeezellm``) passes ``nearest(w) -> (codes, values)`` for a column w (out,) instead.
+    Wt is overwritten (it holds the error-updated weights at the end).
     """
     columns = Wt.shape[0]
     qmin, qmax = qrange(bits)
@@ -167,15 +181,19 @@ def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: t
         W1, E1, U1 = Wt[i1:i2], E[i1:i2], U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
-            if groups is None:
-                s, z = per_column[0][c], per_column[1][c]
-            elif c % groups.size == 0:
-                s, z = groups.at(Wt, E1, U, i1, c, i2)
             w = W1[i]
-            q = torch.round(w / s + z) if float_zero else torch.round(w / s).add_(z)
-            q = torch.clamp_(q, qmin, qmax)
+            if nearest is not None:
+                q, value = nearest(w)
+            else:
+                if groups is None:
+                    s, z = per_column[0][c], per_column[1][c]
+                elif c % groups.size == 0:
+                    s, z = groups.at(Wt, E1, U, i1, c, i2)
+                q = torch.round(w / s + z) if float_zero else torch.round(w / s).add_(z)
+                q = torch.clamp_(q, qmin, qmax)
+                value = (q - z).mul_(s)
             Q[c] = q
-            err = torch.sub(w, (q - z).mul_(s), out=E1[i]).div_(U1[i, i])
+            err = torch.sub(w, value, out=E1[i]).div_(U1[i, i])
             if i + 1 < i2 - i1:
                 W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
         if i2 < columns:

@@ -27,12 +27,13 @@ from .kvgrid import (
     KVCacheConfig,
     KVCodes,
     as_kv_config,
-    dequantize_kv,
+    dequantize_kv_rotated,
     kv_bytes_per_token,
     kv_config_from_meta,
     pack_codes,
-    quantize_kv,
+    quantize_kv_rotated,
     quantized_length,
+    resolve_hadamard,
     unpack_codes,
 )
 
@@ -56,7 +57,7 @@ class _KVStream:
         tail = x if self.tail is None else torch.cat([self.tail, x], dim=-2)
         n = quantized_length(tail.shape[-2], self.cfg, self.axis)  # self.quantized is a whole number of groups
         if n:
-            new = quantize_kv(tail[..., :n, :], self.cfg.bits, self.cfg.group_size, self.axis)
+            new = quantize_kv_rotated(tail[..., :n, :], self.cfg, self.axis)
             new = KVCodes(pack_codes(new.q, self.cfg.bits), new.scale, new.offset)
             self.codes = new if self.codes is None else KVCodes(
                 *(torch.cat([old, part], dim=-2) for old, part in zip(self.codes, new)))
@@ -66,7 +67,7 @@ class _KVStream:
         if self.codes is None:
             return tail
         q = unpack_codes(self.codes.q, self.cfg.bits)
-        head = dequantize_kv(KVCodes(q, self.codes.scale, self.codes.offset), self.cfg.group_size, self.axis, x.dtype)
+        head = dequantize_kv_rotated(KVCodes(q, self.codes.scale, self.codes.offset), self.cfg, self.axis, x.dtype)
         return torch.cat([head, tail], dim=-2)
 
     def drop_front(self, tokens: int) -> None:
@@ -199,10 +200,12 @@ class QuantizedKVCache(DynamicCache):
 
 
 def kv_cache_factory(model: torch.nn.Module, cfg: KVCacheConfig | None) -> Callable[[], Cache] | None:
-    """A function making a fresh cache for ``model`` per forward, or None when ``cfg`` asks for nothing."""
+    """A function making a fresh cache for ``model`` per forward, or None when ``cfg`` asks for nothing.
+
+    ``cfg.hadamard`` None is decided by the model (:func:`~llmpress.quant.kvgrid.resolve_hadamard`)."""
     if cfg is None or not cfg.enabled:
         return None
-    return partial(QuantizedKVCache, cfg, model.config)
+    return partial(QuantizedKVCache, resolve_hadamard(cfg, model.config), model.config)
 
 
 def kv_cache_stage(weight: Tensor, cfg: KVCacheConfig) -> Compressed:
@@ -222,6 +225,7 @@ class KVCacheSetting:
 
     @staticmethod
     def report(cfg: KVCacheConfig, model_config) -> dict:
+        cfg = resolve_hadamard(cfg, model_config) if cfg.enabled else cfg
         return {**dataclasses.asdict(cfg), **kv_bytes_per_token(cfg, model_config)}
 
 

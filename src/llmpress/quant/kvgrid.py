@@ -17,6 +17,13 @@ scale and an fp16 offset (the group minimum): ``x ≈ q·scale + offset``. The
 offset is rounded down and the scale up to fp16, so no value is clipped and
 every error is at most half a step.
 
+With ``hadamard`` each head's keys and values are rotated by an orthonormal Hadamard matrix before they
+are quantized and rotated back after (QuaRot, arXiv:2404.00456: rotating q and k after RoPE leaves q·kᵀ
+unchanged, so doing both rotations inside the cache is the same attention with the rounding in the
+rotated basis, where a channel's outliers are spread over the whole head). ``None`` (the default) lets
+the model decide: a model rotated with ``rotate(online=true)`` asks for it in its config
+(``llmpress.rotate.online``).
+
 The pure grid and its accounting live here; the transformers ``Cache`` that applies it at inference,
 and the ``kv-cache`` recipe method, are in ``llmpress.quant.kvcache``.
 """
@@ -33,6 +40,7 @@ from torch import Tensor
 
 from ..config import Check, Config
 from ..errors import LlmpressError
+from ..rotate.online import hadamard_transform, kv_hadamard
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,8 @@ class KVCacheConfig(Config):
     """bits: 2, 4, 8 (16 = off); group_size: channels per group of one token (capped at head_dim:
     64 = one group per head at head_dim 64) or, for keys with key_axis "channel", tokens per group
     of one channel; key_axis: "token" or "channel" (KIVI); residual_tokens: newest tokens kept in
-    full precision (KIVI's residual)."""
+    full precision (KIVI's residual); hadamard: rotate each head's keys and values by a Hadamard matrix
+    before quantizing them and back after (None: as the model's config asks, see :func:`resolve_hadamard`)."""
 
     label = "kv-cache"
 
@@ -55,6 +64,7 @@ class KVCacheConfig(Config):
     group_size: Annotated[int, Check(ge=1, advice="use a positive integer that divides head_dim, e.g. 64")] = 64
     key_axis: Annotated[str, Check(choices=KEY_AXES, advice="use 'token' or 'channel'")] = "token"
     residual_tokens: Annotated[int, Check(ge=0)] = 0
+    hadamard: bool | None = None
 
     @property
     def enabled(self) -> bool:
@@ -151,18 +161,37 @@ def quantized_length(tokens: int, cfg: KVCacheConfig, axis: str) -> int:
     return max(tokens - cfg.residual_tokens, 0) // unit * unit
 
 
+def quantize_kv_rotated(x: Tensor, cfg: KVCacheConfig, axis: str) -> KVCodes:
+    """:func:`quantize_kv` of ``x``, first rotated per head by the Hadamard matrix when ``cfg.hadamard``."""
+    return quantize_kv(hadamard_transform(x) if cfg.hadamard else x, cfg.bits, cfg.group_size, axis)
+
+
+def dequantize_kv_rotated(codes: KVCodes, cfg: KVCacheConfig, axis: str, dtype: torch.dtype) -> Tensor:
+    """The inverse of :func:`quantize_kv_rotated` up to rounding: dequantize, then rotate back."""
+    x = dequantize_kv(codes, cfg.group_size, axis, torch.float32 if cfg.hadamard else dtype)
+    return hadamard_transform(x, inverse=True).to(dtype) if cfg.hadamard else x
+
+
 def fake_quantize_kv(x: Tensor, cfg: KVCacheConfig, *, key: bool = False) -> Tensor:
     """``x`` (batch, heads, tokens, head_dim) as :class:`QuantizedKVCache` returns it after storing it.
 
     The oldest :func:`quantized_length` tokens go through quantize/dequantize (keys along
-    ``cfg.key_axis`` when ``key``, values always per token); the rest stay exact. Same dtype as x.
+    ``cfg.key_axis`` when ``key``, values always per token; rotated per head first when ``cfg.hadamard``);
+    the rest stay exact. Same dtype as x.
     """
     axis = cfg.key_axis if key else "token"
     n = quantized_length(x.shape[-2], cfg, axis)
     if n == 0:
         return x
-    head = dequantize_kv(quantize_kv(x[..., :n, :], cfg.bits, cfg.group_size, axis), cfg.group_size, axis, x.dtype)
+    head = dequantize_kv_rotated(quantize_kv_rotated(x[..., :n, :], cfg, axis), cfg, axis, x.dtype)
     return torch.cat([head, x[..., n:, :]], dim=-2)
+
+
+def resolve_hadamard(cfg: KVCacheConfig, model_config) -> KVCacheConfig:
+    """``cfg`` with ``hadamard`` decided: as given, or (None) as the model's config asks (``rotate(online=true)``)."""
+    if cfg.hadamard is not None:
+        return cfg
+    return dataclasses.replace(cfg, hadamard=kv_hadamard(model_config))
 
 
 def _kv_shape(config) -> tuple[int, int, int]:

@@ -19,14 +19,19 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..models.archs import Arch, input_representatives, linear_weight, set_linear_weight
+from ..rotate.online import has_input_hadamard
 
 Feed = tuple[str, tuple[str, ...]]
 
 
 def foldable_feeds(arch: Arch, selected: dict[str, nn.Module] | set[str]) -> list[Feed]:
-    """The feeds of ``arch`` (in block order) whose consumers are all among ``selected``."""
+    """The feeds of ``arch`` (in block order) whose consumers are all among ``selected``; given modules, not those
+    into a linear that rotates its input online (``rotate(online=true)``): no per-channel scale passes a Hadamard."""
+    def rotated(consumers) -> bool:
+        return isinstance(selected, dict) and any(has_input_hadamard(selected[name]) for name in consumers)
+
     return [(source, tuple(consumers)) for source, consumers in arch.feeds
-            if all(name in selected for name in consumers)]
+            if all(name in selected for name in consumers) and not rotated(consumers)]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:

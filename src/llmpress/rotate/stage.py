@@ -17,9 +17,13 @@ relative output error under RTN int4 g64 goes from 0.11 to 0.19-0.20 after rotat
 (q_proj's barely moves, 0.08-0.09 either way). Those inputs hold over half their energy in five channels;
 unrotated, their rounding error is that of their own columns' groups, scaled by the (folded) RMSNorm gain;
 rotated, every output channel meets all columns' rounding error at one level. Quantizers that see the
-activations (GPTQ's Hessian) are the ones to pair with a rotation. The online Hadamard before
-``down_proj`` (QuaRot's R4, needed for int4 activations) is not implemented: the saved model would need a
-module transformers does not have.
+activations (GPTQ's Hessian) are the ones to pair with a rotation.
+
+``online=true`` adds QuaRot's online Hadamard transforms (:mod:`.online`), which int4 activations and an int4
+KV cache need: before each ``down_proj`` (its weight absorbs the inverse offline; a forward pre-hook rotates
+its input) and on each head's keys and values where the KV cache is quantized. The model then computes
+something plain transformers does not: it is saved in llmpress's own folder (``llmpress.export.rotated``),
+which records the transforms in ``config.json`` and puts them back on load.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from torch import nn
 
 from ..config import Check, Config
 from ..errors import LlmpressError
-from ..models.archs import Arch
+from ..models.archs import Arch, get_blocks, linear_weight, set_linear_weight
 from ..registry import Method, register
 from .fold import fold_norms, head_layout, rotate_heads, rotate_residual, untie_head, why_not
 from .hadamard import has_hadamard, rotation
+from .online import absorb_input_hadamard, add_input_hadamard, has_input_hadamard, record
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,9 @@ class RotateConfig(Config):
     """``kind``: "hadamard" (QuaRot: a Hadamard matrix times a random ±1 diagonal; needs a Hadamard order for the
     hidden size, and for the head dim when ``heads``) or "random" (a random orthogonal matrix, any size).
     ``seed``: the random signs / matrix. ``heads``: also rotate each attention head's values and outputs.
-    ``verify``: compare the logits on a few random tokens before and after, and fail if they moved."""
+    ``verify``: compare the logits on a few random tokens before and after, and fail if they moved.
+    ``online``: also QuaRot's online Hadamard before each MLP output linear (``down_proj``) and on the keys and
+    values of a quantized KV cache (needs Hadamard orders for the MLP width and the head dim)."""
 
     label = "rotate"
 
@@ -54,6 +61,7 @@ class RotateConfig(Config):
     seed: Annotated[int, Check(ge=0, lt=2**63, advice="use an integer from 0 to 2**63 - 1")] = 0
     heads: bool = True
     verify: bool = True
+    online: bool = False
 
 
 # relative change of the logits allowed by verify: float rounding of the rotated weights, by parameter dtype
@@ -86,6 +94,8 @@ def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg
         if cfg.kind == "hadamard" and not has_hadamard(n):
             raise LlmpressError(f"rotate: no Hadamard matrix of order {n} (the {what}) is built here: "
                                 "use rotate(kind=random)")
+    if cfg.online:
+        _check_online(model, arch, head_dim)
     ids = _probe(model) if cfg.verify else None
     before = _logits(model, ids) if cfg.verify else None
     tied = untie_head(model)
@@ -93,6 +103,8 @@ def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg
     rotate_residual(model, arch, rotation(hidden, cfg.kind, cfg.seed))
     if cfg.heads:
         rotate_heads(model, arch, rotation(head_dim, cfg.kind, cfg.seed + 1))
+    if cfg.online:
+        add_online_hadamard(model, arch)
     if cfg.verify:
         after = _logits(model, ids)
         change = float((after - before).norm() / before.norm())
@@ -101,9 +113,42 @@ def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg
             raise LlmpressError(f"rotate changed the '{arch.name}' model's logits by {change:.2e} (relative): "
                                 "this architecture does not rotate exactly; remove the rotate stage")
         log.info("rotate: logits changed by %.2e (relative) on a probe of 16 tokens", change)
-    log.info("rotate: residual stream (%d) rotated by a %s matrix%s%s", hidden, cfg.kind,
-             f", heads ({head_dim})" if cfg.heads else "", "; head untied from the embedding" if tied else "")
+    log.info("rotate: residual stream (%d) rotated by a %s matrix%s%s%s", hidden, cfg.kind,
+             f", heads ({head_dim})" if cfg.heads else "", "; head untied from the embedding" if tied else "",
+             "; online Hadamard before the MLP output linears and on the quantized KV cache" if cfg.online else "")
     return {}
+
+
+def _check_online(model: nn.Module, arch: Arch, head_dim: int) -> None:
+    block = get_blocks(model, arch)[0]
+    for name in arch.groups[3]:  # the MLP's output linear: its input is the MLP's inner activation
+        width = linear_weight(block.get_submodule(name), arch).shape[1]
+        if not has_hadamard(width):
+            raise LlmpressError(f"rotate(online=true): no Hadamard matrix of order {width} (the input of {name}) "
+                                "is built here; remove online=true")
+    if not has_hadamard(head_dim):
+        raise LlmpressError(f"rotate(online=true): no Hadamard matrix of order {head_dim} (the head dim) is built "
+                            "here; remove online=true")
+
+
+@torch.no_grad()
+def add_online_hadamard(model: nn.Module, arch: Arch) -> list[str]:
+    """QuaRot's online Hadamard before every MLP output linear (W ← W·H/√n offline, x ← x·H/√n at run time by a
+    pre-hook), and the KV-cache rotation, recorded in ``model.config``; returns the linears' full names."""
+    blocks = get_blocks(model, arch)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    names = []
+    for i, block in enumerate(blocks):
+        for name in arch.groups[3]:
+            linear = block.get_submodule(name)
+            if has_input_hadamard(linear):  # a second rotate(online=true): the first one's transform stays
+                continue
+            weight = linear_weight(linear, arch)
+            set_linear_weight(linear, arch, absorb_input_hadamard(weight).to(weight.dtype))
+            add_input_hadamard(linear)
+            names.append(f"{prefix}.{i}.{name}")
+    record(model, names, kv=True)
+    return names
 
 
 register(Method("rotate", RotateConfig, rotate_model, (), "model", calibrated=False), recipes={
