@@ -147,3 +147,50 @@ def test_rotated_quantized_model_saves_and_reloads(recipe, tmp_path, calib):
     assert config["tie_word_embeddings"] is False
     assert ("quantization_config" in config) == (recipe != "rotate")
     assert reloaded.meta["recipe"]["stages"][0]["method"] == "rotate"
+
+
+# SpinQuant: the Cayley update against its plain formula, and the stage keeps the float model's function
+def _cayley_reference(R, G, lr):
+    """The Cayley retraction written out: W = G·Rᵀ − R·Gᵀ, Y = (I + lr/2·W)⁻¹·(I − lr/2·W)·R."""
+    n = R.shape[0]
+    W = G @ R.T - R @ G.T
+    eye = torch.eye(n, dtype=R.dtype)
+    return torch.inverse(eye + lr / 2 * W) @ (eye - lr / 2 * W) @ R
+
+
+def test_cayley_step_stays_orthogonal_and_descends():
+    from llmpress.rotate.spin import cayley_step
+
+    gen = torch.Generator().manual_seed(0)
+    R = random_orthogonal(24, 1)
+    X = torch.randn(24, 64, dtype=torch.float64, generator=gen)
+    S = torch.randn(24, 24, dtype=torch.float64, generator=gen)
+    target = R @ torch.linalg.matrix_exp(S - S.T)  # a rotation Cayley steps from R can reach (same determinant)
+    Y = target @ X  # the loss ½‖R·X − Y‖² is 0 at R = target
+
+    def loss(R):
+        return 0.5 * float(((R @ X - Y) ** 2).sum())
+
+    G = (R @ X - Y) @ X.T  # its gradient at R
+    for lr in (1e-3, 0.1, 2.0):
+        step = cayley_step(R, G, lr / float(G.norm()))
+        assert torch.allclose(step, _cayley_reference(R, G, lr / float(G.norm())), atol=1e-10)
+        assert torch.allclose(step @ step.T, torch.eye(24, dtype=torch.float64), atol=1e-10)
+    assert loss(cayley_step(R, G, 1e-3 / float(G.norm()))) < loss(R)
+    start, lr = loss(R), 0.5 / float(torch.linalg.matrix_norm(X @ X.T, 2))
+    for _ in range(300):  # repeated steps approach the minimum
+        R = cayley_step(R, (R @ X - Y) @ X.T, lr)
+    assert loss(R) < 1e-3 * start
+
+
+def test_fake_quant_ste_is_w4a4s_grid_with_an_identity_gradient():
+    from llmpress.quant.w4a4 import quantize_act_per_token
+    from llmpress.rotate.spin import fake_quant_ste
+
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    y = fake_quant_ste(x, 4, 0.9)
+    codes, scale = quantize_act_per_token(x.detach(), 4, 0.9)
+    assert torch.allclose(y.detach(), codes.float() * scale, atol=1e-6) and not torch.equal(y.detach(), x.detach())
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+

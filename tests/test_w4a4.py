@@ -14,7 +14,7 @@ from llmpress.export import formats
 from llmpress.models.archs import arch_for, get_blocks
 from llmpress.quant.kvcache import kv_cache_factory
 from llmpress.quant.kvgrid import KVCacheConfig, dequantize_kv, fake_quantize_kv, quantize_kv
-from llmpress.quant.w4a4 import W4A4Linear, int_linear, quantize_act_per_token
+from llmpress.quant.w4a4 import CLIP_GRID, W4A4Linear, act_clip_errors, int_linear, quantize_act_per_token
 from llmpress.quant.w8a8 import W8A8Linear, quantize_a8_per_token
 from llmpress.registry import builtin_recipes
 from llmpress.rotate import RotateConfig, hadamard, rotate_model
@@ -26,6 +26,7 @@ from llmpress.rotate.online import (
     online_record,
     online_split,
 )
+from llmpress.rotate.spin import SpinQuantConfig, learn_rotation
 from tiny_models import TOKENIZER_TEXT, random_ids, tiny_model, tiny_tokenizer
 
 ONLINE_TYPES = ["llama", "qwen2", "phi3", "mistral"]
@@ -60,17 +61,29 @@ def test_online_hadamard_before_down_proj_keeps_the_logits(model_type):
     after = _logits(online, ids)
     assert torch.allclose(after, before, atol=1e-5, rtol=1e-4), (after - before).abs().max()
     record = online_record(online.config)
-    assert record["kv_hadamard"] is True and len(record["input_hadamard"]) == online.config.num_hidden_layers
+    assert record["kv_hadamard"] is True and len(record["input_hadamard"]) == 2 * online.config.num_hidden_layers
     for block_off, block_on in zip(get_blocks(offline, arch_for(offline)), get_blocks(online, arch_for(online))):
-        down_off, down_on = block_off.mlp.down_proj, block_on.mlp.down_proj
-        assert has_input_hadamard(down_on) and not has_input_hadamard(down_off)
-        n = down_off.weight.shape[1]  # the weight absorbed H/√n: W_on = W_off·H/√n
-        expected = down_off.weight.double() @ online_hadamard(n).double() / n ** 0.5
-        assert torch.allclose(down_on.weight.double(), expected, atol=1e-6)
-        assert (down_on.weight - down_off.weight).abs().max() > 1e-2
+        for off, on in ((block_off.mlp.down_proj, block_on.mlp.down_proj),
+                        (block_off.self_attn.o_proj, block_on.self_attn.o_proj)):  # QuaRot's H across heads
+            assert has_input_hadamard(on) and not has_input_hadamard(off)
+            n = off.weight.shape[1]  # the weight absorbed H/√n: W_on = W_off·H/√n
+            expected = off.weight.double() @ online_hadamard(n).double() / n ** 0.5
+            assert torch.allclose(on.weight.double(), expected, atol=1e-6)
+            assert (on.weight - off.weight).abs().max() > 1e-2
     for block in get_blocks(online, arch_for(online)):  # without the run-time half the model is wrong
-        block.mlp.down_proj._forward_pre_hooks.clear()
+        block.self_attn.o_proj._forward_pre_hooks.clear()
     assert not torch.allclose(_logits(online, ids), before, atol=1e-2, rtol=1e-2)
+
+
+def test_online_o_proj_can_be_left_out():
+    ids = random_ids(2, 16, seed=2)
+    model = tiny_model("llama", seed=1)
+    before = _logits(model, ids)
+    rotate_model(model, arch_for(model), None, RotateConfig(online=True, online_o_proj=False))
+    assert torch.allclose(_logits(model, ids), before, atol=1e-5, rtol=1e-4)
+    names = online_record(model.config)["input_hadamard"]
+    assert len(names) == model.config.num_hidden_layers and all(n.endswith("mlp.down_proj") for n in names)
+    assert not has_input_hadamard(model.model.layers[0].self_attn.o_proj)
 
 
 def test_statistics_hooks_see_the_rotated_input():
@@ -175,7 +188,7 @@ def _compress(calib_text, recipe, out=None, **kw):
 
 
 @pytest.mark.parametrize("recipe", ["rotate+gptq-w4a4", "gptq-w4a4", "rotate(online=true)+w4a4(act_bits=6)",
-                                    "rotate(online=true)+gptq-w4-g64"])
+                                    "rotate(online=true)+gptq-w4-g64", "rotate+gptq-w4a4-g64"])
 def test_w4a4_folder_reloads_with_identical_logits(calib_text, tmp_path, recipe):
     out = tmp_path / "out"
     result = _compress(calib_text, recipe, out)
@@ -191,10 +204,12 @@ def test_w4a4_folder_reloads_with_identical_logits(calib_text, tmp_path, recipe)
     online = recipe.startswith("rotate")
     assert bool(config.get(CONFIG_KEY)) == online
     for name, module in reloaded.model.named_modules():
-        if name.endswith("mlp.down_proj"):
+        if name.endswith(("mlp.down_proj", "self_attn.o_proj")):
             assert has_input_hadamard(module) == online
     int_layers = [m for m in reloaded.model.modules() if isinstance(m, W4A4Linear)]
-    assert len(int_layers) == (0 if recipe.endswith("g64") else 14)
+    assert len(int_layers) == (0 if recipe.endswith("gptq-w4-g64") else 14)
+    if recipe == "rotate+gptq-w4a4-g64":  # groups of 64 and a searched clip per linear, saved and reloaded
+        assert all(m.group_size == 64 for m in int_layers) and len({m.act_clip for m in int_layers}) > 1
     assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
                                                  reloaded.model.state_dict().values()))
 
@@ -245,3 +260,43 @@ def test_smoothing_skips_the_rotated_down_proj_and_w8a8_keeps_the_hadamard(calib
     reloaded = load_model(out).model
     reloaded.set_attn_implementation("eager")
     assert torch.equal(_logits(reloaded, ids), _logits(result.model, ids))
+
+
+def test_spinquant_learns_an_orthogonal_rotation_that_keeps_the_float_function(calib_text):
+    tok, data = calib_text
+    result = _compress(calib_text, "rotate(online=true)+spinquant(steps=3,samples=2,seq_len=16)")
+    base = tiny_model("llama", seed=3, vocab_size=len(tok), tie_word_embeddings=True)
+    ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(_logits(result.model, ids), _logits(base, ids), atol=1e-4, rtol=1e-4)
+    R, losses = learn_rotation(result.model, arch_for(result.model), ids, SpinQuantConfig(steps=2, seq_len=16))
+    assert torch.allclose(R @ R.T, torch.eye(R.shape[0], dtype=torch.float64), atol=1e-5)
+    assert len(losses) == 2 and (R - torch.eye(R.shape[0], dtype=torch.float64)).abs().max() > 1e-3
+    assert torch.allclose(_logits(result.model, ids), _logits(base, ids), atol=1e-4, rtol=1e-4)  # hooks removed
+    with pytest.raises(LlmpressError, match=r"put rotate\(online=true\) before spinquant"):
+        _compress(calib_text, "spinquant(steps=1,seq_len=16)")
+
+
+def test_act_clip_errors_match_a_plain_loop():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 24, generator=gen) * torch.linspace(0.2, 3, 24)
+    W = torch.randn(5, 24, generator=gen)
+    clips = (0.5, 0.8, 0.95)  # (not 1: the absmax lands on x/s = 7.5 exactly, a tie float rounding decides)
+    found = act_clip_errors(x, W, 4, clips)
+    for k, clip in enumerate(clips):
+        total = 0.0
+        for t in range(7):
+            s = clip * x[t].abs().max().item() / 7.5
+            xq = torch.tensor([max(-8, min(7, round(v / s))) * s for v in x[t].tolist()])
+            total += float(((xq - x[t]) @ W.T).pow(2).sum())
+        assert found[k].item() == pytest.approx(total, rel=1e-4)
+
+
+def test_w4a4_clip_search_picks_a_clip_per_linear(calib_text):
+    result = _compress(calib_text, "rotate(online=true)+w4a4(clip_search=true,clip_tokens=64)")
+    chosen = {name: record["act_clip"] for name, record in result.layers.items()}
+    assert len(chosen) == 14 and set(chosen.values()) <= set(CLIP_GRID)
+    for name, clip in chosen.items():
+        assert result.model.get_submodule(name).act_clip == clip
+    tok, _ = calib_text
+    with pytest.raises(LlmpressError, match="clip_search=true\\) needs calibration data"):
+        compress(tiny_model("llama", seed=3, vocab_size=len(tok)), "w4a4(clip_search=true)", tokenizer=tok)

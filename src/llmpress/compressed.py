@@ -6,8 +6,8 @@ size accounting read the rest (integer codes, scales, masks) and the typed
 :class:`Grid` and :class:`Sparsity`. A layer's record in ``llmpress.json``
 (``layers``) is JSON; :meth:`Grid.of` and :meth:`Sparsity.of` are the one place
 that knows its keys (``bits``, ``group_size``, ``sym``, ``zero_float``,
-``act_bits``, ``kquant``, ``codebook``; ``sparsity``, ``n:m``), so size accounting, FLOPs, the exporters
-and QAT read fields, never keys.
+``act_bits``, ``kquant``, ``codebook``, ``vq_dim``/``vq_rows``; ``sparsity``, ``n:m``), so size
+accounting, FLOPs, the exporters and QAT read fields, never keys.
 
 Per channel is spelled ``group_size = -1`` in configs, recipes, records and
 :class:`Grid`; ``Grid.group`` gives the ``None`` that ``llmpress.primitives``
@@ -33,6 +33,8 @@ class Compressed:
     mask: bool (out, in), True where a weight was kept, when it was pruned.
     codebook: the lookup table (out, 2^bits) of a non-uniform grid (``Grid.codebook``), one sorted row
         of values per output row; qweight then holds indices 0..2^bits-1 into it (uint8) and scale/zero are None.
+        A vector grid (``Grid.vector`` = (dim, rows)): codebooks (ceil(out/rows), 2^(bits·dim), dim) and
+        qweight (out, in/dim) indices into them.
     grid: the grid of qweight/scale/zero, when the weight was quantized.
     sparsity: the measured fraction of zeros and N:M pattern, when it was pruned.
     meta: the method's own record ({"method", ...}, JSON-serialisable); the
@@ -71,7 +73,9 @@ class Grid:
     "Q6_K": symmetric 6-bit groups of 16; ``llmpress.primitives.kquant_qparams``); ``codebook``: a
     non-uniform grid, each ``bits``-bit code an index into a lookup table of 2^bits fp16 values per
     ``group_size`` inputs of a row (-1: one table per row; SqueezeLLM, ``llmpress.quant.squeezellm``), no
-    scales or zero points."""
+    scales or zero points; ``vector``: (dim, rows) for a vector-quantized codebook grid (GPTVQ,
+    ``llmpress.quant.vq``): each code of bits·dim bits picks one of 2^(bits·dim) dim-long codewords, one
+    codebook per ``rows`` consecutive output rows."""
 
     bits: int
     group_size: int = -1
@@ -80,6 +84,7 @@ class Grid:
     act_bits: int | None = None
     kquant: str | None = None
     codebook: bool = False
+    vector: tuple[int, int] | None = None
 
     @property
     def group(self) -> int | None:
@@ -96,6 +101,8 @@ class Grid:
             out["kquant"] = self.kquant
         if self.codebook:
             out["codebook"] = True
+        if self.vector is not None:
+            out["vq_dim"], out["vq_rows"] = self.vector
         return out
 
     @classmethod
@@ -108,7 +115,8 @@ class Grid:
                    bool(record.get("zero_float", False)),
                    None if record.get("act_bits") is None else int(record["act_bits"]),
                    None if record.get("kquant") is None else str(record["kquant"]),
-                   bool(record.get("codebook", False)))
+                   bool(record.get("codebook", False)),
+                   None if record.get("vq_dim") is None else (int(record["vq_dim"]), int(record["vq_rows"])))
 
 
 @dataclass(frozen=True)

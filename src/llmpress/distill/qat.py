@@ -161,6 +161,11 @@ class QATLinear(nn.Module):
         module.float_zero = grid.float_zero
         return module
 
+    @property
+    def latent(self) -> nn.Parameter:
+        """The parameter the quantization-aware learning rate applies to (``TrainConfig.qat_lr_scale``)."""
+        return self.weight
+
     def quantized_weight(self) -> Tensor:
         """The weight the forward uses: the latent weight rounded onto the grid (STE gradient)."""
         return fake_quantize_ste(self.weight, self.scale, self.zero, self.bits, self.group_size, self.sym,

@@ -5,7 +5,8 @@ declares the extra inputs it wants (``Method.inputs``): the teacher (a copy of t
 before the first stage), the tokenizer, the per-layer meta so far and the engine's ``results``.
 It builds the student from the compressed model (``prepare_student``: pruned weights keep their
 masks; quantized ones train on their own grid, i.e. quantization-aware training with a
-straight-through estimator, or carry LoRA / QLoRA adapters), trains it (``trainer.train``) on
+straight-through estimator, or carry LoRA / QLoRA adapters; codebook layers keep their codes and train
+their tables, ``llmpress.distill.codebook_qat``), trains it (``trainer.train``) on
 windows of a data spec, or on text the teacher generated from prompts of that spec or from
 nothing (``blackbox``), and folds the training wrappers back: the model keeps its format, and
 ``results`` gets the trained codes so the compressed-tensors export writes them.

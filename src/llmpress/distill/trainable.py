@@ -6,7 +6,9 @@ lm_head and the final norm stay frozen):
 - "all": every block linear's weight and bias and every norm. Pruned layers
   keep their zeros (``Student.after_step`` re-applies the masks after each
   optimizer step); quantized layers train on their fixed grid as
-  :class:`~llmpress.distill.qat.QATLinear` (quantization-aware training).
+  :class:`~llmpress.distill.qat.QATLinear` (quantization-aware training);
+  codebook (lookup-table) layers keep their codes and train their tables
+  (:class:`~llmpress.distill.codebook_qat.CodebookQATLinear`).
 - "lora": rank-r adapters on every block linear, bases frozen (Hu et al. 2021);
   a quantized layer's base becomes a packed ``QuantizedLinear`` (QLoRA,
   Dettmers et al. 2023) and its merged weight is rounded back on its grid;
@@ -34,6 +36,7 @@ from ..compressed import Compressed, Grid, Sparsity
 from ..errors import LlmpressError
 from ..models.archs import Arch, block_linears, get_blocks
 from ..quant.qlinear import QuantizedLinear
+from .codebook_qat import CodebookQATLinear
 from .lora import LoRALinear, merged_result
 from .qat import QATLinear
 
@@ -54,7 +57,7 @@ class Student:
     model: nn.Module
     params: list[nn.Parameter]
     masks: dict[str, Tensor]
-    qat: dict[str, QATLinear]
+    qat: dict[str, QATLinear | CodebookQATLinear]
     lora: dict[str, LoRALinear] = field(default_factory=dict)
     train: str = "all"
     layer_names: list[str] = field(default_factory=list)  # every block linear, for finalize's meta
@@ -178,12 +181,26 @@ def _prepare_linear(student: Student, name: str, module: nn.Module, meta: dict,
         if module.bias is not None:
             module.bias.requires_grad_(True)
         return
+    codebook = result is not None and Grid.of(meta) is not None and Grid.of(meta).codebook
     if student.train == "lora":
+        if codebook:
+            raise LlmpressError(f"layer {name} is on a lookup-table grid, which LoRA cannot be merged back into: "
+                                "use distill train=all (trains the tables and norms: qat) or train=norms")
         base = QuantizedLinear.from_compressed(module, result, meta, cache_weight=qlora_cache) \
             if result is not None else module
         wrapped = LoRALinear(base, rank, alpha, mask=mask)
         student.model.set_submodule(name, wrapped)
         student.lora[name] = wrapped
+        return
+    if codebook:  # the codes stay, the table trains (PV-tuning's continuous step): no latent weight to mask
+        if mask is not None:
+            raise LlmpressError(f"layer {name} is pruned and on a lookup-table grid: distill it with train=norms")
+        wrapped = CodebookQATLinear.from_linear(module, result, meta)
+        student.model.set_submodule(name, wrapped)
+        student.qat[name] = wrapped
+        wrapped.lut.requires_grad_(True)
+        if wrapped.bias is not None:
+            wrapped.bias.requires_grad_(True)
         return
     if result is not None:
         wrapped = QATLinear.from_linear(module, result, meta)

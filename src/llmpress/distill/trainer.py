@@ -175,8 +175,9 @@ def _home(model: nn.Module | None) -> torch.device | None:
 
 
 def _param_groups(student, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: the QAT layers' latent weights at ``qat_lr_scale`` × lr, everything else at lr."""
-    qat = {id(module.weight) for module in student.qat.values()}
+    """AdamW groups: the QAT layers' latent weights (codebook layers: their tables) at ``qat_lr_scale`` × lr,
+    everything else at lr."""
+    qat = {id(module.latent) for module in student.qat.values()}
     groups = [{"params": [p for p in student.params if id(p) not in qat], "lr_scale": 1.0},
               {"params": [p for p in student.params if id(p) in qat], "lr_scale": float(cfg.qat_lr_scale)}]
     return [g for g in groups if g["params"]]

@@ -1,7 +1,7 @@
 """The ``rotated`` entry of the format table: models with online rotations or W4A4 layers, as llmpress stores them.
 
-A model rotated with ``rotate(online=true)`` computes a Hadamard transform on the input of each MLP output
-linear at run time (``llmpress.rotate.online``), and a ``w4a4`` model quantizes activations to 4 bits with
+A model rotated with ``rotate(online=true)`` computes a Hadamard transform on the input of each MLP and attention
+output linear at run time (``llmpress.rotate.online``), and a ``w4a4`` model quantizes activations to 4 bits with
 a clip ratio (``llmpress.quant.w4a4``). No other tool computes either, so such a model is stored in a folder
 only llmpress reads, like a factorized one (``llmpress.export.lowrank``):
 
@@ -17,8 +17,8 @@ only llmpress reads, like a factorized one (``llmpress.export.lowrank``):
 put in, every tensor loaded (a missing one is an error), the online Hadamard hooks installed.
 
 What an engine needs to run the folder: the Llama graph, plus (1) before each module listed in
-``input_hadamard``: x ← x·H/√n with H = ``llmpress.rotate.hadamard.hadamard(n)`` (for n = 1536:
-kron(Sylvester 4, Paley I of q = 383)); (2) for each W4A4 layer: per token, s = act_clip·max|x|/7.5,
+``input_hadamard``: x ← x·H/√n with H = ``llmpress.rotate.online.online_hadamard(n)`` (kron(hadamard(m),
+Sylvester 2^k): 1536 = 12·128, 576 = 36·16); (2) for each W4A4 layer: per token, s = act_clip·max|x|/7.5,
 x_q = clamp(round(x/s), −8, 7), y = s·(x_q·W_qᵀ)·s_w (+ bias), exact in int32; (3) when it quantizes the KV
 cache and ``kv_hadamard`` is true: rotate each head's keys and values by ``hadamard(head_dim)/√head_dim``
 before quantizing (or rotate q and k after RoPE, and v through W_v / W_o).

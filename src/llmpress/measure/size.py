@@ -122,6 +122,9 @@ def layer_bytes(spec: dict, dense_bits: int = 16) -> int:
         kept = numel * nm[0] // nm[1] if nm is not None else round(numel * (1.0 - sparsity.fraction))
         offsets = 0 if sparsity.two_four(cols) else rows * ROW_OFFSET_BYTES
         return _bytes(kept * dense_bits) + rows * _bytes(cols) + offsets
+    if grid.codebook and grid.vector is not None:  # codes + fp16 codebooks of 2^(b·dim) dim-long codewords
+        dim, per = grid.vector
+        return _bytes(numel * grid.bits) + math.ceil(rows / per) * (1 << (grid.bits * dim)) * dim * SCALE_BYTES
     if grid.codebook:  # codes + one table of 2^b fp16 values per row (or group): llmpress.export.codebook
         tables = rows * _groups_per_row(cols, grid.group_size)
         return _bytes(numel * grid.bits) + tables * (1 << grid.bits) * SCALE_BYTES
@@ -181,7 +184,8 @@ def size_report(
     * quantized: ``out*in*b/8`` packed values + ``out*g*2`` fp16 scales +,
       if asymmetric, ``out*g*b/8`` packed zero points;
     * quantized on a codebook (non-uniform) grid: ``out*in*b/8`` packed codes +
-      ``out*g*2^b*2`` bytes of fp16 lookup tables;
+      ``out*g*2^b*2`` bytes of fp16 lookup tables; a vector grid (GPTVQ, dim d, one
+      codebook per r rows): ``out*in*b/8`` + ``ceil(out/r)*2^(b*d)*d*2``;
     * sparse only (``sparsity > 0``), as compressed-tensors' ``sparse-bitmask``:
       bitmask of ``out*ceil(in/8)`` bytes (one bit per element, rows padded to
       bytes) + the ``round(out*in*(1-s))`` kept values at ``d`` bits + one

@@ -213,6 +213,7 @@ register(Method("gptq", GPTQConfig, gptq, ("hessian",), "quantize"), recipes={
     "gptq-w4-g64": gptq_recipe(4),
     "gptq-w4-g64-asym": gptq_recipe(4, sym=False),
     "gptq-w3-g64": gptq_recipe(3),
+    "gptq-w2-g64": gptq_recipe(2),  # the uniform int2 contrast to gptq-lut-w2 (llmpress.quant.squeezellm)
     "gptq-w4-g64-mse": gptq_recipe(4, mse=True),
     # the reference algorithm (no act-order, one pass)
     "gptq-w4-g64-classic": {"stages": [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}]},

@@ -168,6 +168,7 @@ register(Method("squeezellm", SqueezeLLMConfig, squeezellm, ("hessian",), "quant
     "squeezellm-w4": {"stages": [{"method": "squeezellm", "args": {"bits": 4}}]},
 })
 register(Method("gptq-lut", GPTQLUTConfig, gptq_lut, ("hessian",), "quantize"), recipes={
+    "gptq-lut-w2": gptq_lut_recipe(2),
     "gptq-lut-w3": gptq_lut_recipe(3),
     "gptq-lut-w4": gptq_lut_recipe(4),
 })

@@ -20,11 +20,17 @@ The KV cache is a runtime setting (``kv-cache``, ``llmpress eval --kv-bits 4``).
 folder (``llmpress.export.rotated``): no other tool computes int4 activations with a clip ratio.
 
 Measured on SmolLM2-135M (base 33.53 on austen:eval 16 x 1024): ``llmpress compress smollm2-135m --recipe
-rotate+gptq-w4a4 --out R && llmpress eval R --kv-bits 4`` gives 146.61, far above QuaRot's figures for 7B
-models. ``python benchmarks/w4a4_parts.py R --windows 2 --layers`` splits it (first 2 windows): int4 weights
-per channel alone (A16) 66.0, + int8 activations 70.5, + int4 activations 145.7, + KV int4 176.0. With
-near-exact weights (``rotate(online=true)+w4a4(bits=8)``) int4 activations alone take those windows from 35.5
-to 54.1 (x1.52), so 1.3x the base is out of reach for per-token int4 activations on this small model; without
+rotate+gptq-w4a4 --out R && llmpress eval R --kv-bits 4`` gives 126.78 (146.61 before the online Hadamard
+before ``o_proj``), far above QuaRot's figures for 7B models. ``python benchmarks/w4a4_parts.py R --windows 2 --layers``
+split it (first 2 windows): int4 weights per channel alone (A16) 66.0, + int8 activations 70.5, + int4
+activations 145.7, + KV int4 176.0. ``rotate+gptq-w4a4-g64`` (GPTQ in groups of 64, each linear's activation clip
+searched, ``clip_search``: mostly 0.8 for q/k/v/gate/up, 0.75 for down_proj, 0.7 for o_proj) gives 79.40 with KV
+int4; ``benchmarks/w4a4_parts.py`` on it (16 windows): KV16 73.82, W4A8 + KV int4 54.22, its int4 weights alone
+(A16) 49.67. Either side alone is past 1.3x the base (43.6). The activations set a floor: with near-exact
+weights (``rotate(online=true)+w4a4(bits=8)``, 16 windows) int4 activations score 49.22 (KV16) and 52.99
+(KV int4) at clip 0.9, 49.56 (KV int4) with ``clip_search``, so 1.3x the base is out of reach for per-token
+int4 activations on this small model, whatever the weights; SpinQuant's learned rotation (``llmpress.rotate.spin``)
+lowers that floor a little (50.72 at clip 0.9, KV int4) but not the GPTQ model's (82.92 with it). Without
 rotation the same W8A4 model scores 2,325 (each linear's activation rounding costs 22-70% of its output
 instead of 8-19%).
 """
@@ -67,6 +73,23 @@ def quantize_act_per_token(x: Tensor, bits: int, clip: float = 1.0) -> tuple[Ten
     scale = X.abs().amax(dim=-1, keepdim=True).div_((2 ** bits - 1) / 2).mul_(clip)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.div(X, scale).round_().clamp_(qmin, qmax).to(torch.int8), scale
+
+
+CLIP_GRID = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # the ratios act_clip_search tries
+
+
+def act_clip_errors(x: Tensor, weight: Tensor, bits: int, clips: tuple[float, ...] = CLIP_GRID) -> Tensor:
+    """The output error each activation clip ratio costs a linear: for each c in ``clips``,
+    Σ ‖(x̂_c − x)·Wᵀ‖² over the tokens, x̂_c the dequantized :func:`quantize_act_per_token` (x, bits, c).
+
+    x: (tokens, in) the linear's inputs; weight: (out, in) float. Returns (len(clips),) float64, to be summed
+    over calibration batches; its argmin is the layer's clip (QuaRot uses 0.9 everywhere)."""
+    X, W = x.reshape(-1, weight.shape[1]).float(), weight.float()
+    errors = []
+    for clip in clips:
+        codes, scale = quantize_act_per_token(X, bits, clip)
+        errors.append(((codes.float() * scale - X) @ W.T).double().pow(2).sum())
+    return torch.stack(errors)
 
 
 def _group_slices(columns: int, group_size: int) -> list[slice]:
@@ -194,7 +217,9 @@ class W4A4Linear(nn.Module):
 class W4A4Config(Config):
     """act_bits: activation bits (per token, symmetric, dynamic); act_clip: the fraction of each token's absmax
     the grid spans (QuaRot: 0.9); bits / group_size: the symmetric weight grid of layers the previous stages
-    left unquantized (rounded to nearest; a previous quantizer's own grid is kept); path: the integer GEMM."""
+    left unquantized (rounded to nearest; a previous quantizer's own grid is kept); path: the integer GEMM;
+    clip_search: choose each linear's clip ratio from ``CLIP_GRID`` by :func:`act_clip_errors` on
+    ``clip_tokens`` calibration tokens (the recipe's calibration data; act_clip is then unused)."""
 
     label = "w4a4"
 
@@ -203,6 +228,8 @@ class W4A4Config(Config):
     bits: Bits = 4
     group_size: GroupSize = -1
     path: Annotated[str, Check(choices=PATHS, verdict="unknown")] = "auto"
+    clip_search: bool = False
+    clip_tokens: Annotated[int, Check(ge=1, advice="use a positive integer such as 2048")] = 2048
 
 
 def _codes_of(result: Compressed | None, weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Grid] | None:
@@ -224,6 +251,7 @@ def w4a4_model(model: nn.Module, arch: Arch, samples: Tensor | None, cfg: W4A4Co
     previous stage quantized the layer, else round to nearest); returns {full name: record}."""
     blocks = get_blocks(model, arch)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
+    clips = _searched_clips(model, arch, samples, cfg, batch_size) if cfg.clip_search else {}
     done: dict[str, dict] = {}
     for i, block in enumerate(blocks):
         for name, module in block_linears(block, arch).items():
@@ -234,15 +262,16 @@ def w4a4_model(model: nn.Module, arch: Arch, samples: Tensor | None, cfg: W4A4Co
                 raise LlmpressError(f"w4a4 converts nn.Linear layers; {full} is a {type(module).__name__}")
             weight = linear_weight(module, arch).detach().float()
             bias = module.bias.detach() if isinstance(module.bias, Tensor) else None
+            act_clip = clips.get(full, cfg.act_clip)
             found = _codes_of(results.get(full), weight)
             if found is None:
                 new = W4A4Linear.from_float(weight, bias, bits=cfg.bits, group_size=cfg.group_size,
-                                            act_bits=cfg.act_bits, act_clip=cfg.act_clip, path=cfg.path)
+                                            act_bits=cfg.act_bits, act_clip=act_clip, path=cfg.path)
                 method = "w4a4-rtn"
             else:
                 codes, scale, zero, grid = found
                 new = W4A4Linear.from_codes(codes, scale, zero, bias, bits=grid.bits, group_size=grid.group_size,
-                                            act_bits=cfg.act_bits, act_clip=cfg.act_clip, path=cfg.path)
+                                            act_bits=cfg.act_bits, act_clip=act_clip, path=cfg.path)
                 method = "w4a4"
             if has_input_hadamard(module):  # the online Hadamard of rotate(online=true) stays on the input
                 add_input_hadamard(new)
@@ -251,9 +280,43 @@ def w4a4_model(model: nn.Module, arch: Arch, samples: Tensor | None, cfg: W4A4Co
             zero = None if new.sym else new.weight_zero_point.clone()
             results[full] = Compressed(None, new.weight.detach().clone(), new.weight_scale.clone(), zero,
                                        meta=dict((results.get(full) or Compressed(None)).meta), grid=grid)
-            done[full] = {"method": method, "act_clip": cfg.act_clip, **grid.to_record()}
-    log.info("w4a4: %d linears with %d-bit per-token activations (clip %.2f)", len(done), cfg.act_bits, cfg.act_clip)
+            done[full] = {"method": method, "act_clip": act_clip, **grid.to_record()}
+    log.info("w4a4: %d linears with %d-bit per-token activations (clip %s)", len(done), cfg.act_bits,
+             "searched per linear" if clips else f"{cfg.act_clip:.2f}")
     return done
+
+
+@torch.no_grad()
+def _searched_clips(model: nn.Module, arch: Arch, samples: Tensor | None, cfg: W4A4Config,
+                    batch_size: int) -> dict[str, float]:
+    """{full linear name: the clip of ``CLIP_GRID`` with the least :func:`act_clip_errors`} on the first
+    ``clip_tokens`` calibration tokens, the float-activation model run whole (each linear's input after its
+    online Hadamard: a pre-hook registered after it)."""
+    if samples is None:
+        raise LlmpressError("w4a4(clip_search=true) needs calibration data: give --data (or a calibrated stage "
+                            "such as gptq before it), or remove clip_search")
+    blocks = get_blocks(model, arch)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    errors: dict[str, Tensor] = {}
+
+    def hook(full: str):
+        def fn(module, args):
+            weight = linear_weight(module, arch).detach()
+            found = act_clip_errors(args[0].to(weight.dtype), weight, cfg.act_bits)
+            errors[full] = found if full not in errors else errors[full] + found
+        return fn
+
+    handles = [module.register_forward_pre_hook(hook(f"{prefix}.{i}.{name}"))
+               for i, block in enumerate(blocks) for name, module in block_linears(block, arch).items()]
+    rows = max(1, -(-cfg.clip_tokens // samples.shape[1]))
+    device = model.get_input_embeddings().weight.device
+    try:
+        for start in range(0, min(rows, samples.shape[0]), batch_size):
+            model(input_ids=samples[start:min(start + batch_size, rows)].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {full: CLIP_GRID[int(e.argmin())] for full, e in errors.items()}
 
 
 def _gptq_w4a4() -> dict:
@@ -264,10 +327,19 @@ def _gptq_w4a4() -> dict:
 
 _GPTQ_W4A4 = _gptq_w4a4()
 
+
+def _rotated_gptq_w4a4_g64() -> dict:
+    """QuaRot's online rotations, GPTQ int4 in groups of 64 (act-order, MSE clip search), W4A4 with each linear's
+    activation clip searched on the calibration data: the best W4A4 measured here (see the module docstring)."""
+    recipe = gptq_recipe(4, 64, mse=True)
+    return {**recipe, "stages": [{"method": "rotate", "args": {"online": True}}, *recipe["stages"],
+                                 {"method": "w4a4", "args": {"act_bits": 4, "clip_search": True}}]}
+
 # int4 weights x int4 per-token activations through the int8 GEMM; QuaRot's with the online rotations
 register(Method("w4a4", W4A4Config, w4a4_model, (), "model", calibrated=False, inputs=("results",)), recipes={
     "w4a4": {"stages": [{"method": "w4a4"}]},
     "gptq-w4a4": _GPTQ_W4A4,
     "rotate+gptq-w4a4": {**_GPTQ_W4A4, "stages": [{"method": "rotate", "args": {"online": True}},
                                                   *_GPTQ_W4A4["stages"]]},
+    "rotate+gptq-w4a4-g64": _rotated_gptq_w4a4_g64(),
 })

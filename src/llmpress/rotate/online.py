@@ -1,8 +1,10 @@
 """QuaRot's online Hadamard transforms: the rotations a model computes at run time, not folded into weights.
 
-The offline rotations of :mod:`.fold` leave two places where activations are not rotated (QuaRot,
+The offline rotations of :mod:`.fold` leave three places where activations are not rotated (QuaRot,
 arXiv:2404.00456, §4): the MLP's inner activations (the input of ``down_proj``, after the elementwise
-product of gate and up), and the keys after RoPE. Quantizing those to 4 bits needs them rotated too:
+product of gate and up), the attention output across heads (the input of ``o_proj``: each head's values are
+rotated offline, but not the heads against each other), and the keys after RoPE. Quantizing those to 4 bits
+needs them rotated too (``o_proj``'s input as ``down_proj``'s below, with n = heads·head_dim):
 
 - **down_proj's input**: x ← x·H/√n (n the MLP width), with the inverse absorbed offline into the weight,
   W ← W·H/√n (:func:`absorb_input_hadamard`): y = x·Wᵀ = (x·H/√n)(W·H/√n)ᵀ since H·Hᵀ = n·I. A forward

@@ -20,9 +20,15 @@ rotated, every output channel meets all columns' rounding error at one level. Qu
 activations (GPTQ's Hessian) are the ones to pair with a rotation.
 
 ``online=true`` adds QuaRot's online Hadamard transforms (:mod:`.online`), which int4 activations and an int4
-KV cache need: before each ``down_proj`` (its weight absorbs the inverse offline; a forward pre-hook rotates
-its input) and on each head's keys and values where the KV cache is quantized. The model then computes
-something plain transformers does not: it is saved in llmpress's own folder (``llmpress.export.rotated``),
+KV cache need: before each ``down_proj`` and each ``o_proj`` (its weight absorbs the inverse offline; a forward
+pre-hook rotates its input) and on each head's keys and values where the KV cache is quantized. ``heads`` rotates
+each head's values offline but not across heads, so without the one before ``o_proj`` its input keeps the heads'
+different scales (QuaRot applies H_heads ⊗ H_head_dim there; here one Hadamard of order heads·head_dim, 576 =
+36·16 for SmolLM2, ``online_o_proj=false`` leaves it out). On SmolLM2-135M (austen:eval 16 x 1024, KV int4)
+it takes ``rotate+gptq-w4a4`` from 146.61 to 126.78; with near-lossless weights
+(``rotate(online=true)+w4a4(bits=8)``) it is neutral: 49.22 with it and 49.44 without (KV16), 52.99 and 52.15
+with the int4 KV cache. The model then computes something plain
+transformers does not: it is saved in llmpress's own folder (``llmpress.export.rotated``),
 which records the transforms in ``config.json`` and puts them back on load.
 """
 
@@ -53,7 +59,9 @@ class RotateConfig(Config):
     ``seed``: the random signs / matrix. ``heads``: also rotate each attention head's values and outputs.
     ``verify``: compare the logits on a few random tokens before and after, and fail if they moved.
     ``online``: also QuaRot's online Hadamard before each MLP output linear (``down_proj``) and on the keys and
-    values of a quantized KV cache (needs Hadamard orders for the MLP width and the head dim)."""
+    values of a quantized KV cache (needs Hadamard orders for the MLP width and the head dim). ``online_o_proj``
+    (with ``online``): also an online Hadamard across all heads before the attention output linear (``o_proj``),
+    QuaRot's H_heads part, whose per-head part ``heads`` folds into W_v / W_o (needs an order for its width)."""
 
     label = "rotate"
 
@@ -62,6 +70,7 @@ class RotateConfig(Config):
     heads: bool = True
     verify: bool = True
     online: bool = False
+    online_o_proj: bool = True
 
 
 # relative change of the logits allowed by verify: float rounding of the rotated weights, by parameter dtype
@@ -95,7 +104,7 @@ def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg
             raise LlmpressError(f"rotate: no Hadamard matrix of order {n} (the {what}) is built here: "
                                 "use rotate(kind=random)")
     if cfg.online:
-        _check_online(model, arch, head_dim)
+        _check_online(model, arch, head_dim, cfg.online_o_proj)
     ids = _probe(model) if cfg.verify else None
     before = _logits(model, ids) if cfg.verify else None
     tied = untie_head(model)
@@ -104,7 +113,7 @@ def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg
     if cfg.heads:
         rotate_heads(model, arch, rotation(head_dim, cfg.kind, cfg.seed + 1))
     if cfg.online:
-        add_online_hadamard(model, arch)
+        add_online_hadamard(model, arch, o_proj=cfg.online_o_proj)
     if cfg.verify:
         after = _logits(model, ids)
         change = float((after - before).norm() / before.norm())
@@ -119,9 +128,15 @@ def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg
     return {}
 
 
-def _check_online(model: nn.Module, arch: Arch, head_dim: int) -> None:
+def _online_linears(arch: Arch, o_proj: bool) -> tuple[str, ...]:
+    """The linears given an online Hadamard: the MLP's output linear (its input is the MLP's inner activation)
+    and, with ``o_proj``, the attention's output linear (its input is the concatenated heads)."""
+    return (*(arch.groups[1] if o_proj else ()), *arch.groups[3])
+
+
+def _check_online(model: nn.Module, arch: Arch, head_dim: int, o_proj: bool = True) -> None:
     block = get_blocks(model, arch)[0]
-    for name in arch.groups[3]:  # the MLP's output linear: its input is the MLP's inner activation
+    for name in _online_linears(arch, o_proj):
         width = linear_weight(block.get_submodule(name), arch).shape[1]
         if not has_hadamard(width):
             raise LlmpressError(f"rotate(online=true): no Hadamard matrix of order {width} (the input of {name}) "
@@ -132,14 +147,15 @@ def _check_online(model: nn.Module, arch: Arch, head_dim: int) -> None:
 
 
 @torch.no_grad()
-def add_online_hadamard(model: nn.Module, arch: Arch) -> list[str]:
-    """QuaRot's online Hadamard before every MLP output linear (W ← W·H/√n offline, x ← x·H/√n at run time by a
-    pre-hook), and the KV-cache rotation, recorded in ``model.config``; returns the linears' full names."""
+def add_online_hadamard(model: nn.Module, arch: Arch, o_proj: bool = True) -> list[str]:
+    """QuaRot's online Hadamard before every MLP output linear and, with ``o_proj``, every attention output linear
+    (W ← W·H/√n offline, x ← x·H/√n at run time by a pre-hook), and the KV-cache rotation, recorded in
+    ``model.config``; returns the linears' full names."""
     blocks = get_blocks(model, arch)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
     names = []
     for i, block in enumerate(blocks):
-        for name in arch.groups[3]:
+        for name in _online_linears(arch, o_proj):
             linear = block.get_submodule(name)
             if has_input_hadamard(linear):  # a second rotate(online=true): the first one's transform stays
                 continue
