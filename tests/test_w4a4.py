@@ -212,6 +212,14 @@ def test_w4a4_folder_reloads_with_identical_logits(calib_text, tmp_path, recipe)
         assert all(m.group_size == 64 for m in int_layers) and len({m.act_clip for m in int_layers}) > 1
     assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
                                                  reloaded.model.state_dict().values()))
+    from safetensors import safe_open
+
+    with safe_open(out / "rotated.safetensors", "pt") as f:  # int4 codes eight to an int32 word on disk
+        for name, module in reloaded.model.named_modules():
+            if isinstance(module, W4A4Linear):
+                packed = f.get_tensor(f"{name}.weight_packed")
+                assert packed.dtype == torch.int32 and f"{name}.weight" not in f.keys()
+                assert packed.shape == (module.out_features, -(-module.in_features * module.bits // 32))
 
 
 def test_w4a4_keeps_the_codes_gptq_chose(calib_text):

@@ -5,8 +5,9 @@ output linear at run time (``llmpress.rotate.online``), and a ``w4a4`` model qua
 a clip ratio (``llmpress.quant.w4a4``). No other tool computes either, so such a model is stored in a folder
 only llmpress reads, like a factorized one (``llmpress.export.lowrank``):
 
-- ``rotated.safetensors``: the model's state dict as it is (W4A4 layers: ``weight`` int8 codes,
-  ``weight_scale`` (out, groups) fp32, ``weight_zero_point`` when asymmetric; W8A8 layers: int8 codes and
+- ``rotated.safetensors``: the model's state dict (W4A4 layers: ``weight_packed``, the int4 codes eight to an
+  int32 word as compressed-tensors packs them (``llmpress.quant.packing``), ``weight_scale`` (out, groups) fp32,
+  ``weight_zero_point`` when asymmetric; W8A8 layers: int8 codes and
   scales; everything else float). transformers does not look for that file name.
 - ``config.json``: the transformers config, with ``architectures`` = ``LlmpressRotatedForCausalLM`` (no engine
   implements it: they refuse rather than misread), ``llmpress_rotated`` = ``{"architectures": [the dense
@@ -34,12 +35,14 @@ from torch import nn
 from ..compressed import Compressed
 from ..errors import LlmpressError
 from ..lowrank.module import LowRankLinear
+from ..quant.packing import pack_int, unpack_int
 from ..quant.w4a4 import W4A4Linear
 from ..quant.w8a8 import W8A8Linear
 from ..rotate.online import install, missing, online_record
+from ..save import save_model
 from .base import Folder, Format
 from .lowrank import _tied_to_loaded
-from .staging import save_renamed, weight_files
+from .staging import edit_config, rename_weights, weight_files
 from .tools import LLMPRESS
 
 CONFIG_KEY = "llmpress_rotated"
@@ -83,7 +86,34 @@ def save(model: nn.Module, tokenizer, out: str | Path, meta: dict, layers: dict,
         config[CONFIG_KEY] = {"architectures": config.get("architectures"), "w4a4": w4a4, "w8a8": w8a8}
         config["architectures"] = [ARCHITECTURE]
 
-    return save_renamed(model, tokenizer, out, {**meta, "readers": readers({})}, WEIGHTS_STEM, mark)
+    def finish(folder: Path) -> None:
+        rename_weights(folder, WEIGHTS_STEM)
+        _pack_folder(folder, {name: module.bits for name, module in model.named_modules()
+                              if isinstance(module, W4A4Linear)})
+        edit_config(folder, mark)
+
+    return save_model(model, tokenizer, out, {**meta, "readers": readers({})}, finish)
+
+
+def _pack_folder(folder: Path, bits: dict[str, int]) -> None:
+    """Replace, on disk, each W4A4 layer's int8 ``weight`` codes by ``weight_packed`` int32 words."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    renamed: dict[str, str] = {}
+    for file in weight_files(folder, WEIGHTS_STEM):
+        state = load_file(str(file))
+        for name, b in bits.items():
+            if f"{name}.weight" in state:
+                state[f"{name}.weight_packed"] = pack_int(state.pop(f"{name}.weight"), b)
+                renamed[f"{name}.weight"] = f"{name}.weight_packed"
+        save_file(state, str(file), metadata={"format": "pt"})
+    index = folder / f"{WEIGHTS_STEM}.safetensors.index.json"
+    if renamed and index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed.get(k, k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def load_rotated_folder(path: Path, config, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -104,6 +134,15 @@ def load_rotated_folder(path: Path, config, dtype: torch.dtype = torch.float32) 
     from safetensors.torch import load_file
 
     state = {k: v for file in weight_files(path, WEIGHTS_STEM) for k, v in load_file(str(file)).items()}
+    for name in entry.get("w4a4") or {}:  # int4 codes packed into int32 words (older folders: int8 as they are)
+        packed = state.pop(f"{name}.weight_packed", None)
+        if packed is not None:
+            module = model.get_submodule(name)
+            try:
+                state[f"{name}.weight"] = unpack_int(packed, module.bits, module.in_features)
+            except LlmpressError:
+                raise LlmpressError(f"'{path}': tensor {name}.weight_packed does not match the structure in "
+                                    "config.json; write the folder again with llmpress compress") from None
     try:
         missing_keys, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError:
