@@ -85,7 +85,14 @@ def candidates(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> dic
     return paths
 
 
-def bench(in_features: int, out_features: int, tokens: int, repeats: int) -> list[dict]:
+def max_abs_error(out: torch.Tensor, reference: torch.Tensor) -> float | None:
+    return (out - reference).abs().max().item() if out.is_floating_point() else None
+
+
+def bench(in_features: int, out_features: int, tokens: int, repeats: int, make=None,
+          error: Callable[[torch.Tensor, torch.Tensor], float | None] = max_abs_error) -> list[dict]:
+    """One row per path of ``make`` (default :func:`candidates`) on seeded Gaussian data, with its error."""
+    make = make or candidates
     generator = torch.Generator().manual_seed(in_features + tokens)
     weight = torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5
     bias = torch.randn(out_features, generator=generator) * 0.1
@@ -93,22 +100,20 @@ def bench(in_features: int, out_features: int, tokens: int, repeats: int) -> lis
     reference = F.linear(x, weight, bias)
     rows = []
     with torch.inference_mode():
-        for name, fn in candidates(weight, bias, x).items():
-            out = fn()
-            error = (out - reference).abs().max().item() if out.is_floating_point() else None
+        for name, fn in make(weight, bias, x).items():
+            err = error(fn(), reference)
             rows.append({"shape": f"{in_features}→{out_features}", "tokens": tokens, "path": name,
-                         "ms": median_ms(fn, repeats), "error": error})
+                         "ms": median_ms(fn, repeats), "error": err})
     base = rows[0]["ms"]
     for row in rows:
         row["speedup"] = base / row["ms"]
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| linear | tokens | path | median ms | vs fp32 | max abs err vs fp32 |",
-             "|---|---:|---|---:|---:|---:|"]
+def table(rows: list[dict], error_head: str = "max abs err vs fp32", error_format: str = "{:.2e}") -> str:
+    lines = [f"| linear | tokens | path | median ms | vs fp32 | {error_head} |", "|---|---:|---|---:|---:|---:|"]
     for r in rows:
-        err = "–" if r["error"] is None else f"{r['error']:.2e}"
+        err = "–" if r["error"] is None else error_format.format(r["error"])
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['ms']:.3f} | {r['speedup']:.2f}× | {err} |")
     return "\n".join(lines)
 
@@ -123,8 +128,10 @@ def cpu_flags() -> str:
     return ",".join(f for f in wanted if f in flags) or "none of avx512/vnni/amx"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(description: str = __doc__, make=None, error=max_abs_error, error_head: str = "max abs err vs fp32",
+         error_format: str = "{:.2e}") -> None:
+    """The command line of this benchmark; ``benchmarks/w4a4_matmul.py`` runs it with its own paths and error."""
+    p = argparse.ArgumentParser(description=description.splitlines()[0])
     p.add_argument("--tokens", default="512,1", help="comma-separated token counts (default 512,1)")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -132,13 +139,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     rows = [row for tokens in (int(t) for t in args.tokens.split(",")) for k, n in SHAPES
-            for row in bench(k, n, tokens, args.repeats)]
+            for row in bench(k, n, tokens, args.repeats, make, error)]
     load_after = os.getloadavg()[0]
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, cpu flags: {cpu_flags()}, "
           f"median of {args.repeats}; 1-min load average {load_before:.2f} before, {load_after:.2f} after"
           + ("" if max(load_before, load_after) < 1 else " (NOT quiet: timings are unreliable)"))
     print()
-    print(table(rows))
+    print(table(rows, error_head, error_format))
 
 
 if __name__ == "__main__":

@@ -15,19 +15,15 @@ only meaningful on a quiet machine: the 1-minute load average is printed before 
 
 from __future__ import annotations
 
-import argparse
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from int8_matmul import cpu_flags, median_ms
+import int8_matmul
 from llmpress.quant.w4a4 import W4A4Linear
 from llmpress.quant.w8a8 import W8A8Linear
 from llmpress.rotate.online import absorb_input_hadamard, add_input_hadamard, hadamard_transform
-
-SHAPES = ((576, 1536), (1536, 576))
 
 
 def candidates(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -50,49 +46,12 @@ def candidates(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> dic
     return paths
 
 
-def bench(in_features: int, out_features: int, tokens: int, repeats: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(in_features + tokens)
-    weight = torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5
-    bias = torch.randn(out_features, generator=generator) * 0.1
-    x = torch.randn(tokens, in_features, generator=generator)
-    reference = F.linear(x, weight, bias)
-    rows = []
-    with torch.inference_mode():
-        for name, fn in candidates(weight, bias, x).items():
-            out = fn()
-            error = None if out.shape != reference.shape else ((out - reference).norm() / reference.norm()).item()
-            rows.append({"shape": f"{in_features}→{out_features}", "tokens": tokens, "path": name,
-                         "ms": median_ms(fn, repeats), "error": error})
-    base = rows[0]["ms"]
-    for row in rows:
-        row["speedup"] = base / row["ms"]
-    return rows
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| linear | tokens | path | median ms | vs fp32 | rel. error vs fp32 |", "|---|---:|---|---:|---:|---:|"]
-    for r in rows:
-        err = "–" if r["error"] is None else f"{r['error']:.3f}"
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['path']} | {r['ms']:.3f} | {r['speedup']:.2f}× | {err} |")
-    return "\n".join(lines)
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float | None:
+    return None if out.shape != reference.shape else ((out - reference).norm() / reference.norm()).item()
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", default="512,1", help="comma-separated token counts (default 512,1)")
-    p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
-    rows = [row for tokens in (int(t) for t in args.tokens.split(",")) for k, n in SHAPES
-            for row in bench(k, n, tokens, args.repeats)]
-    load_after = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, cpu flags: {cpu_flags()}, "
-          f"median of {args.repeats}; 1-min load average {load_before:.2f} before, {load_after:.2f} after"
-          + ("" if max(load_before, load_after) < 1 else " (NOT quiet: timings are unreliable)"))
-    print()
-    print(table(rows))
+    int8_matmul.main(__doc__, candidates, relative_error, "rel. error vs fp32", "{:.3f}")
 
 
 if __name__ == "__main__":
