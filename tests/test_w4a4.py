@@ -27,7 +27,7 @@ from llmpress.rotate.online import (
     online_split,
 )
 from llmpress.rotate.spin import SpinQuantConfig, learn_rotation
-from tiny_models import TOKENIZER_TEXT, random_ids, tiny_model, tiny_tokenizer
+from tiny_models import random_ids, tiny_model
 
 ONLINE_TYPES = ["llama", "qwen2", "phi3", "mistral"]
 
@@ -173,25 +173,17 @@ def test_kv_hadamard_follows_the_model_unless_given():
     assert kv_cache_factory(rotated, KVCacheConfig(bits=16)) is None
 
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    tok = tiny_tokenizer()
-    text = tmp_path_factory.mktemp("w4a4") / "text.txt"
-    text.write_text(TOKENIZER_TEXT * 4)
-    return tok, f"text:{text}"
-
-
-def _compress(calib_text, recipe, out=None, **kw):
-    tok, data = calib_text
+def _compress(calib, recipe, out=None, **kw):
+    tok, data = calib
     model = tiny_model("llama", seed=3, vocab_size=len(tok), tie_word_embeddings=True)
     return compress(model, recipe, tokenizer=tok, data=data, samples=4, seq_len=32, out=out, **kw)
 
 
 @pytest.mark.parametrize("recipe", ["rotate+gptq-w4a4", "gptq-w4a4", "rotate(online=true)+w4a4(act_bits=6)",
                                     "rotate(online=true)+gptq-w4-g64", "rotate+gptq-w4a4-g64"])
-def test_w4a4_folder_reloads_with_identical_logits(calib_text, tmp_path, recipe):
+def test_w4a4_folder_reloads_with_identical_logits(calib, tmp_path, recipe):
     out = tmp_path / "out"
-    result = _compress(calib_text, recipe, out)
+    result = _compress(calib, recipe, out)
     ids = random_ids(2, 16, seed=4)
     after = _logits(result.model, ids)
     reloaded = load_model(out)
@@ -222,11 +214,11 @@ def test_w4a4_folder_reloads_with_identical_logits(calib_text, tmp_path, recipe)
                 assert packed.shape == (module.out_features, -(-module.in_features * module.bits // 32))
 
 
-def test_w4a4_keeps_the_codes_gptq_chose(calib_text):
+def test_w4a4_keeps_the_codes_gptq_chose(calib):
     recipe = builtin_recipes()["gptq-w4a4"]
     assert [s["method"] for s in recipe["stages"]] == ["gptq", "w4a4"]
-    gptq = _compress(calib_text, {**recipe, "stages": recipe["stages"][:1]})  # the same GPTQ, without w4a4
-    w4a4 = _compress(calib_text, "gptq-w4a4")
+    gptq = _compress(calib, {**recipe, "stages": recipe["stages"][:1]})  # the same GPTQ, without w4a4
+    w4a4 = _compress(calib, "gptq-w4a4")
     for name, module in w4a4.model.named_modules():
         if isinstance(module, W4A4Linear):
             assert torch.equal(module.dequantized_weight(), gptq.model.get_submodule(name).weight)
@@ -234,10 +226,10 @@ def test_w4a4_keeps_the_codes_gptq_chose(calib_text):
     assert "act_clip" in w4a4.layers["model.layers.0.mlp.down_proj"]
 
 
-def test_kv4_evaluation_of_a_rotated_folder_rotates_the_cache(calib_text, tmp_path):
-    tok, data = calib_text
+def test_kv4_evaluation_of_a_rotated_folder_rotates_the_cache(calib, tmp_path):
+    tok, data = calib
     out = tmp_path / "out"
-    _compress(calib_text, "rotate+gptq-w4a4", out)
+    _compress(calib, "rotate+gptq-w4a4", out)
     args = dict(tokenizer=tok, seq_len=32, max_windows=2, measure_speed=False)
     auto = llmpress.evaluate(str(out), data, kv_cache=4, **args)
     off = llmpress.evaluate(str(out), data, kv_cache={"bits": 4, "hadamard": False}, **args)
@@ -245,21 +237,21 @@ def test_kv4_evaluation_of_a_rotated_folder_rotates_the_cache(calib_text, tmp_pa
     assert auto["perplexity"] != off["perplexity"]
 
 
-def test_formats_that_would_drop_the_online_transforms_refuse(calib_text, tmp_path):
+def test_formats_that_would_drop_the_online_transforms_refuse(calib, tmp_path):
     for fmt in ("compressed-tensors", "dense"):
         with pytest.raises(LlmpressError, match="online rotations or W4A4"):
-            _compress(calib_text, "rotate(online=true)+gptq-w4-g64", tmp_path / fmt, format=fmt)
+            _compress(calib, "rotate(online=true)+gptq-w4-g64", tmp_path / fmt, format=fmt)
     with pytest.raises(LlmpressError, match="llama.cpp"):
-        _compress(calib_text, "rotate(online=true)", tmp_path / "m.gguf", format="gguf")
-    result = _compress(calib_text, "rotate(online=true)")
+        _compress(calib, "rotate(online=true)", tmp_path / "m.gguf", format="gguf")
+    result = _compress(calib, "rotate(online=true)")
     result.model.model.layers[0].mlp.down_proj._forward_pre_hooks.clear()  # as if a stage had replaced the module
     with pytest.raises(LlmpressError, match="online Hadamard before model.layers.0.mlp.down_proj is gone"):
         formats.choose("auto", result.model, {}, {})
 
 
-def test_smoothing_skips_the_rotated_down_proj_and_w8a8_keeps_the_hadamard(calib_text, tmp_path):
+def test_smoothing_skips_the_rotated_down_proj_and_w8a8_keeps_the_hadamard(calib, tmp_path):
     out = tmp_path / "out"
-    result = _compress(calib_text, "rotate(online=true)+smoothquant-w8a8", out)
+    result = _compress(calib, "rotate(online=true)+smoothquant-w8a8", out)
     assert result.layers["model.layers.0.mlp.down_proj"]["smoothed"] is False
     assert result.layers["model.layers.0.mlp.gate_proj"]["smoothed"] is True
     down = result.model.model.layers[0].mlp.down_proj
@@ -270,9 +262,9 @@ def test_smoothing_skips_the_rotated_down_proj_and_w8a8_keeps_the_hadamard(calib
     assert torch.equal(_logits(reloaded, ids), _logits(result.model, ids))
 
 
-def test_spinquant_learns_an_orthogonal_rotation_that_keeps_the_float_function(calib_text):
-    tok, data = calib_text
-    result = _compress(calib_text, "rotate(online=true)+spinquant(steps=3,samples=2,seq_len=16)")
+def test_spinquant_learns_an_orthogonal_rotation_that_keeps_the_float_function(calib):
+    tok, data = calib
+    result = _compress(calib, "rotate(online=true)+spinquant(steps=3,samples=2,seq_len=16)")
     base = tiny_model("llama", seed=3, vocab_size=len(tok), tie_word_embeddings=True)
     ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(4))
     assert torch.allclose(_logits(result.model, ids), _logits(base, ids), atol=1e-4, rtol=1e-4)
@@ -281,7 +273,7 @@ def test_spinquant_learns_an_orthogonal_rotation_that_keeps_the_float_function(c
     assert len(losses) == 2 and (R - torch.eye(R.shape[0], dtype=torch.float64)).abs().max() > 1e-3
     assert torch.allclose(_logits(result.model, ids), _logits(base, ids), atol=1e-4, rtol=1e-4)  # hooks removed
     with pytest.raises(LlmpressError, match=r"put rotate\(online=true\) before spinquant"):
-        _compress(calib_text, "spinquant(steps=1,seq_len=16)")
+        _compress(calib, "spinquant(steps=1,seq_len=16)")
 
 
 def test_act_clip_errors_match_a_plain_loop():
@@ -299,12 +291,12 @@ def test_act_clip_errors_match_a_plain_loop():
         assert found[k].item() == pytest.approx(total, rel=1e-4)
 
 
-def test_w4a4_clip_search_picks_a_clip_per_linear(calib_text):
-    result = _compress(calib_text, "rotate(online=true)+w4a4(clip_search=true,clip_tokens=64)")
+def test_w4a4_clip_search_picks_a_clip_per_linear(calib):
+    result = _compress(calib, "rotate(online=true)+w4a4(clip_search=true,clip_tokens=64)")
     chosen = {name: record["act_clip"] for name, record in result.layers.items()}
     assert len(chosen) == 14 and set(chosen.values()) <= set(CLIP_GRID)
     for name, clip in chosen.items():
         assert result.model.get_submodule(name).act_clip == clip
-    tok, _ = calib_text
+    tok, _ = calib
     with pytest.raises(LlmpressError, match="clip_search=true\\) needs calibration data"):
         compress(tiny_model("llama", seed=3, vocab_size=len(tok)), "w4a4(clip_search=true)", tokenizer=tok)

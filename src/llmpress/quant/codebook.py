@@ -107,6 +107,15 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     return unpack_int(packed, bits, cols).long() + (1 << (bits - 1))
 
 
+def exact_in(table: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    """``table`` cast to ``dtype`` (a layer's stored lookup table or codebooks), refused when the cast would
+    change a value: the stored layer must compute the weight the method chose."""
+    cast = table.to(dtype)
+    if not torch.equal(cast.to(table.dtype), table):
+        raise LlmpressError(f"{what} not exact in {dtype}: fit with lut_dtype matching")
+    return cast
+
+
 def lut_matmul(x: Tensor, codes: Tensor, lut: Tensor) -> Tensor:
     """``x Wᵀ`` for W = lut[r, codes[r, j]] without forming W: Σ_k lut[:, k] ⊙ (x · 1[codes = k]ᵀ).
 
@@ -154,9 +163,7 @@ class CodebookLinear(nn.Module):
         if tuple(linear.weight.shape) != (out_features, in_features):
             raise LlmpressError(f"codes of shape {tuple(result.qweight.shape)} do not fit a layer with weight "
                                 f"{tuple(linear.weight.shape)}: pass the result computed for this layer")
-        lut = result.codebook.to(lut_dtype)
-        if not torch.equal(lut.to(result.codebook.dtype), result.codebook):
-            raise LlmpressError(f"the lookup table is not exact in {lut_dtype}: fit it with lut_dtype matching")
+        lut = exact_in(result.codebook, lut_dtype, "the lookup table is")
         device = linear.weight.device
         module = cls(in_features, out_features, result.grid.bits, linear.bias is not None, lut_dtype,
                      linear.weight.dtype, device, path)

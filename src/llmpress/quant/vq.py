@@ -39,7 +39,7 @@ from ..config import Check, Config
 from ..errors import LlmpressError
 from ..linalg import inverse_cholesky_upper, prepare_hessian
 from ..registry import Method, register
-from .codebook import ELEMENTS_AT_ONCE, LUT_DTYPES, pack_codes, unpack_codes, weighted_quantiles
+from .codebook import ELEMENTS_AT_ONCE, LUT_DTYPES, exact_in, pack_codes, unpack_codes, weighted_quantiles
 from .packing import packed_width
 
 DIM = 2  # weights per codeword
@@ -248,9 +248,7 @@ class VQLinear(nn.Module):
         if tuple(result.qweight.shape) != (out_features, in_features // dim):
             raise LlmpressError(f"codes of shape {tuple(result.qweight.shape)} do not fit a layer with weight "
                                 f"{tuple(linear.weight.shape)}: pass the result computed for this layer")
-        book = result.codebook.to(lut_dtype)
-        if not torch.equal(book.to(result.codebook.dtype), result.codebook):
-            raise LlmpressError(f"the codebooks are not exact in {lut_dtype}: fit them with lut_dtype matching")
+        book = exact_in(result.codebook, lut_dtype, "the codebooks are")
         device = linear.weight.device
         module = cls(in_features, out_features, grid.bits, dim, rows, linear.bias is not None, lut_dtype,
                      linear.weight.dtype, device)
