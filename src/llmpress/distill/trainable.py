@@ -181,7 +181,8 @@ def _prepare_linear(student: Student, name: str, module: nn.Module, meta: dict,
         if module.bias is not None:
             module.bias.requires_grad_(True)
         return
-    codebook = result is not None and Grid.of(meta) is not None and Grid.of(meta).codebook
+    grid = Grid.of(meta) if result is not None else None
+    codebook = grid is not None and grid.codebook
     if student.train == "lora":
         if codebook:
             raise LlmpressError(f"layer {name} is on a lookup-table grid, which LoRA cannot be merged back into: "
@@ -192,22 +193,14 @@ def _prepare_linear(student: Student, name: str, module: nn.Module, meta: dict,
         student.model.set_submodule(name, wrapped)
         student.lora[name] = wrapped
         return
-    if codebook:  # the codes stay, the table trains (PV-tuning's continuous step): no latent weight to mask
-        if mask is not None:
-            raise LlmpressError(f"layer {name} is pruned and on a lookup-table grid: distill it with train=norms")
-        wrapped = CodebookQATLinear.from_linear(module, result, meta)
-        student.model.set_submodule(name, wrapped)
-        student.qat[name] = wrapped
-        wrapped.lut.requires_grad_(True)
-        if wrapped.bias is not None:
-            wrapped.bias.requires_grad_(True)
-        return
-    if result is not None:
-        wrapped = QATLinear.from_linear(module, result, meta)
+    if codebook and mask is not None:  # the codes stay and the table trains: no latent weight to mask
+        raise LlmpressError(f"layer {name} is pruned and on a lookup-table grid: distill it with train=norms")
+    if result is not None:  # QAT: the latent weight on its grid, or (codebook layers) the table at fixed codes
+        wrapped = (CodebookQATLinear if codebook else QATLinear).from_linear(module, result, meta)
         student.model.set_submodule(name, wrapped)
         student.qat[name] = wrapped
         module = wrapped
-    module.weight.requires_grad_(True)
+    (module.latent if result is not None else module.weight).requires_grad_(True)
     if module.bias is not None:
         module.bias.requires_grad_(True)
     if mask is not None:
