@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ..config import Check, Config
 from ..errors import LlmpressError
 from ..models.archs import Arch, get_blocks
+from ..quant.w4a4 import quantize_act_per_token
 from ..registry import Method, register
 from .fold import norm_feeds, rotate_residual, writers
 
@@ -69,10 +70,8 @@ def fake_quant_ste(x: Tensor, bits: int, clip: float) -> Tensor:
     """Per-token symmetric fake quantization as :class:`llmpress.quant.w4a4.W4A4Linear` does it (scale
     clip·absmax/((2^bits − 1)/2), codes in [−2^(bits−1), 2^(bits−1) − 1]), with the straight-through gradient:
     the value of the dequantized x, the gradient of the identity."""
-    scale = x.detach().abs().amax(dim=-1, keepdim=True) * (clip / ((2 ** bits - 1) / 2))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(x.detach() / scale), -2 ** (bits - 1), 2 ** (bits - 1) - 1) * scale
-    return x + (q - x.detach())
+    codes, scale = quantize_act_per_token(x.detach(), bits, clip)
+    return x + ((codes * scale).to(x.dtype) - x.detach())
 
 
 @dataclass(frozen=True)
