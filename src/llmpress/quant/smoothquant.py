@@ -31,7 +31,7 @@ from ..config import Check, Config
 from ..errors import LlmpressError
 from ..models.archs import Arch, linear_weight
 from ..registry import Method, register
-from ..rotate.online import add_input_hadamard, has_input_hadamard
+from ..rotate.online import replacing
 from ..stats import AbsMaxStats
 from .smoothing import fold_scales, foldable_feeds
 from .w8a8 import PATHS, W8A8Linear
@@ -133,10 +133,7 @@ def smoothquant_block(block: nn.Module, arch: Arch, modules: dict[str, nn.Module
     for name, module in modules.items():
         shape = list(linear_weight(module, arch).shape)
         if cfg.quantize:
-            new = _to_w8a8(module, arch, cfg.path)
-            if has_input_hadamard(module):  # rotate(online=true)'s transform stays on the input
-                add_input_hadamard(new)
-            block.set_submodule(name, new)
+            block.set_submodule(name, replacing(module, _to_w8a8(module, arch, cfg.path)))
         done[name] = dict(meta, smoothed=name in smoothed, shape=shape)
     log.debug("smoothquant: folded %d feeds, %s %d linears", len(feeds),
               "quantized" if cfg.quantize else "kept", len(modules))

@@ -50,7 +50,7 @@ from ..errors import LlmpressError
 from ..models.archs import Arch, block_linears, get_blocks, linear_weight
 from ..primitives import compute_qparams, dequantize, group_count, qrange, quantize
 from ..registry import Method, register
-from ..rotate.online import add_input_hadamard, has_input_hadamard
+from ..rotate.online import replacing
 from .gptq import gptq_recipe
 from .rtn import Bits, GroupSize
 from .w8a8 import PATHS, int8_matmul
@@ -273,9 +273,7 @@ def w4a4_model(model: nn.Module, arch: Arch, samples: Tensor | None, cfg: W4A4Co
                 new = W4A4Linear.from_codes(codes, scale, zero, bias, bits=grid.bits, group_size=grid.group_size,
                                             act_bits=cfg.act_bits, act_clip=act_clip, path=cfg.path)
                 method = "w4a4"
-            if has_input_hadamard(module):  # the online Hadamard of rotate(online=true) stays on the input
-                add_input_hadamard(new)
-            block.set_submodule(name, new.to(weight.device))
+            block.set_submodule(name, replacing(module, new).to(weight.device))
             grid = Grid(new.bits, new.group_size, new.sym, act_bits=cfg.act_bits)
             zero = None if new.sym else new.weight_zero_point.clone()
             results[full] = Compressed(None, new.weight.detach().clone(), new.weight_scale.clone(), zero,

@@ -121,6 +121,14 @@ def add_input_hadamard(module: nn.Module) -> None:
         module.register_forward_pre_hook(InputHadamard(), prepend=True)
 
 
+def replacing(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new``, about to take ``old``'s place in the model, with ``old``'s online Hadamard on its input when it
+    had one (a stage that swaps a rotated linear for its quantized layer keeps the transform)."""
+    if has_input_hadamard(old):
+        add_input_hadamard(new)
+    return new
+
+
 def online_record(config) -> dict:
     """The online transforms a model config asks for: ``{"input_hadamard": [...], "kv_hadamard": bool}`` ({}: none).
 
