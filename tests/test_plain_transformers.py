@@ -13,7 +13,8 @@ both on eager attention. Tolerances:
   (measured 0.04 / 98% here; the gap is the float GEMM's rounding flipping a few int8 activation
   codes, see ``llmpress.quant.w8a8``); ``dequantize=True`` equals llmpress without activation
   quantization (W8A16), bit for bit;
-* sparse-bitmask, sparse-24-bitmask and low-rank: transformers raises (it would otherwise run with
+* sparse-bitmask, sparse-24-bitmask, low-rank, codebook (lookup tables, vector codebooks) and rotated (online
+  Hadamards, W4A4): transformers raises (it would otherwise run with
   random weights), and llmpress's reload equals the in-memory compressed model bit for bit.
 
 ``readers(folder)`` is checked against each outcome.
@@ -102,7 +103,10 @@ def test_width_depth_and_densified_low_rank_are_plain_smaller_models(calib, tmp_
 @pytest.mark.parametrize("recipe, fmt, kind", [("magnitude-50", "compressed-tensors", "sparse-bitmask"),
                                                ("magnitude-24", "compressed-tensors", "sparse-24-bitmask"),
                                                ("svd-90", "auto", "low-rank"),
-                                               ("svd-llm-90", "auto", "low-rank")])
+                                               ("svd-llm-90", "auto", "low-rank"),
+                                               ("squeezellm-w3", "auto", "codebook"),
+                                               ("gptvq-w2", "auto", "codebook"),
+                                               ("rotate+gptq-w4a4", "auto", "rotated")])
 def test_folders_transformers_cannot_read_are_refused(calib, tmp_path, recipe, fmt, kind):
     result, out = _compress(calib, tmp_path, recipe, fmt=fmt)
     assert folder_format(json.loads((out / "config.json").read_text())) == kind
