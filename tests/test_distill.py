@@ -249,6 +249,7 @@ def test_stage_lora_blackbox_and_recipes(calib, tmp_path):
     ({"resume": True}, "resume needs checkpoint_dir"),
     ({"data": "austen:nope"}, "unknown Austen text"),
     ({"source": "generated", "top_p": 0}, "top_p=0 is invalid"),
+    ({"kv_bits": 3}, "kv_bits=3 is not supported"),
 ])
 def test_bad_distill_configs_name_the_problem(args, needle):
     with pytest.raises(LlmpressError) as info:

@@ -184,8 +184,8 @@ def test_cayley_step_stays_orthogonal_and_descends():
 
 
 def test_fake_quant_ste_is_w4a4s_grid_with_an_identity_gradient():
+    from llmpress.quant.w4a4 import fake_quant_act_ste as fake_quant_ste
     from llmpress.quant.w4a4 import quantize_act_per_token
-    from llmpress.rotate.spin import fake_quant_ste
 
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     y = fake_quant_ste(x, 4, 0.9)

@@ -16,6 +16,11 @@ so a weight pushed past the largest level stays there, on that level, and
 moves back as soon as the gradient turns. ``clipped=True`` gives the "clipped
 STE" instead (zero gradient where the unrounded code falls outside
 [qmin, qmax]; PACT/LSQ-style), under which such weights freeze.
+
+W4A4 layers (``llmpress.quant.w4a4.W4A4Linear``) train the same way with their input fake-quantized too
+(per token, their ``act_bits`` and clip ratio, the straight-through gradient: LLM-QAT's weight-activation
+QAT, Liu et al. 2023), so the weights learn to absorb the activation rounding the layer will do at run time;
+at the end they become W4A4 layers again, with the new codes on the same grid.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from ..compressed import Compressed, Grid
 from ..errors import LlmpressError
 from ..primitives import dequantize, expand_groups, group_count, qrange, quantize
+from ..quant.w4a4 import W4A4Linear, fake_quant_act_ste
 
 
 def _group(group_size: int | None) -> int | None:
@@ -119,14 +125,17 @@ class QATLinear(nn.Module):
 
     Parameters: ``weight`` (out, in), always in nn.Linear's layout (a GPT-2 Conv1D is
     transposed on the way in and out), and the original ``bias`` (shared, not copied).
-    Buffers: ``scale``, ``zero`` (out, groups) fp32; they never change.
+    Buffers: ``scale``, ``zero`` (out, groups) fp32; they never change. ``act_bits`` (None: float inputs) and
+    ``act_clip``: the input's per-token grid, for a layer made from a :class:`W4A4Linear` (:meth:`from_w4a4`).
     """
 
     def __init__(self, weight: Tensor, bias: nn.Parameter | None, scale: Tensor, zero: Tensor, bits: int,
-                 group_size: int | None, sym: bool, clipped: bool = False, conv1d: bool = False) -> None:
+                 group_size: int | None, sym: bool, clipped: bool = False, conv1d: bool = False, *,
+                 act_bits: int | None = None, act_clip: float = 1.0) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bits, self.group_size, self.sym, self.clipped, self.conv1d = bits, group_size, sym, clipped, conv1d
+        self.act_bits, self.act_clip, self.path = act_bits, act_clip, "auto"
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = bias
         self.register_buffer("scale", scale.detach().to(weight.device, torch.float32).clone())
@@ -161,6 +170,18 @@ class QATLinear(nn.Module):
         module.float_zero = grid.float_zero
         return module
 
+    @classmethod
+    def from_w4a4(cls, layer: W4A4Linear, result: Compressed | None = None) -> QATLinear:
+        """Wrap a :class:`W4A4Linear`: the latent weight starts at its dequantized codes, on its grid, and the
+        input is fake-quantized as the layer quantizes it. ``result``: the engine's record of the layer (its
+        meta is kept at :meth:`finalize`)."""
+        zero = torch.zeros_like(layer.weight_scale) if layer.sym else layer.weight_zero_point.float()
+        bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
+        module = cls(layer.dequantized_weight(), bias, layer.weight_scale, zero, layer.bits, layer.group_size,
+                     layer.sym, act_bits=layer.act_bits, act_clip=layer.act_clip)
+        module.result, module.path = result, layer.path
+        return module
+
     @property
     def latent(self) -> nn.Parameter:
         """The parameter the quantization-aware learning rate applies to (``TrainConfig.qat_lr_scale``)."""
@@ -172,6 +193,8 @@ class QATLinear(nn.Module):
                                  clipped=self.clipped, float_zero=self.float_zero)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.act_bits is not None:
+            x = fake_quant_act_ste(x, self.act_bits, self.act_clip)
         return F.linear(x, self.quantized_weight(), self.bias)
 
     @torch.no_grad()
@@ -199,7 +222,11 @@ class QATLinear(nn.Module):
         """
         q = self.codes()
         W = dequantize(q, self.scale, self.zero, _group(self.group_size)).to(self.weight.dtype)
-        if self.conv1d:
+        if self.act_bits is not None:
+            module = W4A4Linear.from_codes(q, self.scale, None if self.sym else self.zero, self.bias, bits=self.bits,
+                                           group_size=self.group_size, act_bits=self.act_bits,
+                                           act_clip=self.act_clip, path=self.path)
+        elif self.conv1d:
             module = Conv1D(self.out_features, self.in_features)
             module.weight = nn.Parameter(W.t().contiguous(), requires_grad=self.weight.requires_grad)
             module.bias = self.bias
@@ -210,12 +237,13 @@ class QATLinear(nn.Module):
             if self.bias is not None:
                 module.bias = self.bias
         base = self.result or Compressed(weight=None, grid=Grid(self.bits, self.group_size, self.sym,
-                                                                self.float_zero))
+                                                                self.float_zero, act_bits=self.act_bits))
         zero = self.zero.cpu() if base.zero is not None or not self.sym else None
         new = dataclasses.replace(base, weight=None, qweight=q.cpu(), scale=self.scale.cpu(), zero=zero,
                                   meta=dict(base.meta), loss=None)
         return module, new
 
     def extra_repr(self) -> str:
+        acts = "" if self.act_bits is None else f", act_bits={self.act_bits}, act_clip={self.act_clip}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}{acts}")

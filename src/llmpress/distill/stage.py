@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..config import Check, PositiveInt
 from ..data.sources import parse_spec
 from ..errors import LlmpressError
+from ..quant.kvgrid import KV_BITS
 from ..registry import Method, register
 from .config import (
     AtLeastOne,
@@ -65,7 +66,9 @@ class DistillConfig(TrainConfig):
     prompts from ``data``) | data-free (the teacher writes from a random first token); ``samples``
     windows of ``seq_len`` tokens are drawn (seeded) from that text. Generation: ``prompts``,
     ``prompt_len``, ``new_tokens``, ``gen_temperature``, ``top_k``, ``top_p``, ``greedy_first``,
-    ``gen_batch_size``; ``generated_path`` keeps the JSON-lines file.
+    ``gen_batch_size``; ``generated_path`` keeps the JSON-lines file. ``kv_bits``: the student's keys and
+    values fake-quantized as the KV cache of that many bits (``llmpress eval --kv-bits``, its default groups;
+    16 = off) stores them, so QAT of a W4A4 model learns around a 4-bit KV cache too.
     """
 
     label = "distill"
@@ -94,6 +97,8 @@ class DistillConfig(TrainConfig):
     greedy_first: AtLeastZero = 0
     gen_batch_size: AtLeastOne = 8
     generated_path: str | None = None
+    kv_bits: Annotated[int, Check(choices=KV_BITS, verdict="not supported",
+                                  advice="use 2, 4, 8, or 16 for no KV quantization")] = 16
 
     def check(self) -> None:
         super().check()
@@ -158,6 +163,11 @@ def distill_model(model: nn.Module, arch, cfg: DistillConfig, *, teacher: nn.Mod
             ids = training_ids(cfg, tokenizer, teacher, Path(tmp), device=device, progress=progress)
     student = prepare_student(model, arch, layers, results, cfg.train, lora_rank=cfg.lora_rank,
                               lora_alpha=cfg.lora_alpha)
+    if cfg.kv_bits < 16:
+        from ..quant.kvcache import training_kv_cache
+        from ..quant.kvgrid import as_kv_config
+
+        student.kv_cache = training_kv_cache(model, as_kv_config(cfg.kv_bits))
     history = train(student, teacher, ids, cfg.loss_config(), cfg.train_config(), checkpoint_dir=cfg.checkpoint_dir,
                     resume=cfg.resume, progress=progress, device=device, keep_checkpoint=cfg.keep_checkpoint)
     updates = student.finalize(results)

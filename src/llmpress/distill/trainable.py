@@ -8,7 +8,8 @@ lm_head and the final norm stay frozen):
   optimizer step); quantized layers train on their fixed grid as
   :class:`~llmpress.distill.qat.QATLinear` (quantization-aware training);
   codebook (lookup-table) layers keep their codes and train their tables
-  (:class:`~llmpress.distill.codebook_qat.CodebookQATLinear`).
+  (:class:`~llmpress.distill.codebook_qat.CodebookQATLinear`); W4A4 layers
+  train as QATLinear with their inputs fake-quantized and become W4A4 again.
 - "lora": rank-r adapters on every block linear, bases frozen (Hu et al. 2021);
   a quantized layer's base becomes a packed ``QuantizedLinear`` (QLoRA,
   Dettmers et al. 2023) and its merged weight is rounded back on its grid;
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +38,8 @@ from ..compressed import Compressed, Grid, Sparsity
 from ..errors import LlmpressError
 from ..models.archs import Arch, block_linears, get_blocks
 from ..quant.qlinear import QuantizedLinear
+from ..quant.w4a4 import W4A4Linear
+from ..rotate.online import add_input_hadamard, remove_input_hadamard, replacing
 from .codebook_qat import CodebookQATLinear
 from .lora import LoRALinear, merged_result
 from .qat import QATLinear
@@ -61,6 +65,7 @@ class Student:
     lora: dict[str, LoRALinear] = field(default_factory=dict)
     train: str = "all"
     layer_names: list[str] = field(default_factory=list)  # every block linear, for finalize's meta
+    kv_cache: Callable[[], object] | None = None  # makes the training KV cache (kvcache.training_kv_cache)
     _masked: list[tuple[Tensor, Tensor]] = field(default_factory=list, repr=False)  # (weight, mask in its layout)
     _requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)  # to restore at finalize
 
@@ -87,7 +92,7 @@ class Student:
         updates = {name: {"distilled": "norms" if self.train == "norms" else "full"} for name in self.layer_names}
         for name, module in self.qat.items():
             plain, result = module.finalize()
-            self.model.set_submodule(name, plain)
+            self.model.set_submodule(name, replacing(module, plain))
             if results is not None:
                 results[name] = result
             updates[name] = {"distilled": "qat"}
@@ -97,7 +102,7 @@ class Student:
                 old = results.get(name)
                 results[name] = dataclasses.replace(merged_result(module, old.meta if old else None),
                                                     mask=old.mask if old else None)
-            self.model.set_submodule(name, module.merged("dense"))
+            self.model.set_submodule(name, replacing(module, module.merged("dense")))
             updates[name] = {"distilled": "qlora" if quantized else "lora"}
         self.qat, self.lora, self._masked, self.params = {}, {}, [], []
         for pname, param in self.model.named_parameters():
@@ -150,6 +155,10 @@ def prepare_student(model: nn.Module, arch: Arch, layers: dict[str, dict],
     for i, block in enumerate(blocks):
         for rel, module in block_linears(block, arch).items():
             name = f"{prefix}{i}.{rel}"
+            if isinstance(module, W4A4Linear):
+                student.layer_names.append(name)
+                _prepare_w4a4(student, name, module, (results or {}).get(name))
+                continue
             if not isinstance(module, (nn.Linear, Conv1D)):
                 log.warning("layer %s is a %s: left frozen", name, type(module).__name__)
                 continue
@@ -168,6 +177,24 @@ def prepare_student(model: nn.Module, arch: Arch, layers: dict[str, dict],
              len(student.params), sum(p.numel() for p in student.params), len(student.qat), len(student.lora),
              len(student.masks))
     return student
+
+
+def _prepare_w4a4(student: Student, name: str, module: W4A4Linear, result: Compressed | None) -> None:
+    """Set up one W4A4 layer: "all" trains its weight on its grid with its inputs fake-quantized (QAT), "norms"
+    only its bias; LoRA is refused (an update merged into integer codes and int4 activations is not LoRA's)."""
+    if student.train == "lora":
+        raise LlmpressError(f"layer {name} is W{module.bits}A{module.act_bits}: distill it with train=all "
+                            "(quantization-aware training of weights and activations) or train=norms")
+    if student.train == "norms":
+        if module.bias is not None:
+            module.bias.requires_grad_(True)
+        return
+    wrapped = replacing(module, QATLinear.from_w4a4(module, result))
+    student.model.set_submodule(name, wrapped)
+    student.qat[name] = wrapped
+    wrapped.latent.requires_grad_(True)
+    if wrapped.bias is not None:
+        wrapped.bias.requires_grad_(True)
 
 
 def _prepare_linear(student: Student, name: str, module: nn.Module, meta: dict,
@@ -189,14 +216,17 @@ def _prepare_linear(student: Student, name: str, module: nn.Module, meta: dict,
                                 "use distill train=all (trains the tables and norms: qat) or train=norms")
         base = QuantizedLinear.from_compressed(module, result, meta, cache_weight=qlora_cache) \
             if result is not None else module
+        rotated = remove_input_hadamard(module)  # the wrapper rotates what both the base and the adapter read
         wrapped = LoRALinear(base, rank, alpha, mask=mask)
+        if rotated:
+            add_input_hadamard(wrapped)
         student.model.set_submodule(name, wrapped)
         student.lora[name] = wrapped
         return
     if codebook and mask is not None:  # the codes stay and the table trains: no latent weight to mask
         raise LlmpressError(f"layer {name} is pruned and on a lookup-table grid: distill it with train=norms")
     if result is not None:  # QAT: the latent weight on its grid, or (codebook layers) the table at fixed codes
-        wrapped = (CodebookQATLinear if codebook else QATLinear).from_linear(module, result, meta)
+        wrapped = replacing(module, (CodebookQATLinear if codebook else QATLinear).from_linear(module, result, meta))
         student.model.set_submodule(name, wrapped)
         student.qat[name] = wrapped
         module = wrapped

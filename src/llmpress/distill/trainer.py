@@ -96,7 +96,11 @@ class _State:
     log: list = dataclasses.field(default_factory=list)
 
 
-def _forward(model: nn.Module, ids: Tensor, hidden: bool):
+def _forward(model: nn.Module, ids: Tensor, hidden: bool, cache=None):
+    """The model's outputs on ``ids``; ``cache``: a function making the student's training KV cache
+    (``Student.kv_cache``: the KV cache's rounding fake-quantized), else no cache."""
+    if cache is not None:
+        return model(input_ids=ids, past_key_values=cache(), use_cache=True, output_hidden_states=hidden)
     return model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
 
 
@@ -108,7 +112,7 @@ def _micro_step(student, teacher, ids: Tensor, loss_cfg: LossConfig, scale: floa
         if teacher is not None:
             with torch.no_grad():
                 teacher_out = _forward(teacher, ids, hidden)
-        student_out = _forward(student.model, ids, hidden)
+        student_out = _forward(student.model, ids, hidden, student.kv_cache)
         loss, parts = distill_loss(student_out, teacher_out, ids, loss_cfg)
     (loss * scale).backward()
     return loss.detach(), parts

@@ -28,6 +28,7 @@ from .kvgrid import (
     KVCodes,
     as_kv_config,
     dequantize_kv_rotated,
+    fake_quantize_kv,
     kv_bytes_per_token,
     kv_config_from_meta,
     pack_codes,
@@ -206,6 +207,34 @@ def kv_cache_factory(model: torch.nn.Module, cfg: KVCacheConfig | None) -> Calla
     if cfg is None or not cfg.enabled:
         return None
     return partial(QuantizedKVCache, resolve_hadamard(cfg, model.config), model.config)
+
+
+class FakeQuantKVLayer(DynamicLayer):
+    """A training cache layer: attention sees the keys and values as :class:`QuantizedKVLayer` would return
+    them (:func:`~llmpress.quant.kvgrid.fake_quantize_kv`), with the straight-through gradient, so
+    quantization-aware training (``llmpress.distill``, ``kv_bits``) learns around the KV cache's rounding."""
+
+    def __init__(self, cfg: KVCacheConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return (keys + (fake_quantize_kv(keys.detach(), self.cfg, key=True) - keys.detach()),
+                values + (fake_quantize_kv(values.detach(), self.cfg) - values.detach()))
+
+
+def training_kv_cache(model: torch.nn.Module, cfg: KVCacheConfig | None) -> Callable[[], Cache] | None:
+    """A function making a fresh :class:`FakeQuantKVLayer` cache per training forward (None: ``cfg`` asks for
+    nothing). One teacher-forced forward through it computes what :func:`kv_cache_factory`'s cache gives, with
+    gradients; full-attention models only (a sliding window would need :class:`QuantizedKVCache`'s bounds)."""
+    if cfg is None or not cfg.enabled:
+        return None
+    config = model.config.get_text_config(decoder=True)
+    if any(kind != "full_attention" for kind in get_layer_types_and_kwargs(config)[0]):
+        raise LlmpressError("training with a quantized KV cache supports full-attention models only: "
+                            "train without kv_bits")
+    return partial(Cache, layer_class_to_replicate=partial(FakeQuantKVLayer, resolve_hadamard(cfg, model.config)))
 
 
 def kv_cache_stage(weight: Tensor, cfg: KVCacheConfig) -> Compressed:

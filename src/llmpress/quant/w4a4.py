@@ -75,6 +75,14 @@ def quantize_act_per_token(x: Tensor, bits: int, clip: float = 1.0) -> tuple[Ten
     return torch.div(X, scale).round_().clamp_(qmin, qmax).to(torch.int8), scale
 
 
+def fake_quant_act_ste(x: Tensor, bits: int, clip: float) -> Tensor:
+    """Per-token symmetric fake quantization as :class:`W4A4Linear` does it (:func:`quantize_act_per_token`),
+    with the straight-through gradient: the value of the dequantized x, the gradient of the identity. What
+    quantization-aware training (``llmpress.distill.qat``) and SpinQuant (``llmpress.rotate.spin``) see."""
+    codes, scale = quantize_act_per_token(x.detach(), bits, clip)
+    return x + ((codes * scale).to(x.dtype) - x.detach())
+
+
 CLIP_GRID = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # the ratios act_clip_search tries
 
 

@@ -74,7 +74,8 @@ def _factors(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, 
     while p > 1:
         orders.append(min(p, MAX_FACTOR))
         p //= orders[-1]
-    return tuple(hadamard(k).to(dtype=dtype, device=device) for k in orders or [1])
+    with torch.inference_mode(False):  # cached: usable by a later training forward even if first made in inference
+        return tuple(hadamard(k).to(dtype=dtype, device=device) for k in orders or [1])
 
 
 def hadamard_transform(x: Tensor, inverse: bool = False) -> Tensor:
@@ -119,6 +120,15 @@ def add_input_hadamard(module: nn.Module) -> None:
     """Make ``module`` rotate its input first (before any other pre-hook, e.g. a statistics hook); idempotent."""
     if not has_input_hadamard(module):
         module.register_forward_pre_hook(InputHadamard(), prepend=True)
+
+
+def remove_input_hadamard(module: nn.Module) -> bool:
+    """Take ``module``'s :class:`InputHadamard` off (a wrapper around it rotates the input instead); returns
+    whether it had one."""
+    keys = [key for key, hook in module._forward_pre_hooks.items() if isinstance(hook, InputHadamard)]
+    for key in keys:
+        del module._forward_pre_hooks[key]
+    return bool(keys)
 
 
 def replacing(old: nn.Module, new: nn.Module) -> nn.Module:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ..config import Check, Config
 from ..errors import LlmpressError
 from ..models.archs import Arch, get_blocks
-from ..quant.w4a4 import quantize_act_per_token
+from ..quant.w4a4 import fake_quant_act_ste
 from ..registry import Method, register
 from .fold import norm_feeds, rotate_residual, writers
 
@@ -64,14 +64,6 @@ def cayley_step(R: Tensor, G: Tensor, lr: float) -> Tensor:
     A = G @ R.T - R @ G.T
     eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
     return torch.linalg.solve(eye + lr / 2 * A, (eye - lr / 2 * A) @ R)
-
-
-def fake_quant_ste(x: Tensor, bits: int, clip: float) -> Tensor:
-    """Per-token symmetric fake quantization as :class:`llmpress.quant.w4a4.W4A4Linear` does it (scale
-    clip·absmax/((2^bits − 1)/2), codes in [−2^(bits−1), 2^(bits−1) − 1]), with the straight-through gradient:
-    the value of the dequantized x, the gradient of the identity."""
-    codes, scale = quantize_act_per_token(x.detach(), bits, clip)
-    return x + ((codes * scale).to(x.dtype) - x.detach())
 
 
 @dataclass(frozen=True)
@@ -108,10 +100,10 @@ def _hooks(model: nn.Module, arch: Arch, rotation: list, cfg: SpinQuantConfig) -
     (``rotation`` = [R, on]: with on False the hooks pass everything through, for the float model's logits)."""
     def norm_out(module, args, out):
         R, on = rotation[0].to(out.dtype), rotation[1]  # (a half-precision model: R rounded, its gradient fp32)
-        return fake_quant_ste(out @ R, cfg.act_bits, cfg.act_clip) @ R.T if on else out
+        return fake_quant_act_ste(out @ R, cfg.act_bits, cfg.act_clip) @ R.T if on else out
 
     def writer_in(module, args):
-        return (fake_quant_ste(args[0], cfg.act_bits, cfg.act_clip), *args[1:]) if rotation[1] else args
+        return (fake_quant_act_ste(args[0], cfg.act_bits, cfg.act_clip), *args[1:]) if rotation[1] else args
 
     handles = []
     for block in get_blocks(model, arch):
