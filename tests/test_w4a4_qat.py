@@ -3,7 +3,8 @@ and the online Hadamard of a rotated linear surviving every training wrapper (QA
 
 Oracles: a W4A4 layer's QAT forward and gradients against a token-by-token loop; a student prepared and
 finalized without a step gives back the same function (the wrappers lose no transform); trained codes are
-the grid's rounding of the trained latent weight, on the scales GPTQ chose."""
+the grid's rounding of the trained latent weight, on the scales GPTQ chose; the training KV cache gives the
+evaluation cache's logits, with gradients."""
 
 import copy
 

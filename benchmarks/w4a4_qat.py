@@ -1,0 +1,66 @@
+"""QAT settings for a saved W4A4 model: train it as ``+qat`` would, then its perplexity with a 4-bit KV cache.
+
+    python benchmarks/w4a4_qat.py FOLDER [--steps 200] [--lr 1e-4] [--qat-lr-scale 3] [--warmup 10]
+                                         [--kv-bits 4]
+                                         [--samples 256] [--json FILE]
+
+FOLDER is a folder written by ``llmpress compress smollm2-135m --recipe rotate+gptq-w4a4-g64 --out FOLDER``.
+Each run loads it, trains it with ``llmpress.distill.stage.distill_model`` (the ``qat`` stage's loss and
+trainable set: forward KL to the float model, every W4A4 layer's latent weight on its grid with its inputs
+fake-quantized, norms; 2 x 256-token batches of ``austen:calib``; ``--kv-bits`` fake-quantizes the student's KV
+cache, 16 = off), and evaluates austen:eval 16 x 1024 with ``--kv-bits 4`` at evaluation, as
+``llmpress eval DIR --kv-bits 4 --no-speed`` does. Several settings from one GPTQ run, without repeating it:
+the README's table of QAT settings ("W4A4 and a 4-bit KV cache") was measured with it. Prints one Markdown
+row and writes it as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import llmpress
+from _common import provenance
+from llmpress.distill.stage import DistillConfig, distill_model
+from llmpress.models.archs import arch_for
+from llmpress.models.loader import load_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--qat-lr-scale", type=float, default=3.0)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--kv-bits", type=int, default=4, choices=[2, 4, 8, 16], help="KV cache while training")
+    p.add_argument("--samples", type=int, default=256, help="training windows of 256 tokens (cycled)")
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    student = load_model(args.folder)
+    teacher = load_model("smollm2-135m").model
+    cfg = DistillConfig(loss="forward_kl", train="all", lr=args.lr, qat_lr_scale=args.qat_lr_scale, steps=args.steps,
+                        warmup=args.warmup, seq_len=256, batch_size=2, samples=args.samples, kv_bits=args.kv_bits)
+    start = time.perf_counter()
+    _, history = distill_model(student.model, arch_for(student.model), cfg, teacher=teacher,
+                               tokenizer=student.tokenizer, layers={}, results={})
+    seconds = time.perf_counter() - start
+    report = llmpress.evaluate(student.model, tokenizer=student.tokenizer, measure_speed=False, kv_cache=4)
+    row = {"steps": args.steps, "lr": args.lr, "qat_lr_scale": args.qat_lr_scale, "kv_bits_training": args.kv_bits,
+           "samples": args.samples, "train_seconds": round(seconds, 1), "last_loss": history["loss"],
+           "perplexity_kv4": report["perplexity"], **provenance()}
+    print("| steps | lr | latent × | KV bits in training | train s | last KL | W4A4 + KV4 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {args.steps} | {args.lr:g} | {args.qat_lr_scale:g} | {args.kv_bits} | {seconds:.0f} | "
+          f"{history['loss']:.3f} | {report['perplexity']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
