@@ -36,7 +36,7 @@ instead of 8-19%).
 
 Training closes part of that gap: ``rotate+gptq-w4a4-g64+qat`` trains the W4A4 model with its int4 inputs and
 its 4-bit KV cache fake-quantized (``llmpress.distill.qat``, :func:`fake_quant_act_ste`; LLM-QAT), the codes
-moving on GPTQ's scales, and scores 52.67 after 200 steps of 2 x 256 tokens (README, "Training for W4A4").
+moving on GPTQ's scales, and scores 51.56 after 200 steps of 2 x 256 tokens (README, "Training for W4A4").
 """
 
 from __future__ import annotations
