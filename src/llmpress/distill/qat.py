@@ -175,10 +175,9 @@ class QATLinear(nn.Module):
         """Wrap a :class:`W4A4Linear`: the latent weight starts at its dequantized codes, on its grid, and the
         input is fake-quantized as the layer quantizes it. ``result``: the engine's record of the layer (its
         meta is kept at :meth:`finalize`)."""
-        zero = torch.zeros_like(layer.weight_scale) if layer.sym else layer.weight_zero_point.float()
         bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
-        module = cls(layer.dequantized_weight(), bias, layer.weight_scale, zero, layer.bits, layer.group_size,
-                     layer.sym, act_bits=layer.act_bits, act_clip=layer.act_clip)
+        module = cls(layer.dequantized_weight(), bias, layer.weight_scale, layer.zero_points(), layer.bits,
+                     layer.group_size, layer.sym, act_bits=layer.act_bits, act_clip=layer.act_clip)
         module.result, module.path = result, layer.path
         return module
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..config import Check, PositiveInt
 from ..data.sources import parse_spec
 from ..errors import LlmpressError
-from ..quant.kvgrid import KV_BITS
+from ..quant.kvgrid import KVBits
 from ..registry import Method, register
 from .config import (
     AtLeastOne,
@@ -97,8 +97,7 @@ class DistillConfig(TrainConfig):
     greedy_first: AtLeastZero = 0
     gen_batch_size: AtLeastOne = 8
     generated_path: str | None = None
-    kv_bits: Annotated[int, Check(choices=KV_BITS, verdict="not supported",
-                                  advice="use 2, 4, 8, or 16 for no KV quantization")] = 16
+    kv_bits: KVBits = 16
 
     def check(self) -> None:
         super().check()

@@ -189,12 +189,19 @@ def _prepare_w4a4(student: Student, name: str, module: W4A4Linear, result: Compr
         if module.bias is not None:
             module.bias.requires_grad_(True)
         return
-    wrapped = replacing(module, QATLinear.from_w4a4(module, result))
+    _train_qat(student, name, module, QATLinear.from_w4a4(module, result))
+
+
+def _train_qat(student: Student, name: str, old: nn.Module, wrapped: nn.Module) -> nn.Module:
+    """Put the QAT layer ``wrapped`` in ``old``'s place (its online Hadamard kept) and train its latent parameter
+    and bias; returns it."""
+    wrapped = replacing(old, wrapped)
     student.model.set_submodule(name, wrapped)
     student.qat[name] = wrapped
     wrapped.latent.requires_grad_(True)
     if wrapped.bias is not None:
         wrapped.bias.requires_grad_(True)
+    return wrapped
 
 
 def _prepare_linear(student: Student, name: str, module: nn.Module, meta: dict,
@@ -226,13 +233,12 @@ def _prepare_linear(student: Student, name: str, module: nn.Module, meta: dict,
     if codebook and mask is not None:  # the codes stay and the table trains: no latent weight to mask
         raise LlmpressError(f"layer {name} is pruned and on a lookup-table grid: distill it with train=norms")
     if result is not None:  # QAT: the latent weight on its grid, or (codebook layers) the table at fixed codes
-        wrapped = replacing(module, (CodebookQATLinear if codebook else QATLinear).from_linear(module, result, meta))
-        student.model.set_submodule(name, wrapped)
-        student.qat[name] = wrapped
-        module = wrapped
-    (module.latent if result is not None else module.weight).requires_grad_(True)
-    if module.bias is not None:
-        module.bias.requires_grad_(True)
+        module = _train_qat(student, name, module,
+                            (CodebookQATLinear if codebook else QATLinear).from_linear(module, result, meta))
+    else:
+        module.weight.requires_grad_(True)
+        if module.bias is not None:
+            module.bias.requires_grad_(True)
     if mask is not None:
         layout = mask.t() if isinstance(module, Conv1D) else mask
         student._masked.append((module.weight, layout))

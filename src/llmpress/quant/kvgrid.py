@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 KV_BITS = (2, 4, 8, 16)  # 16: no quantization (the cache passes keys and values through)
 KEY_AXES = ("token", "channel")
 PARAM_BYTES = 2  # scale and offset are stored in fp16
+KVBits = Annotated[int, Check(choices=KV_BITS, verdict="not supported",
+                              advice="use 2, 4, 8, or 16 for no quantization")]  # a bit width field (16 = off)
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,7 @@ class KVCacheConfig(Config):
 
     label = "kv-cache"
 
-    bits: Annotated[int, Check(choices=KV_BITS, verdict="not supported",
-                               advice="use 2, 4, 8, or 16 for no quantization")] = 8
+    bits: KVBits = 8
     group_size: Annotated[int, Check(ge=1, advice="use a positive integer that divides head_dim, e.g. 64")] = 64
     key_axis: Annotated[str, Check(choices=KEY_AXES, advice="use 'token' or 'channel'")] = "token"
     residual_tokens: Annotated[int, Check(ge=0)] = 0

@@ -194,10 +194,14 @@ class W4A4Linear(nn.Module):
         return cls.from_codes(codes, scale, None, bias, bits=bits, group_size=group_size, act_bits=act_bits,
                               act_clip=act_clip, path=path)
 
+    def zero_points(self) -> Tensor:
+        """The weight grid's zero points, fp32 (out, groups): zeros when symmetric."""
+        return torch.zeros_like(self.weight_scale) if self.sym else self.weight_zero_point.float()
+
     def dequantized_weight(self) -> Tensor:
         """The weight the integer codes stand for, fp32 (out, in)."""
-        zero = torch.zeros_like(self.weight_scale) if self.sym else self.weight_zero_point.float()
-        return dequantize(self.weight, self.weight_scale, zero, None if self.group_size <= 0 else self.group_size)
+        return dequantize(self.weight, self.weight_scale, self.zero_points(),
+                          None if self.group_size <= 0 else self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         X = x.reshape(-1, self.in_features)
