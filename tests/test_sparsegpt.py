@@ -10,6 +10,7 @@ from llmpress.primitives import compute_qparams, dequantize
 from llmpress.prune.magnitude import MagnitudeConfig, magnitude
 from llmpress.prune.sparsegpt import SparseGPTConfig, sparsegpt
 from llmpress.prune.wanda import WandaConfig, wanda
+from reference.gptq_reference import dead_inputs_dropped
 from tiny_models import TOKENIZER_TEXT, tiny_model, tiny_tokenizer
 
 
@@ -30,11 +31,8 @@ def sparsegpt_reference(W, H, sparsity, nm, block, damp=0.01, bits=None, group=6
     or per row the lowest M−N of each run of M. Groups: qparams at the group's first column
     from the current weights with already-pruned entries zeroed.
     """
-    W, H = W.double().clone(), H.double().clone()
+    W, H = dead_inputs_dropped(W, H)
     rows, n = W.shape
-    for j in range(n):
-        if H[j, j] == 0:
-            H[j, j], W[:, j] = 1.0, 0.0
     H = H + damp * torch.diagonal(H).mean() * torch.eye(n, dtype=H.dtype)
     with single_threaded():  # many small inverses: threads only contend
         inv = [torch.linalg.inv(H[j:, j:]) for j in range(n)]

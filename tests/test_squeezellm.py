@@ -28,6 +28,7 @@ from llmpress.quant.gptq import GPTQConfig, gptq
 from llmpress.quant.squeezellm import GPTQLUTConfig, SqueezeLLMConfig, gptq_lut, refit_codebook, squeezellm
 from llmpress.recipe import load_recipe
 from llmpress.registry import builtin_recipes, get_method
+from reference.gptq_reference import dead_inputs_dropped
 from tiny_models import random_ids, tiny_model
 
 
@@ -163,11 +164,8 @@ def reference_gptq_onto_table(W: torch.Tensor, H: torch.Tensor, lut: torch.Tenso
                               act_order: bool) -> torch.Tensor:
     """Optimal Brain Quantization one column at a time onto fixed per-row tables (float64, explicit inverses of
     the damped Hessian restricted to the columns left): codes (out, in)."""
-    W, H, lut = W.double().clone(), H.double().clone(), lut.double()
+    (W, H), lut = dead_inputs_dropped(W, H), lut.double()
     n = W.shape[1]
-    for j in range(n):
-        if H[j, j] == 0:
-            H[j, j], W[:, j] = 1.0, 0.0
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True).tolist() if act_order else list(range(n))
     H = H + damp * torch.diagonal(H).mean() * torch.eye(n, dtype=H.dtype)
     codes = torch.zeros(W.shape, dtype=torch.int64)

@@ -16,6 +16,7 @@ from llmpress.quant.gptq import GPTQConfig, gptq
 from llmpress.quant.squeezellm import GPTQLUTConfig, gptq_lut
 from llmpress.quant.vq import VQConfig, VQLinear, refit_vq_codebook, vector_kmeans, vq_gptq, vq_lookup
 from llmpress.registry import builtin_recipes
+from reference.gptq_reference import dead_inputs_dropped
 from test_squeezellm import correlated_inputs, heavy_tailed, hessian_of, output_error
 from tiny_models import random_ids, tiny_model
 
@@ -72,11 +73,8 @@ def reference_vq_obq(W: torch.Tensor, H: torch.Tensor, book: torch.Tensor, rows:
     """Quantize column pairs jointly in order: with Hinv the inverse of the damped H restricted to the columns
     left and B its 2×2 leading block, each row takes the codeword minimising (w − c)ᵀB⁻¹(w − c) and the columns
     left move by −(w − c)ᵀB⁻¹Hinv[:2]. float64, one pair at a time. Codes (out, in/2)."""
-    W, H = W.double().clone(), H.double().clone()
+    W, H = dead_inputs_dropped(W, H)
     out, n = W.shape
-    for j in range(n):
-        if H[j, j] == 0:
-            H[j, j], W[:, j] = 1.0, 0.0
     H = H + damp * torch.diagonal(H).mean() * torch.eye(n, dtype=H.dtype)
     codes = torch.zeros(out, n // 2, dtype=torch.int64)
     for p in range(n // 2):

@@ -18,15 +18,21 @@ from torch import Tensor
 from llmpress.primitives import compute_qparams, search_qparams
 
 
+def dead_inputs_dropped(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 copies of W (out, in) and H (in, in) with every dead input (H[j, j] == 0: never active) given
+    H[j, j] = 1 and a zero weight column, as GPTQ and the solvers built on it do before damping."""
+    W, H = W.double().clone(), H.double().clone()
+    for j in range(W.shape[1]):
+        if H[j, j] == 0:
+            H[j, j], W[:, j] = 1.0, 0.0
+    return W, H
+
+
 def gptq_reference(W: Tensor, H: Tensor, bits: int, group_size: int, sym: bool, act_order: bool = False,
                    damp: float = 0.01, mse: bool = False) -> tuple[Tensor, Tensor, Tensor, float]:
     """Returns codes (out, in) int8, scale and zero (out, groups) fp32, and Σ (w − q)²/[H_F⁻¹]_qq / 2."""
-    W, H = W.double().clone(), H.double().clone()
+    W, H = dead_inputs_dropped(W, H)
     rows, n = W.shape
-    for j in range(n):
-        if H[j, j] == 0:
-            H[j, j] = 1.0
-            W[:, j] = 0.0
     g = n if group_size == -1 else group_size
     groups = -(-n // g)
     order = list(range(n))
