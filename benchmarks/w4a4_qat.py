@@ -1,17 +1,18 @@
 """QAT settings for a saved W4A4 model: train it as ``+qat`` would, then its perplexity with a 4-bit KV cache.
 
-    python benchmarks/w4a4_qat.py FOLDER [--steps 200] [--lr 1e-4] [--qat-lr-scale 3] [--warmup 10]
+    python benchmarks/w4a4_qat.py FOLDER [--steps 400] [--lr 1e-4] [--qat-lr-scale 3] [--warmup 10]
                                          [--kv-bits 4]
-                                         [--samples 256] [--json FILE]
+                                         [--samples 1024] [--json FILE]
 
-FOLDER is a folder written by ``llmpress compress smollm2-135m --recipe rotate+gptq-w4a4-g64 --out FOLDER``.
-Each run loads it, trains it with ``llmpress.distill.stage.distill_model`` (the ``qat`` stage's loss and
-trainable set: forward KL to the float model, every W4A4 layer's latent weight on its grid with its inputs
-fake-quantized, norms; 2 x 256-token batches of ``austen:calib``; ``--kv-bits`` fake-quantizes the student's KV
-cache, 16 = off), and evaluates austen:eval 16 x 1024 with ``--kv-bits 4`` at evaluation, as
-``llmpress eval DIR --kv-bits 4 --no-speed`` does. Several settings from one GPTQ run, without repeating it:
-the README's table of QAT settings ("W4A4 and a 4-bit KV cache") was measured with it. Prints one Markdown
-row and writes it as JSON with ``--json``.
+FOLDER is a folder written by ``llmpress compress smollm2-135m --recipe rotate+gptq-w4a4-g64 --out FOLDER``
+(or ``rotate(online=true)+gptq-w4a4-g64``, QuaRot's folded rotation). Each run loads it, trains it with
+``llmpress.distill.stage.distill_model`` (the ``qat`` stage's loss and trainable set: forward KL to the float
+model, every W4A4 layer's latent weight on its grid with its inputs fake-quantized, norms; 2 x 256-token
+batches of ``austen:calib``; ``--kv-bits`` fake-quantizes the student's KV cache, 16 = off; the defaults are
+the ``rotate+gptq-w4a4-g64+qat`` recipe's), and evaluates austen:eval 16 x 1024 with ``--kv-bits 4`` at
+evaluation, as ``llmpress eval DIR --kv-bits 4 --no-speed`` does. Several settings from one GPTQ run, without
+repeating it: the README's table of QAT settings ("Training for W4A4") was measured with it. Prints one
+Markdown row and writes it as JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -27,17 +28,20 @@ from _common import provenance
 from llmpress.distill.stage import DistillConfig, distill_model
 from llmpress.models.archs import arch_for
 from llmpress.models.loader import load_model
+from llmpress.registry import builtin_recipes
 
 
 def main() -> None:
+    recipe = builtin_recipes()["rotate+gptq-w4a4-g64+qat"]["stages"][-1]["args"]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--qat-lr-scale", type=float, default=3.0)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--kv-bits", type=int, default=4, choices=[2, 4, 8, 16], help="KV cache while training")
-    p.add_argument("--samples", type=int, default=256, help="training windows of 256 tokens (cycled)")
+    p.add_argument("--steps", type=int, default=recipe["steps"])
+    p.add_argument("--lr", type=float, default=recipe["lr"])
+    p.add_argument("--qat-lr-scale", type=float, default=recipe["qat_lr_scale"])
+    p.add_argument("--warmup", type=int, default=recipe["warmup"])
+    p.add_argument("--kv-bits", type=int, default=recipe["kv_bits"], choices=[2, 4, 8, 16],
+                   help="KV cache while training")
+    p.add_argument("--samples", type=int, default=recipe["samples"], help="training windows of 256 tokens (cycled)")
     p.add_argument("--json")
     args = p.parse_args()
     torch.manual_seed(0)

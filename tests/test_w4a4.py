@@ -86,6 +86,42 @@ def test_online_o_proj_can_be_left_out():
     assert not has_input_hadamard(model.model.layers[0].self_attn.o_proj)
 
 
+@pytest.mark.parametrize("model_type", ONLINE_TYPES)
+def test_rotating_every_linear_input_instead_of_the_residual_keeps_the_logits_and_the_norms(model_type):
+    """rotate(online=true, residual=false): no fold, no residual rotation; each linear W ← W·H/√n with an online
+    x ← x·H/√n, so the norms' gains stay on the activations the int4 grid rounds."""
+    ids = random_ids(2, 16, seed=2)
+    base = tiny_model(model_type, seed=1)
+    before = _logits(base, ids)
+    model = tiny_model(model_type, seed=1)
+    rotate_model(model, arch_for(model), None, RotateConfig(online=True, residual=False))
+    assert torch.allclose(_logits(model, ids), before, atol=1e-5, rtol=1e-4)
+    arch = arch_for(model)
+    names = online_record(model.config)["input_hadamard"]
+    assert len(names) == len(arch.linear_names) * model.config.num_hidden_layers
+    assert torch.equal(model.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == \
+        (base.get_output_embeddings().weight is base.get_input_embeddings().weight)
+    for block, block0 in zip(get_blocks(model, arch), get_blocks(base, arch)):
+        for norm in ("input_layernorm", "post_attention_layernorm"):  # the gains are not folded
+            assert torch.equal(block.get_submodule(norm).weight, block0.get_submodule(norm).weight)
+        for name in (*arch.groups[0], *arch.groups[2]):
+            if name.endswith(("v_proj", "qkv_proj")):  # the values' output rows are rotated per head too (heads)
+                continue
+            on, off = block.get_submodule(name), block0.get_submodule(name)
+            n = off.weight.shape[1]
+            assert has_input_hadamard(on)
+            assert torch.allclose(on.weight.double(), off.weight.double() @ online_hadamard(n).double() / n ** 0.5,
+                                  atol=1e-6)
+    get_blocks(model, arch)[0].get_submodule(arch.groups[0][0])._forward_pre_hooks.clear()  # the run-time half
+    assert not torch.allclose(_logits(model, ids), before, atol=1e-3, rtol=1e-3)
+
+
+def test_residual_false_needs_the_online_transforms():
+    with pytest.raises(LlmpressError, match="add online=true"):
+        RotateConfig(residual=False)
+
+
 def test_statistics_hooks_see_the_rotated_input():
     """GPTQ's Hessian must be taken on what down_proj multiplies: the input after the online Hadamard."""
     offline, online = tiny_model("llama", seed=1), tiny_model("llama", seed=1)
@@ -180,7 +216,8 @@ def _compress(calib, recipe, out=None, **kw):
 
 
 @pytest.mark.parametrize("recipe", ["rotate+gptq-w4a4", "gptq-w4a4", "rotate(online=true)+w4a4(act_bits=6)",
-                                    "rotate(online=true)+gptq-w4-g64", "rotate+gptq-w4a4-g64"])
+                                    "rotate(online=true)+gptq-w4-g64", "rotate+gptq-w4a4-g64",
+                                    "rotate(online=true)+gptq-w4a4-g64"])
 def test_w4a4_folder_reloads_with_identical_logits(calib, tmp_path, recipe):
     out = tmp_path / "out"
     result = _compress(calib, recipe, out)
@@ -195,9 +232,13 @@ def test_w4a4_folder_reloads_with_identical_logits(calib, tmp_path, recipe):
     assert formats.detect(out).name == "rotated" and formats.readers(out) == ["llmpress"]
     online = recipe.startswith("rotate")
     assert bool(config.get(CONFIG_KEY)) == online
+    inputs = recipe == "rotate+gptq-w4a4-g64"  # rotate(online=true, residual=false): every linear's input
     for name, module in reloaded.model.named_modules():
         if name.endswith(("mlp.down_proj", "self_attn.o_proj")):
             assert has_input_hadamard(module) == online
+        if name.endswith(("self_attn.q_proj", "mlp.up_proj")):
+            assert has_input_hadamard(module) == inputs
+    assert (reloaded.model.lm_head.weight is reloaded.model.get_input_embeddings().weight) == (not online or inputs)
     int_layers = [m for m in reloaded.model.modules() if isinstance(m, W4A4Linear)]
     assert len(int_layers) == (0 if recipe.endswith("gptq-w4-g64") else 14)
     if recipe == "rotate+gptq-w4a4-g64":  # groups of 64 and a searched clip per linear, saved and reloaded
@@ -272,8 +313,9 @@ def test_spinquant_learns_an_orthogonal_rotation_that_keeps_the_float_function(c
     assert torch.allclose(R @ R.T, torch.eye(R.shape[0], dtype=torch.float64), atol=1e-5)
     assert len(losses) == 2 and (R - torch.eye(R.shape[0], dtype=torch.float64)).abs().max() > 1e-3
     assert torch.allclose(_logits(result.model, ids), _logits(base, ids), atol=1e-4, rtol=1e-4)  # hooks removed
-    with pytest.raises(LlmpressError, match=r"put rotate\(online=true\) before spinquant"):
-        _compress(calib, "spinquant(steps=1,seq_len=16)")
+    for recipe in ("spinquant(steps=1,seq_len=16)", "rotate(online=true,residual=false)+spinquant(steps=1,seq_len=16)"):
+        with pytest.raises(LlmpressError, match=r"put rotate\(online=true\) \(without residual=false"):
+            _compress(calib, recipe)
 
 
 def test_act_clip_errors_match_a_plain_loop():

@@ -76,20 +76,22 @@ def _tiny(calib, recipe):
     return compress(model, recipe, tokenizer=tok, data=data, samples=4, seq_len=32)
 
 
-def test_a_prepared_and_finalized_w4a4_student_is_the_same_model(calib):
-    result = _tiny(calib, "rotate+gptq-w4a4-g64")
+@pytest.mark.parametrize("recipe, rotated", [("rotate(online=true)+gptq-w4a4-g64", ROTATED),
+                                             ("rotate+gptq-w4a4-g64", "_proj")])  # residual=false: every linear
+def test_a_prepared_and_finalized_w4a4_student_is_the_same_model(calib, recipe, rotated):
+    result = _tiny(calib, recipe)
     ids = random_ids(2, 16, seed=4)
     before = _logits(result.model, ids)
     student = prepare_student(result.model, arch_for(result.model), result.layers, result.results, "all")
     assert len(student.qat) == 14 and all(type(m) is QATLinear and m.act_bits == 4 for m in student.qat.values())
     for name, module in student.qat.items():
-        assert has_input_hadamard(module) == name.endswith(ROTATED)
+        assert has_input_hadamard(module) == name.endswith(rotated)
     assert torch.allclose(_logits(result.model, ids), before, atol=1e-4)
     student.finalize(result.results)
     assert torch.equal(_logits(result.model, ids), before)
     for name, module in result.model.named_modules():
-        if name.endswith(ROTATED):
-            assert isinstance(module, W4A4Linear) and has_input_hadamard(module)
+        if isinstance(module, W4A4Linear):
+            assert has_input_hadamard(module) == name.endswith(rotated)
 
 
 def test_distill_trains_w4a4_codes_on_gptqs_scales_and_the_folder_reloads(calib, tmp_path):
@@ -105,7 +107,7 @@ def test_distill_trains_w4a4_codes_on_gptqs_scales_and_the_folder_reloads(calib,
     for name, meta in result.layers.items():
         module = result.model.get_submodule(name)
         assert isinstance(module, W4A4Linear) and meta["distilled"] == "qat" and meta["act_bits"] == 4
-        assert has_input_hadamard(module) == name.endswith(ROTATED)
+        assert has_input_hadamard(module)  # residual=false: every linear's input is rotated online
         before = plain.model.get_submodule(name)
         assert torch.equal(module.weight_scale, before.weight_scale) and module.act_clip == before.act_clip
         zero = torch.zeros_like(module.weight_scale)

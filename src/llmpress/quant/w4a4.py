@@ -23,20 +23,21 @@ Measured on SmolLM2-135M (base 33.53 on austen:eval 16 x 1024): ``llmpress compr
 rotate+gptq-w4a4 --out R && llmpress eval R --kv-bits 4`` gives 126.78 (146.61 before the online Hadamard
 before ``o_proj``), far above QuaRot's figures for 7B models. ``python benchmarks/w4a4_parts.py R --windows 2 --layers``
 split it (first 2 windows): int4 weights per channel alone (A16) 66.0, + int8 activations 70.5, + int4
-activations 145.7, + KV int4 176.0. ``rotate+gptq-w4a4-g64`` (GPTQ in groups of 64, each linear's activation clip
-searched, ``clip_search``: mostly 0.8 for q/k/v/gate/up, 0.75 for down_proj, 0.7 for o_proj) gives 79.40 with KV
-int4; ``benchmarks/w4a4_parts.py`` on it (16 windows): KV16 73.82, W4A8 + KV int4 54.22, its int4 weights alone
-(A16) 49.67. Either side alone is past 1.3x the base (43.6). The activations set a floor: with near-exact
-weights (``rotate(online=true)+w4a4(bits=8)``, 16 windows) int4 activations score 49.22 (KV16) and 52.99
-(KV int4) at clip 0.9, 49.56 (KV int4) with ``clip_search``, so 1.3x the base is out of reach for per-token
-int4 activations on this small model, whatever the weights; SpinQuant's learned rotation (``llmpress.rotate.spin``)
-lowers that floor a little (50.72 at clip 0.9, KV int4) but not the GPTQ model's (82.92 with it). Without
-rotation the same W8A4 model scores 2,325 (each linear's activation rounding costs 22-70% of its output
-instead of 8-19%).
+activations 145.7, + KV int4 176.0. ``rotate(online=true)+gptq-w4a4-g64`` (GPTQ in groups of 64, each linear's
+activation clip searched, ``clip_search``: mostly 0.8 for q/k/v/gate/up, 0.75 for down_proj, 0.7 for o_proj) gives
+79.40 with KV int4; ``benchmarks/w4a4_parts.py`` on it (16 windows): KV16 73.82, W4A8 + KV int4 54.22, its int4
+weights alone (A16) 49.67. With near-exact weights (``rotate(online=true)+w4a4(bits=8)``) int4 activations score
+49.22 (KV16), 1.47x the base: QuaRot's norm folding leaves the activations without their norm's gain, and their
+per-token scale is set by channels the gain would silence. ``rotate(online=true, residual=false)`` folds nothing
+and rotates every linear's input online instead (``llmpress.rotate.stage``): int4 activations then score 43.02
+(KV16) and 46.47 (KV int4), the int4 weights alone 45.91, and ``rotate+gptq-w4a4-g64`` (which uses it) 64.55
+with KV int4. SpinQuant's learned rotation (``llmpress.rotate.spin``, folded models only) did not help the
+folded GPTQ model (82.92 with it). Without any rotation the same W8A4 model scores 2,325 (each linear's
+activation rounding costs 22-70% of its output instead of 8-19%).
 
-Training closes part of that gap: ``rotate+gptq-w4a4-g64+qat`` trains the W4A4 model with its int4 inputs and
-its 4-bit KV cache fake-quantized (``llmpress.distill.qat``, :func:`fake_quant_act_ste`; LLM-QAT), the codes
-moving on GPTQ's scales, and scores 51.56 after 200 steps of 2 x 256 tokens (README, "Training for W4A4").
+Training closes the rest: ``rotate+gptq-w4a4-g64+qat`` trains the W4A4 model with its int4 inputs and its 4-bit
+KV cache fake-quantized (``llmpress.distill.qat``, :func:`fake_quant_act_ste`; LLM-QAT), the codes moving on
+GPTQ's scales (README, "Training for W4A4").
 """
 
 from __future__ import annotations
@@ -342,12 +343,17 @@ def _gptq_w4a4() -> dict:
 _GPTQ_W4A4 = _gptq_w4a4()
 
 
-def _rotated_gptq_w4a4_g64() -> dict:
-    """QuaRot's online rotations, GPTQ int4 in groups of 64 (act-order, MSE clip search), W4A4 with each linear's
-    activation clip searched on the calibration data: the best W4A4 measured here (see the module docstring)."""
+def _gptq_w4a4_g64() -> dict:
+    """GPTQ int4 in groups of 64 (act-order, MSE clip search), then W4A4 with each linear's activation clip searched
+    on the calibration data; composed after a ``rotate`` stage (see the module docstring)."""
     recipe = gptq_recipe(4, 64, mse=True)
-    return {**recipe, "stages": [{"method": "rotate", "args": {"online": True}}, *recipe["stages"],
-                                 {"method": "w4a4", "args": {"act_bits": 4, "clip_search": True}}]}
+    return {**recipe, "stages": [*recipe["stages"], {"method": "w4a4", "args": {"act_bits": 4, "clip_search": True}}]}
+
+
+_GPTQ_W4A4_G64 = _gptq_w4a4_g64()
+# every linear's input Hadamard-rotated online, the norms' gains left on the activations (residual=false): the
+# best W4A4 measured here (see the module docstring)
+_ROTATE_INPUTS = {"method": "rotate", "args": {"online": True, "residual": False}}
 
 # int4 weights x int4 per-token activations through the int8 GEMM; QuaRot's with the online rotations
 register(Method("w4a4", W4A4Config, w4a4_model, (), "model", calibrated=False, inputs=("results",)), recipes={
@@ -355,5 +361,6 @@ register(Method("w4a4", W4A4Config, w4a4_model, (), "model", calibrated=False, i
     "gptq-w4a4": _GPTQ_W4A4,
     "rotate+gptq-w4a4": {**_GPTQ_W4A4, "stages": [{"method": "rotate", "args": {"online": True}},
                                                   *_GPTQ_W4A4["stages"]]},
-    "rotate+gptq-w4a4-g64": _rotated_gptq_w4a4_g64(),
+    "gptq-w4a4-g64": _GPTQ_W4A4_G64,
+    "rotate+gptq-w4a4-g64": {**_GPTQ_W4A4_G64, "stages": [_ROTATE_INPUTS, *_GPTQ_W4A4_G64["stages"]]},
 })

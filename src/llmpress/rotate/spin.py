@@ -26,7 +26,7 @@ window, 16 windows cycled, lr 0.05, objective kl): the 48 steps take 253 s on on
 the KL's float forward included) and the KL falls from 0.479 to 0.433 (mean of the first / last 10 steps).
 With near-exact weights (``rotate(online=true)+spinquant+w4a4(bits=8)``) int4 activations score 50.72
 against 52.99 for the Hadamard alone; the recipe above 82.92, against 79.40 without the spinquant stage
-(``rotate+gptq-w4a4-g64``): with this little data the learned rotation does not carry over to the int4
+(``rotate(online=true)+gptq-w4a4-g64``): with this little data the learned rotation does not carry over to the int4
 weights. SpinQuant itself learns on 800 windows of 2048 tokens.
 
 The update (:func:`cayley_step`) is a pure function: A = G·Rᵀ − R·Gᵀ (skew-symmetric, G = ∂L/∂R), then
@@ -92,7 +92,7 @@ def _check_rotated(model: nn.Module, arch: Arch) -> None:
             weight = block.get_submodule(name).weight
             if not torch.all(weight == 1.0 - arch.norm_offset):
                 raise LlmpressError("spinquant learns a rotation of a rotated model: put rotate(online=true) "
-                                    "before spinquant in the recipe")
+                                    "(without residual=false, which folds no norms) before spinquant in the recipe")
 
 
 def _hooks(model: nn.Module, arch: Arch, rotation: list, cfg: SpinQuantConfig) -> list:

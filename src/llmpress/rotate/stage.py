@@ -30,6 +30,17 @@ it takes ``rotate+gptq-w4a4`` from 146.61 to 126.78; with near-lossless weights
 with the int4 KV cache. The model then computes something plain
 transformers does not: it is saved in llmpress's own folder (``llmpress.export.rotated``),
 which records the transforms in ``config.json`` and puts them back on load.
+
+``residual=false`` (with ``online``) folds nothing and leaves the residual stream as it is: every linear gets an
+online Hadamard on its input instead (q/k/v and gate/up too, W ← W·H/√n, x ← x·H/√n), so each norm's gain stays
+on the activations. Folding a gain into the linears that read it hands them its spread (SmolLM2-135M's first
+input norm has a median gain of 0.002 and a largest of 0.31), and the int4 activations then enter without it:
+their per-token scale is set by channels that the gain would have silenced. On SmolLM2-135M (austen:eval
+16 x 1024) int4 activations with near-exact weights (``rotate(online=true, residual=false)+w4a4(bits=8)``) score
+43.02 (KV16) against 49.22 folded, and the GPTQ W4A4 model with KV int4 (``rotate+gptq-w4a4-g64``, now this mode)
+64.55 against 79.40 (``rotate(online=true)+gptq-w4a4-g64``). Its price is a Hadamard transform per linear input
+at run time (q, k and v each transform the same input here; an engine would do it once per norm); the head stays
+tied to the embedding. SpinQuant's learned rotation is a residual one and needs the default.
 """
 
 from __future__ import annotations
@@ -61,7 +72,10 @@ class RotateConfig(Config):
     ``online``: also QuaRot's online Hadamard before each MLP output linear (``down_proj``) and on the keys and
     values of a quantized KV cache (needs Hadamard orders for the MLP width and the head dim). ``online_o_proj``
     (with ``online``): also an online Hadamard across all heads before the attention output linear (``o_proj``),
-    QuaRot's H_heads part, whose per-head part ``heads`` folds into W_v / W_o (needs an order for its width)."""
+    QuaRot's H_heads part, whose per-head part ``heads`` folds into W_v / W_o (needs an order for its width).
+    ``residual``: fold the norms and rotate the residual stream (QuaRot). ``residual=false`` (needs ``online``)
+    leaves the norms and the residual stream as they are and gives every linear an online Hadamard on its input
+    instead, so the norms' gains stay on the activations (see the module docstring)."""
 
     label = "rotate"
 
@@ -71,6 +85,12 @@ class RotateConfig(Config):
     verify: bool = True
     online: bool = False
     online_o_proj: bool = True
+    residual: bool = True
+
+    def check(self) -> None:
+        if not self.residual and not self.online:
+            raise LlmpressError("rotate(residual=false) rotates nothing but the heads' values: add online=true, "
+                                "or drop residual=false")
 
 
 # relative change of the logits allowed by verify: float rounding of the rotated weights, by parameter dtype
@@ -104,16 +124,18 @@ def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg
             raise LlmpressError(f"rotate: no Hadamard matrix of order {n} (the {what}) is built here: "
                                 "use rotate(kind=random)")
     if cfg.online:
-        _check_online(model, arch, head_dim, cfg.online_o_proj)
+        _check_online(model, arch, head_dim, cfg.online_o_proj, cfg.residual)
     ids = _probe(model) if cfg.verify else None
     before = _logits(model, ids) if cfg.verify else None
-    tied = untie_head(model)
-    fold_norms(model, arch)
-    rotate_residual(model, arch, rotation(hidden, cfg.kind, cfg.seed))
+    tied = False
+    if cfg.residual:
+        tied = untie_head(model)
+        fold_norms(model, arch)
+        rotate_residual(model, arch, rotation(hidden, cfg.kind, cfg.seed))
     if cfg.heads:
         rotate_heads(model, arch, rotation(head_dim, cfg.kind, cfg.seed + 1))
     if cfg.online:
-        add_online_hadamard(model, arch, o_proj=cfg.online_o_proj)
+        add_online_hadamard(model, arch, o_proj=cfg.online_o_proj, inputs=not cfg.residual)
     if cfg.verify:
         after = _logits(model, ids)
         change = float((after - before).norm() / before.norm())
@@ -122,21 +144,27 @@ def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg
             raise LlmpressError(f"rotate changed the '{arch.name}' model's logits by {change:.2e} (relative): "
                                 "this architecture does not rotate exactly; remove the rotate stage")
         log.info("rotate: logits changed by %.2e (relative) on a probe of 16 tokens", change)
+    if not cfg.residual:
+        log.info("rotate: online Hadamard on every linear's input and on the quantized KV cache%s (norms and "
+                 "residual stream left as they are)", f", heads ({head_dim}) rotated" if cfg.heads else "")
+        return {}
     log.info("rotate: residual stream (%d) rotated by a %s matrix%s%s%s", hidden, cfg.kind,
              f", heads ({head_dim})" if cfg.heads else "", "; head untied from the embedding" if tied else "",
              "; online Hadamard before the MLP output linears and on the quantized KV cache" if cfg.online else "")
     return {}
 
 
-def _online_linears(arch: Arch, o_proj: bool) -> tuple[str, ...]:
+def _online_linears(arch: Arch, o_proj: bool, inputs: bool = False) -> tuple[str, ...]:
     """The linears given an online Hadamard: the MLP's output linear (its input is the MLP's inner activation)
-    and, with ``o_proj``, the attention's output linear (its input is the concatenated heads)."""
-    return (*(arch.groups[1] if o_proj else ()), *arch.groups[3])
+    and, with ``o_proj``, the attention's output linear (its input is the concatenated heads); with ``inputs``
+    (no residual rotation) also the linears reading the norms (q/k/v, gate/up)."""
+    readers = (*arch.groups[0], *arch.groups[2]) if inputs else ()
+    return (*readers, *(arch.groups[1] if o_proj else ()), *arch.groups[3])
 
 
-def _check_online(model: nn.Module, arch: Arch, head_dim: int, o_proj: bool = True) -> None:
+def _check_online(model: nn.Module, arch: Arch, head_dim: int, o_proj: bool = True, residual: bool = True) -> None:
     block = get_blocks(model, arch)[0]
-    for name in _online_linears(arch, o_proj):
+    for name in _online_linears(arch, o_proj, inputs=not residual):
         width = linear_weight(block.get_submodule(name), arch).shape[1]
         if not has_hadamard(width):
             raise LlmpressError(f"rotate(online=true): no Hadamard matrix of order {width} (the input of {name}) "
@@ -147,15 +175,15 @@ def _check_online(model: nn.Module, arch: Arch, head_dim: int, o_proj: bool = Tr
 
 
 @torch.no_grad()
-def add_online_hadamard(model: nn.Module, arch: Arch, o_proj: bool = True) -> list[str]:
+def add_online_hadamard(model: nn.Module, arch: Arch, o_proj: bool = True, inputs: bool = False) -> list[str]:
     """QuaRot's online Hadamard before every MLP output linear and, with ``o_proj``, every attention output linear
-    (W ← W·H/√n offline, x ← x·H/√n at run time by a pre-hook), and the KV-cache rotation, recorded in
-    ``model.config``; returns the linears' full names."""
+    (W ← W·H/√n offline, x ← x·H/√n at run time by a pre-hook), with ``inputs`` also before every linear that
+    reads a norm, and the KV-cache rotation, recorded in ``model.config``; returns the linears' full names."""
     blocks = get_blocks(model, arch)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
     names = []
     for i, block in enumerate(blocks):
-        for name in _online_linears(arch, o_proj):
+        for name in _online_linears(arch, o_proj, inputs):
             linear = block.get_submodule(name)
             if has_input_hadamard(linear):  # a second rotate(online=true): the first one's transform stays
                 continue
