@@ -2,7 +2,7 @@
 
     python benchmarks/w4a4_qat.py FOLDER [--steps 400] [--lr 1e-4] [--qat-lr-scale 3] [--warmup 10]
                                          [--kv-bits 4]
-                                         [--samples 1024] [--json FILE]
+                                         [--samples 1024] [--seed 0] [--json FILE]
 
 FOLDER is a folder written by ``llmpress compress smollm2-135m --recipe rotate+gptq-w4a4-g64 --out FOLDER``
 (or ``rotate(online=true)+gptq-w4a4-g64``, QuaRot's folded rotation). Each run loads it, trains it with
@@ -42,20 +42,22 @@ def main() -> None:
     p.add_argument("--kv-bits", type=int, default=recipe["kv_bits"], choices=[2, 4, 8, 16],
                    help="KV cache while training")
     p.add_argument("--samples", type=int, default=recipe["samples"], help="training windows of 256 tokens (cycled)")
+    p.add_argument("--seed", type=int, default=0, help="the training windows drawn and their order")
     p.add_argument("--json")
     args = p.parse_args()
     torch.manual_seed(0)
     student = load_model(args.folder)
     teacher = load_model("smollm2-135m").model
     cfg = DistillConfig(loss="forward_kl", train="all", lr=args.lr, qat_lr_scale=args.qat_lr_scale, steps=args.steps,
-                        warmup=args.warmup, seq_len=256, batch_size=2, samples=args.samples, kv_bits=args.kv_bits)
+                        warmup=args.warmup, seq_len=256, batch_size=2, samples=args.samples, kv_bits=args.kv_bits,
+                        seed=args.seed)
     start = time.perf_counter()
     _, history = distill_model(student.model, arch_for(student.model), cfg, teacher=teacher,
                                tokenizer=student.tokenizer, layers={}, results={})
     seconds = time.perf_counter() - start
     report = llmpress.evaluate(student.model, tokenizer=student.tokenizer, measure_speed=False, kv_cache=4)
     row = {"steps": args.steps, "lr": args.lr, "qat_lr_scale": args.qat_lr_scale, "kv_bits_training": args.kv_bits,
-           "samples": args.samples, "train_seconds": round(seconds, 1), "last_loss": history["loss"],
+           "samples": args.samples, "seed": args.seed, "train_seconds": round(seconds, 1), "last_loss": history["loss"],
            "perplexity_kv4": report["perplexity"], **provenance()}
     print("| steps | lr | latent × | KV bits in training | train s | last KL | W4A4 + KV4 |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
