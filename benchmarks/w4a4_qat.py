@@ -49,8 +49,8 @@ def main() -> None:
     student = load_model(args.folder)
     teacher = load_model("smollm2-135m").model
     cfg = DistillConfig(loss="forward_kl", train="all", lr=args.lr, qat_lr_scale=args.qat_lr_scale, steps=args.steps,
-                        warmup=args.warmup, seq_len=256, batch_size=2, samples=args.samples, kv_bits=args.kv_bits,
-                        seed=args.seed)
+                        warmup=args.warmup, seq_len=recipe["seq_len"], batch_size=recipe["batch_size"],
+                        samples=args.samples, kv_bits=args.kv_bits, seed=args.seed)
     start = time.perf_counter()
     _, history = distill_model(student.model, arch_for(student.model), cfg, teacher=teacher,
                                tokenizer=student.tokenizer, layers={}, results={})

@@ -124,7 +124,7 @@ def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg
             raise LlmpressError(f"rotate: no Hadamard matrix of order {n} (the {what}) is built here: "
                                 "use rotate(kind=random)")
     if cfg.online:
-        _check_online(model, arch, head_dim, cfg.online_o_proj, cfg.residual)
+        _check_online(model, arch, head_dim, cfg.online_o_proj, inputs=not cfg.residual)
     ids = _probe(model) if cfg.verify else None
     before = _logits(model, ids) if cfg.verify else None
     tied = False
@@ -144,13 +144,13 @@ def rotate_model(model: nn.Module, arch: Arch, samples: torch.Tensor | None, cfg
             raise LlmpressError(f"rotate changed the '{arch.name}' model's logits by {change:.2e} (relative): "
                                 "this architecture does not rotate exactly; remove the rotate stage")
         log.info("rotate: logits changed by %.2e (relative) on a probe of 16 tokens", change)
-    if not cfg.residual:
+    if cfg.residual:
+        log.info("rotate: residual stream (%d) rotated by a %s matrix%s%s%s", hidden, cfg.kind,
+                 f", heads ({head_dim})" if cfg.heads else "", "; head untied from the embedding" if tied else "",
+                 "; online Hadamard before the MLP output linears and on the quantized KV cache" if cfg.online else "")
+    else:
         log.info("rotate: online Hadamard on every linear's input and on the quantized KV cache%s (norms and "
                  "residual stream left as they are)", f", heads ({head_dim}) rotated" if cfg.heads else "")
-        return {}
-    log.info("rotate: residual stream (%d) rotated by a %s matrix%s%s%s", hidden, cfg.kind,
-             f", heads ({head_dim})" if cfg.heads else "", "; head untied from the embedding" if tied else "",
-             "; online Hadamard before the MLP output linears and on the quantized KV cache" if cfg.online else "")
     return {}
 
 
@@ -162,9 +162,9 @@ def _online_linears(arch: Arch, o_proj: bool, inputs: bool = False) -> tuple[str
     return (*readers, *(arch.groups[1] if o_proj else ()), *arch.groups[3])
 
 
-def _check_online(model: nn.Module, arch: Arch, head_dim: int, o_proj: bool = True, residual: bool = True) -> None:
+def _check_online(model: nn.Module, arch: Arch, head_dim: int, o_proj: bool = True, inputs: bool = False) -> None:
     block = get_blocks(model, arch)[0]
-    for name in _online_linears(arch, o_proj, inputs=not residual):
+    for name in _online_linears(arch, o_proj, inputs):
         width = linear_weight(block.get_submodule(name), arch).shape[1]
         if not has_hadamard(width):
             raise LlmpressError(f"rotate(online=true): no Hadamard matrix of order {width} (the input of {name}) "
