@@ -437,15 +437,34 @@ class Scale:
                 if s != shape:
                     continue
                 self.windows(folder, recipe)  # tokenizes the texts before anything is timed
-                ours = self.llmpress_row(shape, folder, recipe)
-                rows.append(ours)
-                saved(rows)
-                if shape in peer_shapes and recipe in PEERS:
+                ours = None
+                if "llmpress" in self.args.sides:
+                    ours = self.llmpress_row(shape, folder, recipe)
+                    rows.append(ours)
+                    saved(rows)
+                if "peer" in self.args.sides and shape in peer_shapes and recipe in PEERS:
                     theirs = self.peer_row(shape, folder, recipe)
-                    theirs["same_job"] = same_job(ours.get("job"), theirs.get("job"))
+                    theirs["same_job"] = same_job((ours or {}).get("job"), theirs.get("job"))
                     rows.append(theirs)
                     saved(rows)
         return rows
+
+
+def merge_rows(rows: list[dict], earlier: list[dict], source: str) -> list[dict]:
+    """``rows`` and the rows of an earlier run (``--rows``) for the shape/recipe/toolkit this run did not measure,
+    each marked with the file it came from; the peer's same-job check is redone against this run's llmpress row."""
+    have = {(r["shape"], r["recipe"], r["toolkit"]) for r in rows}
+    merged = list(rows)
+    for r in earlier:
+        if (r["shape"], r["recipe"], r["toolkit"]) not in have:
+            merged.append({**r, "from": source})
+    for r in merged:
+        if r["toolkit"] == "llm-compressor":
+            ours = next((o for o in merged if o["toolkit"] == "llmpress" and o["shape"] == r["shape"]
+                         and o["recipe"] == r["recipe"]), None)
+            r["same_job"] = same_job((ours or {}).get("job"), r.get("job"))
+    order = {(r["shape"], r["recipe"]): i for i, r in enumerate(merged)}
+    return sorted(merged, key=lambda r: (order[(r["shape"], r["recipe"])], r["toolkit"] != "llmpress"))
 
 
 def _needs_calibration(recipe: str) -> bool:
@@ -515,7 +534,8 @@ def table(rows: list[dict]) -> str:
             planc = [f"failed: {plan['error'][:60]}", "–", "–"]
         else:
             planc = [_g(plan.get("peak_ram_bytes")), _g(plan.get("disk_bytes")), _g(plan.get("seconds"), 1, 1)]
-        lines.append("| " + " | ".join([r["shape"], r["toolkit"], r["recipe"], *main, *evc, *planc,
+        toolkit = r["toolkit"] + (" (earlier run, --rows)" if r.get("from") else "")
+        lines.append("| " + " | ".join([r["shape"], toolkit, r["recipe"], *main, *evc, *planc,
                                         r.get("same_job", "")]) + " |")
     return "\n".join(lines)
 
@@ -601,7 +621,15 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=0, help="seconds per command, 0 = none")
     p.add_argument("--json", help="also write the rows as JSON to this file (rewritten after each row)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--sides", default="llmpress,peer",
+                   help="which toolkits this run measures: llmpress, peer or both (default); with --rows, a side "
+                        "measured in an earlier run joins the table, marked as such")
+    p.add_argument("--rows", help="the --json file of an earlier run: its rows join this run's table where this run "
+                                  "did not measure the same shape, recipe and toolkit")
     args = p.parse_args()
+    args.sides = set(split_list(args.sides))
+    if not args.sides or args.sides - {"llmpress", "peer"}:
+        p.error("--sides takes llmpress, peer or both, comma-separated")
 
     shapes = split_list(args.shapes) if args.shapes else None
     unknown = [s for s in shapes or [] if s not in SHAPES]
@@ -637,7 +665,10 @@ def main() -> None:
                                                    "provenance": provenance(), "shapes": shapes_used,
                                                    "commands": scale.commands, "rows": rows}, indent=2))
 
-    rows = scale.run(jobs, peer_shapes, save)
+    earlier = json.loads(Path(args.rows).read_text())["rows"] if args.rows else []
+    rows = merge_rows(scale.run(jobs, peer_shapes, save), earlier, args.rows) if args.rows else \
+        scale.run(jobs, peer_shapes, save)
+    save(rows)
 
     print(f"{os.cpu_count()} CPUs, {_g(memory)} GB memory, torch threads {torch.get_num_threads()}; checkpoints "
           f"bfloat16 random (std {STD}) under {scale.work / 'checkpoints'}; calibration {args.samples}x{args.seq_len} "

@@ -131,6 +131,70 @@ class DiskList:
         self.count = 0
 
 
+class SpillList:
+    """A list whose tensor items wait on disk (raw bytes, one file each, read back on every access); other items
+    (None, tuples) stay in memory. Settled sub-module records and the reference Grams (``llmpress.engine``) of a
+    streamed run go here: an 8192-wide MLP input over 128 windows of 512 tokens is 1 GB, which then sits in the
+    kernel's page cache (reclaimable, not the process's memory) instead of the heap. Files are read into a fresh
+    tensor with ``readinto`` (no memory map, so no file pages held by the process; only bytes, nothing that runs)."""
+
+    def __init__(self, folder: Path, items: list | None = None) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.items: list = []
+        for item in items or []:
+            self.append(item)
+
+    def _path(self, k: int) -> Path:
+        return self.folder / f"{k}.bin"
+
+    def _put(self, k: int, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            with open(self._path(k), "wb") as f:
+                f.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+            return _Spilled(tuple(value.shape), value.dtype, value.device)
+        self._path(k).unlink(missing_ok=True)
+        return value
+
+    def append(self, value: Any) -> None:
+        self.items.append(None)
+        self.items[-1] = self._put(len(self.items) - 1, value)
+
+    def __setitem__(self, k: int, value: Any) -> None:
+        self.items[k] = self._put(k, value)
+
+    def __getitem__(self, k: int) -> Any:
+        item = self.items[k]
+        if not isinstance(item, _Spilled):
+            return item
+        t = torch.empty(item.shape, dtype=item.dtype)
+        if t.numel():
+            with open(self._path(k), "rb") as f:
+                f.readinto(t.reshape(-1).view(torch.uint8).numpy())
+        return t.to(item.device)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def clear(self) -> None:
+        for k in range(len(self.items)):
+            self._path(k).unlink(missing_ok=True)
+        self.items.clear()
+
+
+@dataclass(frozen=True)
+class _Spilled:
+    """Where a :class:`SpillList` item's tensor went: its shape, dtype and device (the bytes are in its file)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
 def float_dtype(block: nn.Module) -> torch.dtype:
     """The block's compute dtype: its first floating parameter's (W8A8 layers hold int8 weights)."""
     return next(p.dtype for p in block.parameters() if p.is_floating_point())

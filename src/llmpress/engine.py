@@ -37,6 +37,7 @@ from torch import nn
 from .calib import (
     BlockInputs,
     DiskList,
+    SpillList,
     block_prefix,
     capture_inputs,
     collect_stats,
@@ -153,7 +154,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
         began = time.perf_counter()
         placement.onload(block)
         modules = block_linears(block, arch)
-        settled = SettledOutputs(list(modules), len(inputs.hidden) if inputs is not None else 0)
+        settled = SettledOutputs(list(modules), len(inputs.hidden) if inputs is not None else 0,
+                                 None if spill is None else _spill_lists(spill / "settled"))
         shadow = _Shadow(block, arch, compute_dtype, settled)
         attribution = None
         if attribute:
@@ -223,6 +225,12 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
         bar.update(1)
     bar.close()
     return layers
+
+
+def _spill_lists(folder: Path) -> Callable[[list], SpillList]:
+    """A factory of :class:`~llmpress.calib.SpillList` in numbered sub-folders of ``folder``."""
+    count = iter(range(1 << 30))
+    return lambda items: SpillList(folder / str(next(count)), items)
 
 
 class _Shadow:
@@ -314,6 +322,8 @@ class _Attribution:
             stats, self.dense = collect_stats(calib, arch, calib_modules, ("hessian",) if grams else (), inputs, index,
                                               sink=sink)
             self.grams = {n: s["hessian"] for n, s in stats.items() if "hessian" in s}
+            if sink is not None and not reusable:  # a streamed run: the Grams wait on disk until the errors
+                self.grams = _SpilledGrams(self.grams, sink.folder / "grams")
         self.version = shadow.version
 
     def stats_for(self, needs: tuple[str, ...], part: dict[str, nn.Module]) -> dict[str, dict] | None:
@@ -350,6 +360,26 @@ class _Attribution:
         if isinstance(self.dense, DiskList):
             self.dense.clear()
         return total.result()
+
+
+class _SpilledGrams(dict):
+    """{linear name: Gram} with each distinct Gram (linears sharing an input share one) on disk, read back when
+    looked up: a 8192-wide down_proj's is 268 MB that need not sit in memory through the block's solves."""
+
+    def __init__(self, grams: dict[str, torch.Tensor], folder: Path) -> None:
+        distinct: dict[int, int] = {}
+        self.kept = SpillList(folder)
+        for name, gram in grams.items():
+            if id(gram) not in distinct:
+                distinct[id(gram)] = len(self.kept)
+                self.kept.append(gram)
+            super().__setitem__(name, distinct[id(gram)])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.kept[super().__getitem__(name)]
+
+    def __del__(self) -> None:
+        self.kept.clear()
 
 
 def _detached(result: Compressed) -> Compressed:

@@ -21,7 +21,7 @@ one block is processed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,9 +69,12 @@ class SettledOutputs:
     whether a later group of the current stage will still change it.
     """
 
-    def __init__(self, linears: list[str], batches: int = 0) -> None:
+    def __init__(self, linears: list[str], batches: int = 0,
+                 new_list: Callable[[list], Any] | None = None) -> None:
         self.linears = linears
         self.batches = batches  # calibration batches per pass; 0 = no memoized norms
+        # where recorded tensors are kept: a plain list, or e.g. ``calib.SpillList`` (on disk) for a streamed run
+        self.new_list = new_list or list
         self.records: list[_Record] = []
         self.memos: dict[str, _Record] = {}
         self.installed: list[nn.Module] = []
@@ -93,7 +96,7 @@ class SettledOutputs:
         if pair is None:
             yield None
             return
-        record = _Record(*pair)
+        record = _Record(*pair, inputs=self.new_list([]), last_inputs=self.new_list([]))
         child, last = block.get_submodule(record.child), block.get_submodule(record.last)
         seen: dict[str, Any] = {}
 
@@ -134,8 +137,10 @@ class SettledOutputs:
         for name, child in block.named_children():
             if "forward" in child.__dict__ or any(n.startswith(name + ".") for n in self.linears):
                 continue
-            memo = self.memos.setdefault(name, _Record(name, "", inputs=[None] * self.batches,
-                                                       rest=[None] * self.batches))
+            if name not in self.memos:
+                self.memos[name] = _Record(name, "", inputs=self.new_list([None] * self.batches),
+                                           rest=self.new_list([None] * self.batches))
+            memo = self.memos[name]
             child.forward = self._memoized(memo, child)
             self.installed.append(child)
 
@@ -179,6 +184,9 @@ class SettledOutputs:
         for child in self.installed:
             child.__dict__.pop("forward", None)
         self.installed.clear()
+        for record in [*self.records, *self.memos.values()]:
+            for kept in (record.inputs, record.last_inputs, record.rest):
+                kept.clear()  # a SpillList deletes its files
         self.records.clear()
         self.memos.clear()
 

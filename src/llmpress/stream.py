@@ -19,8 +19,11 @@ Wanda, SparseGPT, magnitude, the KV-cache setting) on a safetensors folder:
   entering the next block: the same command after a kill (SIGKILL included) continues after the last
   finished block and writes the same bytes as an uninterrupted run; another command is refused.
 
-Peak memory is about one block in float32, plus the calibration activations, plus the largest tensor
-copied at the end.
+Peak memory is about one block in float32, plus the calibration activations entering it (in the calibration
+dtype), plus GPTQ's Hessian of its widest linear and that Hessian's factorisation in place, plus the largest
+tensor copied at the end. What a block's passes keep for later (the reference outputs, the settled sub-modules'
+inputs of true-sequential calibration, the reference Grams of the per-linear errors) waits on disk in
+``.OUT.partial/spill``, in the page cache rather than in the process.
 """
 
 from __future__ import annotations
