@@ -665,10 +665,10 @@ def main() -> None:
                                                    "provenance": provenance(), "shapes": shapes_used,
                                                    "commands": scale.commands, "rows": rows}, indent=2))
 
-    earlier = json.loads(Path(args.rows).read_text())["rows"] if args.rows else []
-    rows = merge_rows(scale.run(jobs, peer_shapes, save), earlier, args.rows) if args.rows else \
-        scale.run(jobs, peer_shapes, save)
-    save(rows)
+    rows = scale.run(jobs, peer_shapes, save)
+    if args.rows:
+        rows = merge_rows(rows, json.loads(Path(args.rows).read_text())["rows"], args.rows)
+        save(rows)
 
     print(f"{os.cpu_count()} CPUs, {_g(memory)} GB memory, torch threads {torch.get_num_threads()}; checkpoints "
           f"bfloat16 random (std {STD}) under {scale.work / 'checkpoints'}; calibration {args.samples}x{args.seq_len} "

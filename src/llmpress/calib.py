@@ -69,11 +69,11 @@ class BlockInputs:
             yield (h if dtype is None else h.to(dtype)), cast[size]
 
     def run(self, block: nn.Module, block_index: int, stop: type[Exception] | None = None,
-            sink: list | DiskList | None = None) -> list[torch.Tensor] | DiskList:
+            sink: list | SpillList | None = None) -> list[torch.Tensor] | SpillList:
         """The block's output for every batch, computed in the block's own dtype.
 
         ``stop``: an exception a hook raises to end a batch's forward early (no output then).
-        ``sink``: where the outputs go (e.g. a :class:`DiskList`, to keep them out of memory); a new list by default.
+        ``sink``: where the outputs go (e.g. a :class:`SpillList`, to keep them out of memory); a new list by default.
         """
         dtype = float_dtype(block)
         outputs = [] if sink is None else sink
@@ -98,43 +98,11 @@ class BlockInputs:
                 self.hidden[j] = output
 
 
-class DiskList:
-    """Tensors kept on disk, one safetensors file each, appended and read back one at a time.
-
-    Activations that need not stay in memory (a block's reference outputs, kept only to compare with the
-    compressed block's) go here when a run is streamed: one batch in memory instead of all of them.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.count = 0
-
-    def append(self, tensor: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        save_file({"t": tensor.detach().cpu().contiguous()}, str(self.folder / f"{self.count}.safetensors"))
-        self.count += 1
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        from safetensors.torch import load_file
-
-        for j in range(self.count):
-            yield load_file(str(self.folder / f"{j}.safetensors"))["t"]
-
-    def clear(self) -> None:
-        for j in range(self.count):
-            (self.folder / f"{j}.safetensors").unlink(missing_ok=True)
-        self.count = 0
-
-
 class SpillList:
     """A list whose tensor items wait on disk (raw bytes, one file each, read back on every access); other items
-    (None, tuples) stay in memory. Settled sub-module records and the reference Grams (``llmpress.engine``) of a
-    streamed run go here: an 8192-wide MLP input over 128 windows of 512 tokens is 1 GB, which then sits in the
+    (None, tuples) stay in memory. What a streamed run's block passes keep for later goes here (``llmpress.engine``):
+    a block's reference outputs, kept only to compare with the compressed block's; the settled sub-module records;
+    the reference Grams: an 8192-wide MLP input over 128 windows of 512 tokens is 1 GB, which then sits in the
     kernel's page cache (reclaimable, not the process's memory) instead of the heap. Files are read into a fresh
     tensor with ``readinto`` (no memory map, so no file pages held by the process; only bytes, nothing that runs)."""
 
@@ -176,6 +144,9 @@ class SpillList:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[k] for k in range(len(self.items)))
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -292,7 +263,7 @@ def input_groups(arch: Arch, modules: dict[str, nn.Module]) -> list[dict[str, nn
 def collect_stats(block: nn.Module, arch: Arch, modules: dict[str, nn.Module], needs: tuple[str, ...],
                   inputs: BlockInputs, index: int, stop_early: bool = False,
                   stop_after: nn.Module | None = None,
-                  sink: DiskList | None = None) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor] | DiskList]:
+                  sink: SpillList | None = None) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor] | SpillList]:
     """Run all calibration batches through ``block``; each module's input statistics, and the block's outputs.
 
     ``needs`` names entries of ``llmpress.stats.STATS``. Linears of one group share their input, so

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -36,7 +37,6 @@ from torch import nn
 
 from .calib import (
     BlockInputs,
-    DiskList,
     SpillList,
     block_prefix,
     capture_inputs,
@@ -229,7 +229,7 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
 
 def _spill_lists(folder: Path) -> Callable[[list], SpillList]:
     """A factory of :class:`~llmpress.calib.SpillList` in numbered sub-folders of ``folder``."""
-    count = iter(range(1 << 30))
+    count = itertools.count()
     return lambda items: SpillList(folder / str(next(count)), items)
 
 
@@ -280,7 +280,7 @@ def _attribution(arch: Arch, modules: dict[str, nn.Module], shadow: _Shadow, inp
         inputs = BlockInputs(inputs.hidden[:kept], inputs.kwargs)
     smoothing = any(m.kind == "block" for _, m in applying)
     return _Attribution(arch, modules, shadow, inputs, index, grams=not smoothing, outputs=outputs, reusable=reusable,
-                        source=source, sink=None if spill is None or not outputs else DiskList(spill))
+                        source=source, sink=None if spill is None or not outputs else SpillList(spill))
 
 
 class _Attribution:
@@ -307,7 +307,7 @@ class _Attribution:
 
     def __init__(self, arch: Arch, modules: dict[str, nn.Module], shadow: _Shadow, inputs: BlockInputs | None,
                  index: int, grams: bool = True, outputs: bool = True, reusable: bool = False,
-                 source: Callable[[str], torch.Tensor] | None = None, sink: DiskList | None = None) -> None:
+                 source: Callable[[str], torch.Tensor] | None = None, sink: SpillList | None = None) -> None:
         self.arch, self.shadow, self.inputs, self.reusable = arch, shadow, inputs, reusable
         self.calibrated = inputs is not None
         self.source = source
@@ -316,7 +316,7 @@ class _Attribution:
         self.rewritten: set[str] = set()
         self.smoothed = False
         self.grams: dict[str, torch.Tensor] = {}
-        self.dense: list[torch.Tensor] | DiskList | None = None
+        self.dense: list[torch.Tensor] | SpillList | None = None
         if inputs is not None and (grams or outputs):
             calib, calib_modules = shadow.get()
             stats, self.dense = collect_stats(calib, arch, calib_modules, ("hessian",) if grams else (), inputs, index,
@@ -357,7 +357,7 @@ class _Attribution:
         total = RelativeError()
         for dense, compressed in zip(self.dense, outputs):
             total.add(dense, compressed)
-        if isinstance(self.dense, DiskList):
+        if isinstance(self.dense, SpillList):
             self.dense.clear()
         return total.result()
 

@@ -73,15 +73,16 @@ def inverse_cholesky_upper(H: Tensor, rebuild: Callable[[], Tensor] | None = Non
                             "and the model's activations for overflow")
     scale = H.diagonal().mean()
     wide = H.shape[0] >= REVERSED_MIN
+    in_place = wide and rebuild is not None
     for extra in (0.0, *RETRY_DAMPING):
-        if extra and wide and rebuild is not None:
+        if extra and in_place:  # the last try consumed H
             H = rebuild()
         damped = H
         if extra:  # H + extra·scale·I, without an (in, in) identity matrix (268 MB for an 8192-wide layer)
-            damped = H if wide and rebuild is not None else H.clone()
+            damped = H if in_place else H.clone()
             damped.diagonal().add_(extra * scale)
         if wide:
-            U = _reversed_factor(damped, overwrite=rebuild is not None)
+            U = _reversed_factor(damped, overwrite=in_place)
         else:
             U = None
             L, info = torch.linalg.cholesky_ex(damped)
