@@ -132,7 +132,9 @@ class SpillList:
     def __setitem__(self, k: int, value: Any) -> None:
         self.items[k] = self._put(k, value)
 
-    def __getitem__(self, k: int) -> Any:
+    def __getitem__(self, k: int | slice) -> Any:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self.items)))]
         item = self.items[k]
         if not isinstance(item, _Spilled):
             return item

@@ -124,7 +124,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
     ``originals(i, name)``, when given, reads linear ``name`` of block i as it was before any stage (float32,
     (out, in)) for its error, instead of a copy of every linear kept from the block's start (a streamed
     model re-reads it from the checkpoint: no second copy of the block in memory). ``spill``: a folder where
-    each block's reference outputs (kept only for its output error) wait on disk instead of in memory.
+    each block's reference outputs (kept only for its output error) wait on disk instead of in memory, and on
+    a CPU the calibration activations between passes (a 1B model's 128 x 512 in bfloat16: 268 MB).
     """
     device = torch.device(device)
     blocks = get_blocks(model, arch)
@@ -144,6 +145,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
             inputs.hidden = [h.to(compute_dtype) for h in inputs.hidden]
         if hidden is not None:
             inputs.hidden = [h.to(device) for h in hidden]
+        if spill is not None and device.type == "cpu":  # between passes the activations wait on disk too
+            inputs.hidden = SpillList(spill / "hidden", inputs.hidden)
 
     prefix = block_prefix(model, blocks)
     layers = {} if layers is None else layers
@@ -295,7 +298,9 @@ class _Attribution:
     pay no extra pass. For any other first stage the reference pass costs one more forward of the
     block with Grams, so it runs on a sample: the first calibration batches holding
     ``ATTRIBUTION_TOKENS`` tokens (the windows are drawn at random), and the block error is taken on
-    those batches too.
+    those batches too. A sampled pass keeps, per input, the rows themselves where they are fewer than the
+    input's features, else their Gram (``llmpress.stats.ErrorInputStats``: the same error, in the smaller
+    of the two).
 
     The error of a linear is of its final weight against its weight before the block's first stage,
     on the inputs of that block (the previous blocks already compressed). A block-level stage
@@ -319,9 +324,10 @@ class _Attribution:
         self.dense: list[torch.Tensor] | SpillList | None = None
         if inputs is not None and (grams or outputs):
             calib, calib_modules = shadow.get()
-            stats, self.dense = collect_stats(calib, arch, calib_modules, ("hessian",) if grams else (), inputs, index,
+            need = "hessian" if reusable else "error_inputs"  # a Hessian to hand over, else the cheaper of X, XᵀX
+            stats, self.dense = collect_stats(calib, arch, calib_modules, (need,) if grams else (), inputs, index,
                                               sink=sink)
-            self.grams = {n: s["hessian"] for n, s in stats.items() if "hessian" in s}
+            self.grams = {n: s[need] for n, s in stats.items() if s.get(need) is not None}
             if sink is not None and not reusable:  # a streamed run: the Grams wait on disk until the errors
                 self.grams = _SpilledGrams(self.grams, sink.folder / "grams")
         self.version = shadow.version

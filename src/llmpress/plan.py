@@ -39,7 +39,8 @@ from .models.archs import arch_for, get_blocks
 from .models.lazy import Checkpoint, skeleton
 from .models.loader import folder_config
 from .recipe import Recipe
-from .stream import REST_SHARD_BYTES, _groups, _StreamPlacement, _Writer, embed_for_capture, packs, run_blocks
+from .stream import (REST_SHARD_BYTES, _groups, _StreamPlacement, _Writer, block_dtype, embed_for_capture, packs,
+                     run_blocks)
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def _probe(folder: Path, recipe: Recipe, samples: torch.Tensor | None, device: t
                 super().onload(block)
                 timing["read"] += time.perf_counter() - began
 
-        placement = Timed(model, checkpoint, prefix, device, drop)
+        compute = calibration_dtype(recipe.calibration.dtype, device)
+        placement = Timed(model, checkpoint, prefix, device, drop, block_dtype(recipe, checkpoint, compute))
         results: dict = {}
         layers: dict = {}
 
@@ -132,8 +134,7 @@ def _probe(folder: Path, recipe: Recipe, samples: torch.Tensor | None, device: t
         began = time.perf_counter()
         with PeakMemory("cpu") as mem:
             try:
-                run_blocks(model, checkpoint, recipe, samples, device,
-                           calibration_dtype(recipe.calibration.dtype, device), placement, scratch / "spill",
+                run_blocks(model, checkpoint, recipe, samples, device, compute, placement, scratch / "spill",
                            results=results, block_records={}, after_block=after, layers=layers)
             except _Stop:
                 pass

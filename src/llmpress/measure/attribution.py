@@ -34,16 +34,31 @@ def relative_output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
 
     W, W_hat: (out, in); H: (in, in), symmetric positive semi-definite, a multiple of Σ x xᵀ over the
     inputs x the error is taken on. Equals ‖X Wᵀ − X Ŵᵀ‖²/‖X Wᵀ‖² for X (tokens, in) with XᵀX ∝ H,
-    without the tokens. The products run in float32 (float64 when an input is), the sums in float64.
+    without the tokens. ``H`` may also be such an X itself with fewer tokens than columns (then the cheaper
+    of the two: ``llmpress.stats.ErrorInputStats``). The products run in float32 (float64 when an input is),
+    the sums in float64.
     """
-    if W.shape != W_hat.shape or W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"weights (out, in) and H (in, in) expected, got {tuple(W.shape)}, "
+    if W.shape != W_hat.shape or W.dim() != 2 or H.dim() != 2 or H.shape[1] != W.shape[1] or (
+            H.shape[0] > H.shape[1]):
+        raise ValueError(f"weights (out, in) and H (in, in) or X (tokens < in, in) expected, got {tuple(W.shape)}, "
                          f"{tuple(W_hat.shape)} and {tuple(H.shape)}")
     dtype = torch.promote_types(torch.promote_types(W.dtype, H.dtype), torch.float32)
     W_ = W.detach().to(dtype)
-    H_ = H.detach().to(W_.device, dtype)
     D = W_ - W_hat.detach().to(W_.device, dtype)
+    if H.shape[0] < H.shape[1]:
+        return _ratio(*_row_norms(H.detach(), (D, W_), dtype))
+    H_ = H.detach().to(W_.device, dtype)
     return _ratio(_quadratic(D, H_), _quadratic(W_, H_))
+
+
+def _row_norms(X: Tensor, weights: tuple[Tensor, ...], dtype: torch.dtype, rows: int = 1024) -> list[float]:
+    """‖X Aᵀ‖² for each A of ``weights``, X cast to ``dtype`` ``rows`` tokens at a time, the sums in float64."""
+    totals = [0.0] * len(weights)
+    for start in range(0, X.shape[0], rows):
+        chunk = X[start:start + rows].to(weights[0].device, dtype)
+        for k, A in enumerate(weights):
+            totals[k] += float((chunk @ A.T).pow(2).sum(dtype=torch.float64))
+    return totals
 
 
 def _quadratic(A: Tensor, H: Tensor) -> float:

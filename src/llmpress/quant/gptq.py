@@ -100,11 +100,12 @@ def _gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
             scale, zero = kquant_qparams(W, grid.kquant)
         else:
             scale, zero = qparams(W, grid.bits, group, grid.sym)
-        S, Z = (expand_groups(t.to(dtype), W.shape[1], group).T for t in (scale, zero))
-        if perm is not None:
-            S, Z = S[perm], Z[perm]
-        codes_t, loss = _solve(Wt, U, grid.bits, cfg.block_size, per_column=(S.contiguous(), Z.contiguous()),
-                               float_zero=grid.float_zero)
+        del W  # Wt holds the weights from here (an 8192-wide layer's copy is 67 MB)
+        # column c's group, in processing order: the (groups, out) rows are looked up, never expanded to (in, out)
+        of_column = expand_groups(torch.arange(scale.shape[1])[None], Wt.shape[0], group)[0]
+        of_column = of_column if perm is None else of_column[perm]
+        per_group = (scale.to(dtype).T.contiguous(), zero.to(dtype).T.contiguous(), of_column.tolist())
+        codes_t, loss = _solve(Wt, U, grid.bits, cfg.block_size, per_column=per_group, float_zero=grid.float_zero)
     else:
         groups = _CurrentGroups(lambda Wg: qparams(Wg, grid.bits, None, grid.sym), group, W.shape[0],
                                 math.ceil(W.shape[1] / group))
@@ -180,25 +181,30 @@ def solve_nearest(Wt: Tensor, U: Tensor, block_size: int,
     return _solve(Wt, U, 8, block_size, nearest=nearest)
 
 
-def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: tuple[Tensor, Tensor] | None = None,
+def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int,
+                per_column: tuple[Tensor, Tensor, list[int]] | None = None,
                 groups: _CurrentGroups | None = None, float_zero: bool = False,
                 nearest: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, float]:
-    """The blocked GPTQ loop on Wt = Wᵀ (in, out), rows in processing order; returns float codes (in, out), loss.
+    """The blocked GPTQ loop on Wt = Wᵀ (in, out), rows in processing order; returns codes (in, out), loss.
 
     Working on Wᵀ keeps each column a contiguous row. Qparams come either from
-    ``per_column`` (S, Z) (in, out), one row per processed column, or from ``groups``.
+    ``per_column`` (S, Z, g): S and Z (groups, out), g[c] the group of the c-th processed column, or from ``groups``.
     Codes are ``round(w / s) + z`` for integer zero points, ``round(w / s + z)`` when ``float_zero``
-    (as ``llmpress.primitives.quantize``). Any other grid (a non-uniform codebook,
-    ``llmpress.quant.squeezellm``) passes ``nearest(w) -> (codes, values)`` for a column w (out,) instead.
-    Wt is overwritten (it holds the error-updated weights at the end).
+    (as ``llmpress.primitives.quantize``), returned as int8 (a grid of at most 8 bits). Any other grid (a
+    non-uniform codebook, ``llmpress.quant.squeezellm``) passes ``nearest(w) -> (codes, values)`` for a column
+    w (out,) instead (codes then returned in Wt's dtype).
+    Wt is overwritten (it holds the error-updated weights at the end). The scaled errors are kept one block of
+    columns at a time, the loss summed block by block: with int8 codes, two (in, out) matrices less than a float
+    copy of each (an 8192 x 2048 layer: 134 MB).
     """
     columns = Wt.shape[0]
     qmin, qmax = qrange(bits)
-    Q = torch.empty_like(Wt)
-    E = torch.empty_like(Wt)  # scaled errors (w - q) / U_cc, one row per column
+    Q = torch.empty(Wt.shape, dtype=Wt.dtype if nearest is not None else torch.int8)  # integer codes, |q| ≤ 128
+    E = torch.empty(min(block_size, columns), Wt.shape[1], dtype=Wt.dtype)  # scaled errors (w - q) / U_cc
+    loss = 0.0
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1, E1, U1 = Wt[i1:i2], E[i1:i2], U[i1:i2, i1:i2]
+        W1, E1, U1 = Wt[i1:i2], E[:i2 - i1], U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
             w = W1[i]
@@ -206,7 +212,8 @@ def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: t
                 q, value = nearest(w)
             else:
                 if groups is None:
-                    s, z = per_column[0][c], per_column[1][c]
+                    g = per_column[2][c]
+                    s, z = per_column[0][g], per_column[1][g]
                 elif c % groups.size == 0:
                     s, z = groups.at(Wt, E1, U, i1, c, i2)
                 q = torch.round(w / s + z) if float_zero else torch.round(w / s).add_(z)
@@ -218,7 +225,8 @@ def _solve_loop(Wt: Tensor, U: Tensor, bits: int, block_size: int, per_column: t
                 W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
         if i2 < columns:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
-    return Q, float(E.pow(2).sum()) / 2
+        loss += float(E1.pow(2).sum())
+    return Q, loss / 2
 
 
 def gptq_recipe(bits: int, group_size: int = 64, **args) -> dict:
