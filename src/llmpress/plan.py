@@ -39,8 +39,16 @@ from .models.archs import arch_for, get_blocks
 from .models.lazy import Checkpoint, skeleton
 from .models.loader import folder_config
 from .recipe import Recipe
-from .stream import (REST_SHARD_BYTES, _groups, _StreamPlacement, _Writer, block_dtype, embed_for_capture, packs,
-                     run_blocks)
+from .stream import (
+    REST_SHARD_BYTES,
+    _groups,
+    _StreamPlacement,
+    _Writer,
+    block_dtype,
+    embed_for_capture,
+    packs,
+    run_blocks,
+)
 
 log = logging.getLogger(__name__)
 
