@@ -15,6 +15,7 @@ from llmpress.engine import compress_blocks
 from llmpress.measure.attribution import RelativeError, relative_error, relative_output_error
 from llmpress.models.archs import arch_for, block_linears, get_blocks, linear_weight
 from llmpress.recipe import load_recipe
+from llmpress.stats import ErrorInputStats
 from tiny_models import TOKENIZER_TEXT, random_ids, tiny_model, tiny_tokenizer
 
 
@@ -36,6 +37,40 @@ def test_relative_output_error_equals_the_definition():
     # and it is not the weight error: the inputs weigh the columns
     assert relative_error(W, W_hat) != pytest.approx(expected, rel=0.05)
     assert relative_output_error(W, W_hat, torch.eye(24)) == pytest.approx(relative_error(W, W_hat), rel=1e-6)
+
+
+def test_relative_output_error_on_input_rows():
+    """With fewer tokens than features, the error taken on X itself: the definition, and the Gram's value."""
+    torch.manual_seed(1)
+    X = (torch.randn(40, 96) * torch.rand(96) * 3).bfloat16()
+    W = torch.randn(24, 96)
+    W_hat = W + 0.05 * torch.randn(24, 96)
+    Xd = X.double()
+    want = float(((Xd @ (W - W_hat).double().T) ** 2).sum() / ((Xd @ W.double().T) ** 2).sum())
+    got = relative_output_error(W, W_hat, X)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got == pytest.approx(relative_output_error(W, W_hat, X.float().T @ X.float()), rel=1e-4)
+    with pytest.raises(ValueError, match="tokens < in"):
+        relative_output_error(W, W_hat, torch.randn(120, 96))  # more rows than features: pass the Gram
+
+
+def test_error_inputs_keep_the_smaller_of_rows_and_gram():
+    torch.manual_seed(2)
+    a, b = torch.randn(2, 3, 16).bfloat16(), torch.randn(2, 4, 16).bfloat16()
+    acc = ErrorInputStats()
+    acc.add_batch(a)  # 6 rows of 16 features: kept as they are
+    rows = acc.result()
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, a.reshape(-1, 16))
+    acc = ErrorInputStats()
+    acc.add_batch(a)
+    acc.add_batch(b)  # 6 + 8 < 16: still rows
+    assert torch.equal(acc.result(), torch.cat([a.reshape(-1, 16), b.reshape(-1, 16)]))
+    acc = ErrorInputStats()
+    for batch in (a, b, a):  # 20 rows ≥ 16 features: the Gram instead, of every row
+        acc.add_batch(batch)
+    X = torch.cat([t.reshape(-1, 16) for t in (a, b, a)]).float()
+    assert torch.allclose(acc.result(), 2 / 20 * X.T @ X, rtol=1e-5, atol=1e-6)
+    assert ErrorInputStats().result() is None
 
 
 def test_relative_error_and_its_accumulation():

@@ -95,6 +95,32 @@ def test_wide_hessian_accumulates_the_full_gram(d):
         acc.add_batch(batches[0])
 
 
+def test_bf16_activations_gram_keeps_float32_sums(monkeypatch):
+    """bf16 activations: the wide Gram runs on oneDNN's bf16 kernels (where the CPU has them) and is the float32
+    Gram all the same: exact products, float32 sums; the matmul precision is restored after every batch."""
+    from llmpress import stats
+
+    d = 2048
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(2, 300, d, generator=gen) * torch.rand(d, generator=gen) * 4).bfloat16() for _ in range(3)]
+    modes = []
+    real = stats.add_upper_gram_
+    monkeypatch.setattr(stats, "add_upper_gram_", lambda out, X: (
+        modes.append(torch.backends.mkldnn.matmul.fp32_precision), real(out, X))[1])
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    acc = HessianStats()
+    for x in batches:
+        acc.add_batch(x)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert modes == ["bf16" if stats._native_bf16() else before] * 3
+    X = torch.cat([x.reshape(-1, d).double() for x in batches])
+    want = 2 / X.shape[0] * X.T @ X
+    assert ((acc.result().double() - want).abs().max() / want.abs().max()) < 1e-5  # not 8-bit entries (~4e-3)
+    float32 = HessianStats()  # float32 activations stay on float32 kernels
+    float32.add_batch(batches[0].float())
+    assert len(modes) == 4 and modes[-1] == before
+
+
 def test_spill_list_keeps_tensors_on_disk(tmp_path):
     t = torch.randn(3, 4).bfloat16()
     kept = SpillList(tmp_path / "a", [None, t])
@@ -104,6 +130,8 @@ def test_spill_list_keeps_tensors_on_disk(tmp_path):
     assert len(list((tmp_path / "a").iterdir())) == 1
     kept[0] = t * 2
     assert torch.equal(kept[0], t * 2)
+    head = kept[:2]  # a slice reads its items back, as a list
+    assert isinstance(head, list) and torch.equal(head[0], t * 2) and torch.equal(head[1], t)
     kept.clear()
     assert len(kept) == 0 and not list((tmp_path / "a").iterdir())
 
@@ -118,11 +146,19 @@ def test_true_sequential_gptq_with_records_on_disk_writes_the_same_weights(tmp_p
     stage = load_recipe({"stages": [{"method": "gptq", "args": {"bits": 3, "group_size": 16,
                                                                 "true_sequential": True}}]}).stages[0]
     ids = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
-    weights = []
+    weights, handed = [], []
     for spill in (None, tmp_path / "spill"):
         model = tiny_model("llama", seed=3)
-        compress_blocks(model, arch_for(model), [stage], ids, batch_size=4, spill=spill)
+        compress_blocks(model, arch_for(model), [stage], ids, batch_size=4, spill=spill,
+                        after_block=lambda i, block, hidden, spill=spill: handed.append(
+                            (spill, type(hidden), hidden and hidden[0])))
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not [p for p in (tmp_path / "spill" / "settled").rglob("*.bin")]  # cleared after each block
+    # the activations between passes: in memory without a spill folder, on disk with one, the same values
+    kinds = [(s is not None, t) for s, t, _ in handed if t is not type(None)]  # the last block hands None
+    assert kinds and set(kinds) == {(False, list), (True, SpillList)}
+    assert (tmp_path / "spill" / "hidden" / "0.bin").is_file()
+    ours = [h for s, _, h in handed if s is None]
+    assert all(torch.equal(a, b) for a, b in zip(ours, [h for s, _, h in handed if s]) if a is not None)

@@ -101,6 +101,40 @@ def test_bf16_checkpoint_stays_bf16(checkpoints, tmp_path):
     assert loaded.meta["streamed"] and loaded.meta["layers"]
 
 
+def test_lone_quantizer_reads_blocks_in_the_calibration_dtype(checkpoints, tmp_path, monkeypatch):
+    """A bf16 checkpoint calibrated in bf16 by GPTQ alone: blocks read in bf16 write the bytes that float32 blocks
+    (and their bf16 copies for the passes) write; anything else keeps float32 blocks."""
+    from llmpress import stream
+    from llmpress.recipe import load_recipe
+
+    folders, data, _ = checkpoints
+    gptq = {"method": "gptq", "args": {"bits": 4, "group_size": 16, "act_order": True, "true_sequential": True}}
+    recipe = {"calibration": {"dtype": "bfloat16"}, "stages": [gptq]}
+    seen = []
+    real = stream.materialize
+    monkeypatch.setattr(stream, "materialize", lambda model, prefix, checkpoint, dtype, *a, **k: (
+        seen.append(dtype) if ".layers." in prefix else None, real(model, prefix, checkpoint, dtype, *a, **k))[1])
+    kw = dict(data=data, samples=4, seq_len=32, stream="on")
+    bf16 = api.compress(str(folders["bf16"]), recipe, out=tmp_path / "b", **kw)
+    assert seen and set(seen) == {torch.bfloat16}
+    monkeypatch.setattr(stream, "block_dtype", lambda *_: torch.float32)
+    fp32 = api.compress(str(folders["bf16"]), recipe, out=tmp_path / "f", **kw)
+    a, b = _tensors(tmp_path / "b"), _tensors(tmp_path / "f")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert bf16.meta["layers"].keys() == fp32.meta["layers"].keys()
+    for name, meta in bf16.meta["layers"].items():  # the errors see the stored weight, rounded to bf16
+        assert meta["output_error"] == pytest.approx(fp32.meta["layers"][name]["output_error"], rel=0.02)
+
+    checkpoint = {name: Checkpoint(folder) for name, folder in folders.items()}
+    monkeypatch.undo()
+    dtype = stream.block_dtype
+    assert dtype(load_recipe(recipe), checkpoint["bf16"], torch.bfloat16) == torch.bfloat16
+    assert dtype(load_recipe(recipe), checkpoint["fp32"], torch.bfloat16) == torch.float32  # not the stored dtype
+    assert dtype(load_recipe(recipe), checkpoint["bf16"], torch.float32) == torch.float32
+    two = {"calibration": {"dtype": "bfloat16"}, "stages": [{"method": "wanda", "args": {"sparsity": 0.5}}, gptq]}
+    assert dtype(load_recipe(two), checkpoint["bf16"], torch.bfloat16) == torch.float32  # a stage reads another's
+
+
 def test_stream_on_refuses_what_needs_the_whole_model(checkpoints, tmp_path):
     folders, _, _ = checkpoints
     with pytest.raises(LlmpressError, match="distill.*stream off"):

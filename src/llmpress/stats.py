@@ -8,6 +8,10 @@ batches does not change the result beyond rounding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
 import torch
 from torch import Tensor
 
@@ -30,9 +34,10 @@ def add_gram_(out: Tensor, X: Tensor, blocks: int = 4) -> Tensor:
     return out
 
 
-# inputs at least this wide accumulate only the upper block triangle of XᵀX, each strip added inside its GEMM, and
-# mirror it once at the end (``add_upper_gram_``); narrower ones keep ``add_gram_`` (the default model's widths, so
-# its Hessians, and with them its figures, stay bit for bit what they were)
+# inputs at least this wide accumulate only the upper block triangle of XᵀX, each strip added inside its GEMM (on
+# oneDNN's bfloat16 kernels when the activations are bfloat16: ``bf16_exact_products``), and mirror it once at the
+# end (``add_upper_gram_``); narrower ones keep ``add_gram_`` (the default model's widths, so its Hessians, and with
+# them its figures, stay bit for bit what they were)
 UPPER_GRAM_MIN = 2048
 
 
@@ -46,6 +51,37 @@ def add_upper_gram_(out: Tensor, X: Tensor, blocks: int = 8) -> Tensor:
         if hi > lo:
             out[lo:hi, lo:].addmm_(X[:, lo:hi].T, X[:, lo:])
     return out
+
+
+@contextmanager
+def bf16_exact_products(enabled: bool = True) -> Iterator[None]:
+    """Inside, float32 matrix products on the CPU run through oneDNN's bfloat16 kernels with float32 accumulation
+    and a float32 result (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``), where the CPU has native
+    bfloat16 (AVX512-BF16 / AMX); elsewhere, or with ``enabled`` false, nothing changes.
+
+    Only for factors whose values are bfloat16 already (activations of a bf16 calibration pass, upcast): the
+    cast back to bfloat16 is then exact, every product of two such values is exact in float32, and the sums
+    are float32's as before; what changes is the speed (an 8192-wide Gram strip set of 4096 tokens: 2.3 s ->
+    1.7 s here). A bfloat16 product, by contrast, rounds every entry of XᵀX to 8 bits, and torch has no
+    bfloat16-in, float32-out product on the CPU (``mm(out_dtype=)`` is CUDA-only)."""
+    if not enabled or not _native_bf16():
+        yield
+        return
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+@lru_cache(maxsize=1)
+def _native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and hasattr(torch.backends.mkldnn, "matmul")
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def mirror_upper_(out: Tensor, blocks: int = 8) -> Tensor:
@@ -75,7 +111,8 @@ class HessianStats:
         if self.sum is None:
             self.sum = torch.zeros(X.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
         if X.shape[1] >= UPPER_GRAM_MIN:
-            add_upper_gram_(self.sum, X)
+            with bf16_exact_products(x.dtype == torch.bfloat16 and X.dtype == torch.float32 and X.device.type == "cpu"):
+                add_upper_gram_(self.sum, X)
         else:
             add_gram_(self.sum, X)
         self.count += X.shape[0]
