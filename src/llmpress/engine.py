@@ -328,7 +328,7 @@ class _Attribution:
             stats, self.dense = collect_stats(calib, arch, calib_modules, (need,) if grams else (), inputs, index,
                                               sink=sink)
             self.grams = {n: s[need] for n, s in stats.items() if s.get(need) is not None}
-            if sink is not None and not reusable:  # a streamed run: the Grams wait on disk until the errors
+            if sink is not None and not reusable:  # a streamed run: the rows or Grams wait on disk until the errors
                 self.grams = _SpilledGrams(self.grams, sink.folder / "grams")
         self.version = shadow.version
 

@@ -20,11 +20,12 @@ Wanda, SparseGPT, magnitude, the KV-cache setting) on a safetensors folder:
   entering the next block: the same command after a kill (SIGKILL included) continues after the last
   finished block and writes the same bytes as an uninterrupted run; another command is refused.
 
-Peak memory is about one block in float32, plus the calibration activations entering it (in the calibration
-dtype), plus GPTQ's Hessian of its widest linear and that Hessian's factorisation in place, plus the largest
-tensor copied at the end. What a block's passes keep for later (the reference outputs, the settled sub-modules'
-inputs of true-sequential calibration, the reference Grams of the per-linear errors) waits on disk in
-``.OUT.partial/spill``, in the page cache rather than in the process.
+Peak memory is about one block (in float32, or in the checkpoint's dtype: ``block_dtype``), plus one batch of
+calibration activations, plus GPTQ's Hessian of its widest linear and that Hessian's factorisation in place,
+plus the largest tensor copied at the end. What a block's passes keep for later (the calibration activations
+between passes on a CPU, the reference outputs, the settled sub-modules' inputs of true-sequential calibration,
+the reference rows or Grams of the per-linear errors) waits on disk in ``.OUT.partial/spill``, in the page cache
+rather than in the process.
 """
 
 from __future__ import annotations
@@ -237,6 +238,8 @@ class _StreamPlacement(Placement):
             self.before_first = None
         materialize(self.model, f"{self.prefix}{self.index[id(block)]}", self.checkpoint, self.dtype,
                     self.device, self.tied)
+        if self.dtype != torch.float32:  # floating buffers too, as the calibration copy of a float32 block had them
+            block.to(self.dtype)
 
     def offload(self, block: nn.Module) -> None:
         release(block, self.model)
