@@ -190,6 +190,19 @@ def test_sigkill_then_same_command_resumes_byte_identical(checkpoints, tmp_path)
     assert "resumed after a kill" in mb["notes"]
 
 
+def test_a_run_killed_before_its_first_block_is_started_over(checkpoints, tmp_path):
+    """A staging folder with no block written (no progress record, its process gone) holds nothing to resume:
+    any command takes it over instead of asking the user to delete it."""
+    folders, _, _ = checkpoints
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    partial = tmp_path / ".q.partial"
+    (partial / "spill").mkdir(parents=True)
+    (partial / "lock").write_text(gone.stdout.strip())
+    (partial / "spill" / "0.bin").write_bytes(b"x" * 16)
+    api.compress(str(folders["bf16"]), "rtn-w4-g64", out=tmp_path / "q", stream="on")
+    assert (tmp_path / "q" / "config.json").is_file() and not partial.exists()
+
+
 def test_plan_predicts_and_compress_refuses_what_does_not_fit(checkpoints, tmp_path, monkeypatch):
     folders, data, _ = checkpoints
     from llmpress import plan as planning

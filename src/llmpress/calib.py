@@ -205,12 +205,13 @@ def _outside_leaves(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
 
 
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor,
-                   batch_size: int, device: torch.device) -> BlockInputs:
+                   batch_size: int, device: torch.device, dtype: torch.dtype | None = None) -> BlockInputs:
     """Run the model's embedding part on every calibration batch and record each block's inputs.
 
     Blocks are replaced by recorders that pass hidden states through unchanged,
     so the real blocks are never run (nor onloaded) here; the forward stops at
-    the last block, before the final norm and lm_head.
+    the last block, before the final norm and lm_head. ``dtype``: the hidden states are kept in it, cast batch
+    by batch (never all of them in the model's dtype first: a 1B model's 128 x 512 in float32 is 537 MB).
     """
     leaves = [m for m in _outside_leaves(model, blocks)  # a streamed model's head, norm: on meta, never run here
               if not any(t.is_meta for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
@@ -225,7 +226,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tenso
         def forward(*args, **kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if index == 0:
-                inputs.hidden.append(hidden.detach())
+                inputs.hidden.append(hidden.detach() if dtype is None else hidden.detach().to(dtype))
             if state["need_kwargs"]:
                 inputs.kwargs[index][hidden.shape[0]] = (tuple(args[1:]), dict(kwargs))
             if index == len(blocks) - 1 or not state["need_kwargs"]:

@@ -138,11 +138,10 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
     measured = attribute and samples is not None  # output errors on calibration inputs, wanted or not by a method
     if measured and not calibrated and attribution_tokens is not None:  # the inputs serve the errors alone
         samples = samples[:max(1, -(-attribution_tokens // samples.shape[1]))]
-    inputs = capture_inputs(model, blocks, samples, batch_size, device) if calibrated or measured else None
+    inputs = (capture_inputs(model, blocks, samples, batch_size, device, compute_dtype) if calibrated or measured
+              else None)
     if inputs is not None:
         inputs.kwargs = [{b: move_to(kw, device) for b, kw in per.items()} for per in inputs.kwargs]
-        if compute_dtype is not None:
-            inputs.hidden = [h.to(compute_dtype) for h in inputs.hidden]
         if hidden is not None:
             inputs.hidden = [h.to(device) for h in hidden]
         if spill is not None and device.type == "cpu":  # between passes the activations wait on disk too

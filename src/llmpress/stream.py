@@ -178,7 +178,10 @@ class Staging:
                 raise LlmpressError(f"another llmpress run (pid {pid}) is writing --out {self.out} now: wait for it "
                                     f"or choose another --out")
             progress = self.folder / PROGRESS
-            state = json.loads(progress.read_text()) if progress.is_file() else {}
+            if not progress.is_file():  # killed before its first block was written: nothing to resume, start over
+                shutil.rmtree(self.folder)
+                return self.open(what)
+            state = json.loads(progress.read_text())
             if state.get("fingerprint") != self.key:
                 raise LlmpressError(f"--out {self.out} has an unfinished run of another command ({self.folder.name}: "
                                     f"{state.get('what', 'unknown')}): repeat that command to resume it, or delete "
