@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmpress import linalg
-from llmpress.calib import SpillList
+from llmpress.calib import SpillList, tensor_spec
 from llmpress.linalg import REVERSED_MIN, inverse_cholesky_upper, tril_inverse_
 from llmpress.stats import UPPER_GRAM_MIN, HessianStats
 
@@ -130,10 +130,30 @@ def test_spill_list_keeps_tensors_on_disk(tmp_path):
     assert len(list((tmp_path / "a").iterdir())) == 1
     kept[0] = t * 2
     assert torch.equal(kept[0], t * 2)
+    assert kept.spec(0) == ((3, 4), torch.bfloat16) and tensor_spec([t.float()], 0) == ((3, 4), torch.float32)
     head = kept[:2]  # a slice reads its items back, as a list
     assert isinstance(head, list) and torch.equal(head[0], t * 2) and torch.equal(head[1], t)
     kept.clear()
     assert len(kept) == 0 and not list((tmp_path / "a").iterdir())
+
+
+def test_resume_activations_from_disk_are_read_once_and_saved_as_from_memory(tmp_path, monkeypatch):
+    """The activations a streamed run keeps for resuming: from a SpillList, the same file as from a list, each
+    tensor read back once (the header comes from the shapes alone)."""
+    from safetensors.torch import load_file
+
+    from llmpress.stream import _save_streamed
+
+    tensors = [torch.randn(2, 5, 8).bfloat16(), torch.randn(1, 5, 8).bfloat16()]
+    _save_streamed(tensors, tmp_path / "a.safetensors")
+    kept = SpillList(tmp_path / "spill", tensors)
+    reads = []
+    real = SpillList.__getitem__
+    monkeypatch.setattr(SpillList, "__getitem__", lambda self, k: (reads.append(k), real(self, k))[1])
+    _save_streamed(kept, tmp_path / "b.safetensors")
+    assert reads == [0, 1]
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert torch.equal(load_file(tmp_path / "b.safetensors")["h1"], tensors[1])
 
 
 def test_true_sequential_gptq_with_records_on_disk_writes_the_same_weights(tmp_path):

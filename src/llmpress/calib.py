@@ -147,6 +147,11 @@ class SpillList:
     def __len__(self) -> int:
         return len(self.items)
 
+    def spec(self, k: int) -> tuple[tuple[int, ...], torch.dtype]:
+        """Item k's (shape, dtype), without reading it back."""
+        item = self.items[k]
+        return (item.shape, item.dtype) if isinstance(item, _Spilled) else (tuple(item.shape), item.dtype)
+
     def __iter__(self) -> Iterator[Any]:
         return (self[k] for k in range(len(self.items)))
 
@@ -166,6 +171,13 @@ class _Spilled:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+
+
+def tensor_spec(tensors: list[torch.Tensor] | SpillList, k: int) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of ``tensors[k]``, read back from disk for neither a list nor a :class:`SpillList`."""
+    if isinstance(tensors, SpillList):
+        return tensors.spec(k)
+    return tuple(tensors[k].shape), tensors[k].dtype
 
 
 def float_dtype(block: nn.Module) -> torch.dtype:

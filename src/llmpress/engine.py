@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -44,6 +45,7 @@ from .calib import (
     float_dtype,
     input_groups,
     move_to,
+    tensor_spec,
 )
 from .compressed import Compressed
 from .measure.attribution import RelativeError, relative_error, relative_output_error
@@ -277,7 +279,7 @@ def _attribution(arch: Arch, modules: dict[str, nn.Module], shadow: _Shadow, inp
     if inputs is not None and not reusable and tokens is not None:
         count, kept = 0, 0
         while kept < len(inputs.hidden) and count < tokens:
-            count += inputs.hidden[kept].shape[:-1].numel()
+            count += math.prod(tensor_spec(inputs.hidden, kept)[0][:-1])
             kept += 1
         inputs = BlockInputs(inputs.hidden[:kept], inputs.kwargs)
     smoothing = any(m.kind == "block" for _, m in applying)

@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calib import block_prefix
+from .calib import SpillList, block_prefix, tensor_spec
 from .compressed import Compressed, Grid
 from .engine import Placement, compress_blocks
 from .errors import LlmpressError
@@ -127,14 +128,15 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
     os.replace(tmp, path)
 
 
-def _save_streamed(tensors: list[torch.Tensor], path: Path) -> None:
+def _save_streamed(tensors: list[torch.Tensor] | SpillList, path: Path) -> None:
     """``tensors`` as one safetensors file (keys h0, h1, ...), written one tensor at a time: no copy of them all
     (``safetensors.torch.save_file`` serializes everything into one buffer first)."""
     names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
     header, offset = {}, 0
-    for j, t in enumerate(tensors):
-        size = t.numel() * t.element_size()
-        header[f"h{j}"] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+    for j in range(len(tensors)):  # from the shapes alone: a SpillList's tensors are read once, below
+        shape, dtype = tensor_spec(tensors, j)
+        size = math.prod(shape) * dtype.itemsize
+        header[f"h{j}"] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -343,8 +345,7 @@ def block_dtype(recipe: Recipe, checkpoint: Checkpoint, compute_dtype: torch.dty
     float32 and again as that copy (a 1B block: 0.24 GB + 0.12 GB -> 0.12 GB). Only the per-linear errors
     see the rewritten weight as stored (rounded to that dtype)."""
     stages = [s for s in recipe.stages if s.method != "kv-cache"]
-    if (compute_dtype in (None, torch.float32) or compute_dtype != checkpoint.float_dtype() or len(stages) != 1
-            or stages[0].method not in QUANTIZERS):
+    if compute_dtype != checkpoint.float_dtype() or len(stages) != 1 or stages[0].method not in QUANTIZERS:
         return torch.float32
     return compute_dtype
 
