@@ -61,8 +61,8 @@ def bf16_exact_products(enabled: bool = True) -> Iterator[None]:
 
     Only for factors whose values are bfloat16 already (activations of a bf16 calibration pass, upcast): the
     cast back to bfloat16 is then exact, every product of two such values is exact in float32, and the sums
-    are float32's as before; what changes is the speed (an 8192-wide Gram strip set of 4096 tokens: 2.3 s ->
-    1.7 s here). A bfloat16 product, by contrast, rounds every entry of XᵀX to 8 bits, and torch has no
+    are float32's as before; what changes is the speed (an 8192-wide Gram of 4096 tokens: 2.1-2.5 s
+    -> 1.7-1.9 s here). A bfloat16 product, by contrast, rounds every entry of XᵀX to 8 bits, and torch has no
     bfloat16-in, float32-out product on the CPU (``mm(out_dtype=)`` is CUDA-only)."""
     if not enabled or not _native_bf16():
         yield
