@@ -39,6 +39,24 @@ def test_relative_output_error_equals_the_definition():
     assert relative_output_error(W, W_hat, torch.eye(24)) == pytest.approx(relative_error(W, W_hat), rel=1e-6)
 
 
+@pytest.mark.parametrize("tokens", [1000, 3000])  # rows, then a Gram
+def test_wide_output_error_in_bfloat16_keeps_three_digits(tokens):
+    """Inputs at least BF16_ERROR_MIN wide take bfloat16 products on a CPU: within 5e-3 of the float64 figure."""
+    from llmpress.measure.attribution import BF16_ERROR_MIN
+
+    g = torch.Generator().manual_seed(tokens)
+    d = BF16_ERROR_MIN
+    X = (torch.randn(tokens, d, generator=g) * torch.rand(d, generator=g) * 3).bfloat16()
+    W = torch.randn(48, d, generator=g).bfloat16().float()
+    W_hat = W + 0.05 * torch.randn(48, d, generator=g)
+    Xd = X.double()
+    expected = float(((Xd @ (W - W_hat).double().T) ** 2).sum() / ((Xd @ W.double().T) ** 2).sum())
+    given = X if tokens < d else X.float().T @ X.float()
+    got = relative_output_error(W, W_hat, given)
+    assert got == pytest.approx(expected, rel=5e-3)
+    assert got != relative_output_error(W.double(), W_hat.double(), given.double())  # the bfloat16 route was taken
+
+
 def test_relative_output_error_on_input_rows():
     """With fewer tokens than features, the error taken on X itself: the definition, and the Gram's value."""
     torch.manual_seed(1)

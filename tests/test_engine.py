@@ -254,9 +254,11 @@ def test_blocked_gram_equals_full_product(width):
     assert torch.allclose(got, start + X.T @ X, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("model_type,dtype", [(t, None) for t in TINY_TYPES] + [("llama", torch.bfloat16)])
-def test_settled_sub_modules_are_reused_and_change_nothing(model_type, dtype, monkeypatch):
-    """True-sequential passes skip settled attention/MLP forwards; the weights equal recomputing them."""
+@pytest.mark.parametrize("model_type,dtype,attention", [(t, None, None) for t in TINY_TYPES] + [
+    ("llama", torch.bfloat16, None), ("llama", None, "sdpa"), ("llama", torch.bfloat16, "sdpa")])
+def test_settled_sub_modules_are_reused_and_change_nothing(model_type, dtype, attention, monkeypatch):
+    """True-sequential passes skip settled attention/MLP forwards (with sdpa, the recording pass also ends its later
+    batches at o_proj's input); the weights equal recomputing them."""
     from llmpress import settled
 
     stage = load_recipe({"stages": [{"method": "gptq", "args": {"bits": 3, "group_size": 16,
@@ -272,6 +274,8 @@ def test_settled_sub_modules_are_reused_and_change_nothing(model_type, dtype, mo
 
     monkeypatch.setattr(settled.SettledOutputs, "clear", counting_clear)
     fast = tiny_model(model_type, seed=3)
+    if attention:
+        fast.set_attn_implementation(attention)
     compress_blocks(fast, arch_for(fast), [stage], ids, batch_size=4, compute_dtype=dtype)
     if model_type == "llama":  # 2 batches; block 0: attention reused in the gate/up, down and final passes,
         # the MLP in the final pass; block 1 (the last) has no final pass
@@ -280,9 +284,31 @@ def test_settled_sub_modules_are_reused_and_change_nothing(model_type, dtype, mo
     monkeypatch.setattr(settled.SettledOutputs, "candidate", lambda *a: None)
     monkeypatch.setattr(settled.SettledOutputs, "_memoized", staticmethod(lambda memo, child: child.forward))
     slow = tiny_model(model_type, seed=3)
+    if attention:
+        slow.set_attn_implementation(attention)
     compress_blocks(slow, arch_for(slow), [stage], ids, batch_size=4, compute_dtype=dtype)
     for a, b in zip(fast.parameters(), slow.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_settled_linear_is_computed_once_per_batch(attention):
+    """2 batches, 2 blocks. Once o_proj is settled its output is kept per batch: the gate/up, down and final passes
+    of block 0 reuse one computation (2 calls) instead of computing it in each (6). The pass recording it computes
+    it for its first batch only (the check that the attention returns o_proj's output), where the attention returns
+    nothing else (sdpa); eager attention also returns its weights, so that pass computes it for every batch."""
+    stage = load_recipe({"stages": [{"method": "gptq", "args": {"bits": 3, "group_size": 16,
+                                                                 "true_sequential": True}}]}).stages[0]
+    model = tiny_model("llama", seed=3)
+    model.set_attn_implementation(attention)
+    calls: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name.endswith(("o_proj", "down_proj")):
+            module.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    compress_blocks(model, arch_for(model), [stage], random_ids(8, 16, seed=4), batch_size=4, attribute=False)
+    recording = 1 if attention == "sdpa" else 2
+    assert calls == {"model.layers.0.self_attn.o_proj": recording + 2, "model.layers.0.mlp.down_proj": 1 + 2,
+                     "model.layers.1.self_attn.o_proj": recording + 2, "model.layers.1.mlp.down_proj": 1}
 
 
 def test_settled_output_falls_back_when_the_input_changed():

@@ -95,30 +95,35 @@ def test_wide_hessian_accumulates_the_full_gram(d):
         acc.add_batch(batches[0])
 
 
-def test_bf16_activations_gram_keeps_float32_sums(monkeypatch):
-    """bf16 activations: the wide Gram runs on oneDNN's bf16 kernels (where the CPU has them) and is the float32
-    Gram all the same: exact products, float32 sums; the matmul precision is restored after every batch."""
-    from llmpress import stats
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [3, 70])
+def test_syrk_adds_the_upper_triangle_in_place(dtype, d):
+    """BLAS ?syrk through scipy: out's upper triangle gains XᵀX's, in place; the strict lower triangle is untouched."""
+    from llmpress.stats import add_syrk_
 
-    d = 2048
-    gen = torch.Generator().manual_seed(5)
-    batches = [(torch.randn(2, 300, d, generator=gen) * torch.rand(d, generator=gen) * 4).bfloat16() for _ in range(3)]
-    modes = []
-    real = stats.add_upper_gram_
-    monkeypatch.setattr(stats, "add_upper_gram_", lambda out, X: (
-        modes.append(torch.backends.mkldnn.matmul.fp32_precision), real(out, X))[1])
-    before = torch.backends.mkldnn.matmul.fp32_precision
-    acc = HessianStats()
-    for x in batches:
-        acc.add_batch(x)
-    assert torch.backends.mkldnn.matmul.fp32_precision == before
-    assert modes == ["bf16" if stats._native_bf16() else before] * 3
-    X = torch.cat([x.reshape(-1, d).double() for x in batches])
-    want = 2 / X.shape[0] * X.T @ X
-    assert ((acc.result().double() - want).abs().max() / want.abs().max()) < 1e-5  # not 8-bit entries (~4e-3)
-    float32 = HessianStats()  # float32 activations stay on float32 kernels
-    float32.add_batch(batches[0].float())
-    assert len(modes) == 4 and modes[-1] == before
+    g = torch.Generator().manual_seed(d)
+    X = (torch.randn(50, d, generator=g) * torch.rand(d, generator=g) * 4).bfloat16().to(dtype)
+    before = torch.randn(d, d, generator=g, dtype=dtype)
+    out = before.clone()
+    pointer = out.data_ptr()
+    add_syrk_(out, X)
+    assert out.data_ptr() == pointer
+    assert torch.equal(out.tril(-1), before.tril(-1))
+    want = before.double().triu() + (X.double().T @ X.double()).triu()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert ((out.double().triu() - want).abs().max() / want.abs().max()) < tol
+    assert torch.equal(add_syrk_(out.clone(), X[:0]), out)  # no tokens: nothing added
+    with pytest.raises(ValueError, match="contiguous"):
+        add_syrk_(out.T, X)
+
+
+@pytest.mark.parametrize("d,blocks", [(1, 8), (7, 8), (37, 8), (64, 4)])
+def test_mirror_copies_the_upper_triangle_down(d, blocks):
+    from llmpress.stats import mirror_upper_
+
+    M = torch.randn(d, d, generator=torch.Generator().manual_seed(d))
+    want = M.triu() + M.triu(1).T
+    assert torch.equal(mirror_upper_(M.clone(), blocks), want)
 
 
 def test_spill_list_keeps_tensors_on_disk(tmp_path):
@@ -134,7 +139,14 @@ def test_spill_list_keeps_tensors_on_disk(tmp_path):
     head = kept[:2]  # a slice reads its items back, as a list
     assert isinstance(head, list) and torch.equal(head[0], t * 2) and torch.equal(head[1], t)
     kept.clear()
-    assert len(kept) == 0 and not list((tmp_path / "a").iterdir())
+    assert len(kept) == 0 and len(list((tmp_path / "a").iterdir())) == 2  # kept, to be written over
+    node = (tmp_path / "a" / "0.bin").stat().st_ino
+    again = SpillList(tmp_path / "a", [t[:1] * 3])  # the next block's list on the same folder
+    assert (tmp_path / "a" / "0.bin").stat().st_ino == node  # the same file, written in place
+    assert (tmp_path / "a" / "0.bin").stat().st_size == 4 * 2  # and cut to the new item's bytes
+    assert torch.equal(again[0], t[:1] * 3)
+    again.discard()
+    assert len(again) == 0 and not list((tmp_path / "a").iterdir())
 
 
 def test_resume_activations_from_disk_are_read_once_and_saved_as_from_memory(tmp_path, monkeypatch):
@@ -175,7 +187,6 @@ def test_true_sequential_gptq_with_records_on_disk_writes_the_same_weights(tmp_p
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    assert not [p for p in (tmp_path / "spill" / "settled").rglob("*.bin")]  # cleared after each block
     # the activations between passes: in memory without a spill folder, on disk with one, the same values
     kinds = [(s is not None, t) for s, t, _ in handed if t is not type(None)]  # the last block hands None
     assert kinds and set(kinds) == {(False, list), (True, SpillList)}

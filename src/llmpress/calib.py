@@ -104,7 +104,12 @@ class SpillList:
     a block's reference outputs, kept only to compare with the compressed block's; the settled sub-module records;
     the reference Grams: an 8192-wide MLP input over 128 windows of 512 tokens is 1 GB, which then sits in the
     kernel's page cache (reclaimable, not the process's memory) instead of the heap. Files are read into a fresh
-    tensor with ``readinto`` (no memory map, so no file pages held by the process; only bytes, nothing that runs)."""
+    tensor with ``readinto`` (no memory map, so no file pages held by the process; only bytes, nothing that runs).
+
+    :meth:`clear` forgets the items but keeps their files, and a list made again on the same folder (the next
+    block's) writes over them in place: rewriting pages the page cache holds already is about 5 times faster here
+    than filling fresh ones (3.4 GB a block for a 1B model's true-sequential GPTQ: 1.5 s instead of 9 s).
+    :meth:`discard` removes the files."""
 
     def __init__(self, folder: Path, items: list | None = None) -> None:
         self.folder = folder
@@ -119,11 +124,12 @@ class SpillList:
     def _put(self, k: int, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             flat = value.detach().cpu().contiguous().reshape(-1)
-            with open(self._path(k), "wb") as f:
+            path = self._path(k)
+            with open(path, "r+b" if path.exists() else "wb") as f:  # in place: see the class docstring
                 f.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+                f.truncate()
             return _Spilled(tuple(value.shape), value.dtype, value.device)
-        self._path(k).unlink(missing_ok=True)
-        return value
+        return value  # kept in memory; a file left from an earlier item stays, to be written over
 
     def append(self, value: Any) -> None:
         self.items.append(None)
@@ -159,8 +165,13 @@ class SpillList:
         return bool(self.items)
 
     def clear(self) -> None:
-        for k in range(len(self.items)):
-            self._path(k).unlink(missing_ok=True)
+        """Forget every item; their files stay, for a list on this folder to write over."""
+        self.items.clear()
+
+    def discard(self) -> None:
+        """Forget every item and remove the files."""
+        for path in self.folder.glob("*.bin"):
+            path.unlink(missing_ok=True)
         self.items.clear()
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from .calib import (
     BlockInputs,
     SpillList,
+    StopForward,
     block_prefix,
     capture_inputs,
     collect_stats,
@@ -191,7 +192,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
                 elif stats is None:
                     calib, calib_modules = shadow.get()
                     later = {n for p in parts[j + 1:] for n in p}
-                    recording = settled.recording(calib, list(part), later) if sequential else nullcontext()
+                    recording = (settled.recording(calib, list(part), later, StopForward) if sequential
+                                 else nullcontext())
                     with recording as child:
                         stats, _ = collect_stats(calib, arch, {n: calib_modules[n] for n in part}, method.stats,
                                                  inputs, i, stop_early=sequential, stop_after=child)

@@ -8,15 +8,18 @@ the last linear ``L`` of a child ``S`` of the block has been quantized (``self_a
 is just ``L(X_L)``: ``L``'s input ``X_L`` is fixed, because everything in ``S`` before ``L``
 is settled and ``S``'s own input does not change. So the pass that gathers ``L``'s
 statistics also records, per batch, ``S``'s input, ``X_L`` and the rest of ``S``'s output;
-later passes call ``L`` on ``X_L`` instead of running ``S``.
+the first later pass calls ``L`` on ``X_L`` instead of running ``S`` and keeps that output, which the
+passes after it reuse (``L`` is quantized by then and does not change again in the stage).
 
-Checked, not assumed: the recording pass verifies that ``S`` returns exactly ``L``'s output
-(first element of a tuple output), and every reuse verifies that ``S``'s input equals the
-recorded one (bitwise), falling back to the real forward otherwise. The block's children
+Checked, not assumed: the recording pass verifies on its first batch that ``S`` returns exactly
+``L``'s output (first element of a tuple output, the rest None); its later batches then end at
+``L``'s input (``L`` is about to be quantized: its output there would be thrown away). Every reuse
+verifies that ``S``'s input equals the recorded one (bitwise), falling back to the real forward
+otherwise. The block's children
 without linears (its norms) are memoized the same way: a batch's output is reused while its
 input is bitwise unchanged. The weights come out bit-identical to recomputing (tested on
-every tiny architecture). Memory: the recorded tensors for every calibration batch, while
-one block is processed.
+every tiny architecture). Memory: the recorded tensors (and ``L``'s kept outputs) for every
+calibration batch, while one block is processed; a streamed run keeps them on disk (``calib.SpillList``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class _Record:
     inputs: list[torch.Tensor] = field(default_factory=list)
     last_inputs: list[torch.Tensor] = field(default_factory=list)
     rest: list[Any] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)  # L's output per batch, once computed with L settled
     valid: bool = True
     calls: int = 0
     hits: int = 0
@@ -90,8 +94,14 @@ class SettledOutputs:
         return child, part[0]
 
     @contextmanager
-    def recording(self, block: nn.Module, part: list[str], later: set[str]) -> Iterator[nn.Module | None]:
-        """Record S during the statistics pass of ``part``; yields S (the pass may stop after it) or None."""
+    def recording(self, block: nn.Module, part: list[str], later: set[str],
+                  stop: type[Exception] | None = None) -> Iterator[nn.Module | None]:
+        """Record S during the statistics pass of ``part``; yields S (the pass may stop after it) or None.
+
+        ``stop``: the exception that ends a batch's forward early (``llmpress.calib.StopForward``). With it, once
+        the first batch has shown S's output to be L's (and nothing else but Nones), later batches end at L's
+        input, after the pass's own hooks on L have seen it: L (not yet quantized) is not computed for nothing.
+        """
         pair = self.candidate(part, later)
         if pair is None:
             yield None
@@ -99,30 +109,43 @@ class SettledOutputs:
         record = _Record(*pair, inputs=self.new_list([]), last_inputs=self.new_list([]))
         child, last = block.get_submodule(record.child), block.get_submodule(record.last)
         seen: dict[str, Any] = {}
+        handles = []
 
         def on_child_input(_m, args, kwargs):
             x = _first_tensor(args, kwargs)
             record.valid &= x is not None
             record.inputs.append(x)
+            if len(handles) == 3:  # registered now, so it runs after the statistics pass's own hooks on L
+                handles.append(last.register_forward_pre_hook(on_last_input))
+
+        def on_last_input(_m, args):
+            record.last_inputs.append(args[0])
+            if "rest" in seen and len(record.last_inputs) == len(record.inputs):  # a later batch, structure known
+                record.rest.append(seen["rest"])
+                raise stop
 
         def on_last(_m, args, output):
-            record.last_inputs.append(args[0])
             seen["out"] = output
 
         def on_child_output(_m, _args, output):
             first = output[0] if isinstance(output, tuple) else output
             out = seen.pop("out", None)
             record.valid &= out is not None and (first is out or same(first, out))
-            record.rest.append(output[1:] if isinstance(output, tuple) else None)
+            rest = output[1:] if isinstance(output, tuple) else None
+            record.rest.append(rest)
+            if stop is not None and len(record.inputs) == 1 and record.valid and (
+                    rest is None or all(r is None for r in rest)):
+                seen["rest"] = rest
 
-        handles = [child.register_forward_pre_hook(on_child_input, with_kwargs=True),
-                   last.register_forward_hook(on_last), child.register_forward_hook(on_child_output)]
+        handles += [child.register_forward_pre_hook(on_child_input, with_kwargs=True),
+                    last.register_forward_hook(on_last), child.register_forward_hook(on_child_output)]
         try:
             yield child
         finally:
             for h in handles:
                 h.remove()
         if record.valid and record.inputs and len(record.inputs) == len(record.last_inputs) == len(record.rest):
+            record.outputs = self.new_list([None] * len(record.inputs))
             self.records.append(record)
 
     def install(self, block: nn.Module) -> None:
@@ -174,7 +197,9 @@ class SettledOutputs:
             if x is None or not (x is want or same(x, want)):
                 return original(child, *args, **kwargs)
             record.hits += 1
-            y = child.get_submodule(relative)(record.last_inputs[k])
+            y = record.outputs[k]
+            if y is None:  # L is settled (quantized, not to change in this stage): its output is computed once
+                y = record.outputs[k] = child.get_submodule(relative)(record.last_inputs[k])
             return y if record.rest[k] is None else (y, *record.rest[k])
 
         return forward
@@ -185,8 +210,8 @@ class SettledOutputs:
             child.__dict__.pop("forward", None)
         self.installed.clear()
         for record in [*self.records, *self.memos.values()]:
-            for kept in (record.inputs, record.last_inputs, record.rest):
-                kept.clear()  # a SpillList deletes its files
+            for kept in (record.inputs, record.last_inputs, record.rest, record.outputs):
+                kept.clear()  # a SpillList keeps its files for the next list on its folder to write over
         self.records.clear()
         self.memos.clear()
 

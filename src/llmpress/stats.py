@@ -8,10 +8,7 @@ batches does not change the result beyond rounding.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import lru_cache
-
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,10 +31,10 @@ def add_gram_(out: Tensor, X: Tensor, blocks: int = 4) -> Tensor:
     return out
 
 
-# inputs at least this wide accumulate only the upper block triangle of XᵀX, each strip added inside its GEMM (on
-# oneDNN's bfloat16 kernels when the activations are bfloat16: ``bf16_exact_products``), and mirror it once at the
-# end (``add_upper_gram_``); narrower ones keep ``add_gram_`` (the default model's widths, so its Hessians, and with
-# them its figures, stay bit for bit what they were)
+# inputs at least this wide accumulate only the upper triangle of XᵀX, on the CPU through BLAS ``?syrk``
+# (``add_syrk_``), elsewhere a block triangle at a time (``add_upper_gram_``), and mirror it once at the end
+# (``mirror_upper_``); narrower ones keep ``add_gram_`` (the default model's widths, so its Hessians, and with them its
+# figures, stay bit for bit what they were)
 UPPER_GRAM_MIN = 2048
 
 
@@ -53,43 +50,39 @@ def add_upper_gram_(out: Tensor, X: Tensor, blocks: int = 8) -> Tensor:
     return out
 
 
-@contextmanager
-def bf16_exact_products(enabled: bool = True) -> Iterator[None]:
-    """Inside, float32 matrix products on the CPU run through oneDNN's bfloat16 kernels with float32 accumulation
-    and a float32 result (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``), where the CPU has native
-    bfloat16 (AVX512-BF16 / AMX); elsewhere, or with ``enabled`` false, nothing changes.
+def add_syrk_(out: Tensor, X: Tensor) -> Tensor:
+    """``out``'s upper triangle ``+= XᵀX``'s, through BLAS ``ssyrk`` / ``dsyrk`` (scipy's OpenBLAS) writing into
+    ``out`` in place; the strictly lower triangle is left as it is (:func:`mirror_upper_` fills it).
 
-    Only for factors whose values are bfloat16 already (activations of a bf16 calibration pass, upcast): the
-    cast back to bfloat16 is then exact, every product of two such values is exact in float32, and the sums
-    are float32's as before; what changes is the speed (an 8192-wide Gram of 4096 tokens: 2.1-2.5 s
-    -> 1.7-1.9 s here). A bfloat16 product, by contrast, rounds every entry of XᵀX to 8 bits, and torch has no
-    bfloat16-in, float32-out product on the CPU (``mm(out_dtype=)`` is CUDA-only)."""
-    if not enabled or not _native_bf16():
-        yield
-        return
-    matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
+    CPU tensors, float32 or float64, ``out`` contiguous. Half the products of XᵀX, in float32 (float64) sums as
+    torch's products; on this project's 2-core CPU an 8192-wide Gram of 4096 tokens takes 1.4 s against 1.9-2.1 s
+    for :func:`add_upper_gram_` (``benchmarks/second_order.py``)."""
+    from scipy.linalg import blas
 
-
-@lru_cache(maxsize=1)
-def _native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and hasattr(torch.backends.mkldnn, "matmul")
-    except (AttributeError, RuntimeError):
-        return False
+    if X.shape[0] == 0:
+        return out
+    if out.dtype != X.dtype or out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous():
+        raise ValueError(f"add_syrk_ needs a contiguous float32/float64 out of X's dtype, got {out.dtype}, {X.dtype}")
+    syrk = blas.ssyrk if out.dtype == torch.float32 else blas.dsyrk
+    c = out.numpy().T  # column-major view of out: its lower triangle is out's upper one
+    a = X.contiguous().numpy().T  # (d, tokens), column-major: a·aᵀ = XᵀX
+    result = syrk(1.0, a, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1)
+    if not np.shares_memory(result, c):  # not expected (same dtype and order), but then copy the triangle back
+        c[...] = result
+    return out
 
 
 def mirror_upper_(out: Tensor, blocks: int = 8) -> Tensor:
-    """Copy the upper block triangle written by :func:`add_upper_gram_` (same ``blocks``) onto the blocks below."""
+    """Copy the upper triangle of ``out`` onto the lower one, in place (no second (d, d) matrix): the blocks below
+    the diagonal from the blocks above, and within each diagonal block its strict upper triangle."""
     d = out.shape[0]
     edges = [d * i // blocks for i in range(blocks + 1)]
     for lo, hi in zip(edges, edges[1:]):
-        if lo < hi < d:
+        if hi == lo:
+            continue
+        diagonal = out[lo:hi, lo:hi]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).mT)
+        if hi < d:
             out[hi:, lo:hi] = out[lo:hi, hi:].T
     return out
 
@@ -111,8 +104,7 @@ class HessianStats:
         if self.sum is None:
             self.sum = torch.zeros(X.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
         if X.shape[1] >= UPPER_GRAM_MIN:
-            with bf16_exact_products(x.dtype == torch.bfloat16 and X.dtype == torch.float32 and X.device.type == "cpu"):
-                add_upper_gram_(self.sum, X)
+            (add_syrk_ if X.device.type == "cpu" else add_upper_gram_)(self.sum, X)
         else:
             add_gram_(self.sum, X)
         self.count += X.shape[0]

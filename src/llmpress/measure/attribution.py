@@ -36,7 +36,9 @@ def relative_output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
     inputs x the error is taken on. Equals ‖X Wᵀ − X Ŵᵀ‖²/‖X Wᵀ‖² for X (tokens, in) with XᵀX ∝ H,
     without the tokens. ``H`` may also be such an X itself with fewer tokens than columns (then the cheaper
     of the two: ``llmpress.stats.ErrorInputStats``). The products run in float32 (float64 when an input is),
-    the sums in float64.
+    the sums in float64; on a CPU, for inputs at least ``BF16_ERROR_MIN`` wide, in bfloat16 (X, W, ΔW and H rounded
+    to 8 bits, each product's output too, its squares and sums in float64): a figure recorded to three digits moves
+    by about 1e-3 of itself, and it costs 2.4 s instead of 6.4 s a block for a 1B model's seven linears here.
     """
     if W.shape != W_hat.shape or W.dim() != 2 or H.dim() != 2 or H.shape[1] != W.shape[1] or (
             H.shape[0] > H.shape[1]):
@@ -45,25 +47,33 @@ def relative_output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
     dtype = torch.promote_types(torch.promote_types(W.dtype, H.dtype), torch.float32)
     W_ = W.detach().to(dtype)
     D = W_ - W_hat.detach().to(W_.device, dtype)
+    if dtype == torch.float32 and H.shape[1] >= BF16_ERROR_MIN and H.device.type == W_.device.type == "cpu":
+        dtype = torch.bfloat16
     if H.shape[0] < H.shape[1]:
         return _ratio(*_row_norms(H.detach(), (D, W_), dtype))
     H_ = H.detach().to(W_.device, dtype)
     return _ratio(_quadratic(D, H_), _quadratic(W_, H_))
 
 
+# inputs at least this wide have their output errors computed with bfloat16 products on a CPU (narrower ones, the
+# default model's, keep float32 products: their recorded errors stay what they were)
+BF16_ERROR_MIN = 2048
+
+
 def _row_norms(X: Tensor, weights: tuple[Tensor, ...], dtype: torch.dtype, rows: int = 1024) -> list[float]:
     """‖X Aᵀ‖² for each A of ``weights``, X cast to ``dtype`` ``rows`` tokens at a time, the sums in float64."""
     totals = [0.0] * len(weights)
+    weights = tuple(A.to(dtype) for A in weights)
     for start in range(0, X.shape[0], rows):
         chunk = X[start:start + rows].to(weights[0].device, dtype)
-        for k, A in enumerate(weights):
-            totals[k] += float((chunk @ A.T).pow(2).sum(dtype=torch.float64))
+        for k, A in enumerate(weights):  # the square of a bfloat16 value is exact in float32
+            totals[k] += float((chunk @ A.T).float().pow(2).sum(dtype=torch.float64))
     return totals
 
 
 def _quadratic(A: Tensor, H: Tensor) -> float:
-    """tr(A H Aᵀ), the row sums taken in float64."""
-    return float(((A @ H) * A).sum(dim=1, dtype=torch.float64).sum())
+    """tr(A H Aᵀ), the product A·H in H's dtype, the row sums taken in float64."""
+    return float(((A.to(H.dtype) @ H).to(A.dtype) * A).sum(dim=1, dtype=torch.float64).sum())
 
 
 def relative_error(reference: Tensor, approx: Tensor) -> float:
