@@ -193,3 +193,27 @@ def test_true_sequential_gptq_with_records_on_disk_writes_the_same_weights(tmp_p
     assert (tmp_path / "spill" / "hidden" / "0.bin").is_file()
     ours = [h for s, _, h in handed if s is None]
     assert all(torch.equal(a, b) for a, b in zip(ours, [h for s, _, h in handed if s]) if a is not None)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "gptq-lut", "gptvq"])
+def test_wide_route_of_every_hessian_method_equals_the_reference_route(method, monkeypatch):
+    """SparseGPT, GPTQ-LUT (act-order) and GPTVQ start from ``linalg.damped_hessian`` and factorise a wide Hessian
+    in its own memory (LAPACK on the CPU); in float64, the result equals the narrow reference route's."""
+    from llmpress.prune.sparsegpt import SparseGPTConfig, sparsegpt
+    from llmpress.quant.squeezellm import GPTQLUTConfig, gptq_lut
+    from llmpress.quant.vq import VQConfig, vq_gptq
+
+    fn, cfg = {"sparsegpt": (sparsegpt, SparseGPTConfig(sparsity=0.5)),
+               "gptq-lut": (gptq_lut, GPTQLUTConfig(bits=3, act_order=True, iterations=3)),
+               "gptvq": (vq_gptq, VQConfig(bits=2, iterations=3))}[method]
+    d = REVERSED_MIN
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(d + 64, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64)
+    X[:, 5] = 0  # a dead input channel
+    H = 2 / X.shape[0] * X.T @ X
+    W = torch.randn(8, d, generator=g, dtype=torch.float64)
+    wide = fn(W, H, cfg)
+    monkeypatch.setattr(linalg, "REVERSED_MIN", d + 1)  # the reference steps
+    narrow = fn(W, H, cfg)
+    assert torch.allclose(wide.weight.double(), narrow.weight.double(), rtol=0, atol=1e-9)
+    assert wide.loss == pytest.approx(narrow.loss, rel=1e-9)

@@ -332,7 +332,7 @@ class _Attribution:
                                               sink=sink)
             self.grams = {n: s[need] for n, s in stats.items() if s.get(need) is not None}
             if sink is not None and not reusable:  # a streamed run: the rows or Grams wait on disk until the errors
-                self.grams = _SpilledGrams(self.grams, sink.folder / "grams")
+                self.grams = _SpilledErrorInputs(self.grams, sink.folder / "grams")
         self.version = shadow.version
 
     def stats_for(self, needs: tuple[str, ...], part: dict[str, nn.Module]) -> dict[str, dict] | None:
@@ -371,9 +371,10 @@ class _Attribution:
         return total.result()
 
 
-class _SpilledGrams(dict):
-    """{linear name: Gram} with each distinct Gram (linears sharing an input share one) on disk, read back when
-    looked up: a 8192-wide down_proj's is 268 MB that need not sit in memory through the block's solves."""
+class _SpilledErrorInputs(dict):
+    """{linear name: its error input} (``llmpress.stats.ErrorInputStats``: the input rows, or their Gram) with each
+    distinct one (linears sharing an input share one) on disk, read back when looked up: a 8192-wide down_proj's
+    rows are 64 MB, and a Gram of that width 268 MB, that need not sit in memory through the block's solves."""
 
     def __init__(self, grams: dict[str, torch.Tensor], folder: Path) -> None:
         distinct: dict[int, int] = {}

@@ -49,6 +49,36 @@ def prepare_hessian(H: Tensor, W: Tensor | None, damp: float) -> tuple[Tensor, T
     return H, dead
 
 
+
+def damped_hessian(hessian: Tensor, W: Tensor | None, damp: float,
+                   act_order: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The damped Hessian (:func:`prepare_hessian`, zeroing W's dead columns in place) and, with ``act_order``,
+    the permutation by decreasing diagonal, the matrix already in that order (else None).
+
+    A wide Hessian (``REVERSED_MIN`` columns and more) is damped on its diagonal alone and gathered in order in one
+    copy: two (in, in) matrices at most, with the caller's (three before: the damped copy, the rows in order, the
+    columns in order). Narrower ones take the reference steps, so their results stay bit for bit what they were.
+    The values are the same either way. GPTQ, SparseGPT, GPTVQ and SqueezeLLM / GPTQ-LUT all start here.
+    """
+    if hessian.shape[0] < REVERSED_MIN:
+        H, _dead = prepare_hessian(hessian, W, damp)
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+        return (H if perm is None else H[perm][:, perm]), perm
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"Hessian must be square (in, in), got {tuple(hessian.shape)}")
+    if W is not None and W.shape[1] != hessian.shape[0]:
+        raise ValueError(f"weight {tuple(W.shape)} does not match Hessian {tuple(hessian.shape)}")
+    diag = hessian.diagonal().clone()
+    dead = diag == 0
+    diag[dead] = 1.0
+    if W is not None:
+        W[:, dead] = 0
+    diag.add_(damp * diag.mean())
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
+    H = hessian.clone() if perm is None else hessian[perm[:, None], perm]
+    H.diagonal().copy_(diag if perm is None else diag[perm])
+    return H, perm
+
 # Hessians at least this wide are factorised through the reversed matrix (:func:`_reversed_factor`): LAPACK's
 # cholesky_inverse (potri) runs mostly on one core, 23 s of the 27 s the three-step route took for an 8192-wide
 # down_proj on this 2-core CPU; narrower ones keep the three steps (the default model's widths: its results stay

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..compressed import Compressed, Grid
 from ..config import Check, Config
 from ..errors import LlmpressError
-from ..linalg import inverse_cholesky_upper, prepare_hessian, single_threaded
+from ..linalg import damped_hessian, inverse_cholesky_upper, single_threaded
 from ..primitives import compute_qparams, dequantize, group_count, qrange
 from ..quant.rtn import Bits, GroupSize
 from ..registry import Method, register
@@ -92,11 +92,14 @@ def sparsegpt(weight: Tensor, hessian: Tensor, cfg: SparseGPTConfig) -> Compress
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     W = weight.detach().to(dtype=dtype, copy=True)
     with single_threaded(W.numel()):
-        H, _dead = prepare_hessian(hessian.detach().to(dtype), W, cfg.damp)
+        H, _ = damped_hessian(hessian.detach().to(dtype), W, cfg.damp)
         keep_t = (W != 0).T.contiguous() if cfg.keep_zeros else torch.ones_like(W.T, dtype=torch.bool)
         grid = None if cfg.bits is None else _Grid(cfg, W, keep_t)
         Wt = W.T.contiguous()
-        Q, loss = _solve(Wt, inverse_cholesky_upper(H), keep_t, sparsity, nm, cfg, grid)
+        # a wide H is factorised in its own memory (a retry with more damping rebuilds it)
+        U = inverse_cholesky_upper(H, lambda: damped_hessian(hessian.detach().to(dtype), W, cfg.damp)[0])
+        del H
+        Q, loss = _solve(Wt, U, keep_t, sparsity, nm, cfg, grid)
     mask = keep_t.T.contiguous()
     meta, sparsity = {"method": "sparsegpt"}, measured_sparsity(mask, nm)
     if grid is None:

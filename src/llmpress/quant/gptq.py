@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..compressed import Compressed, Grid
 from ..config import Check, Config
-from ..linalg import REVERSED_MIN, inverse_cholesky_upper, prepare_hessian, single_threaded
+from ..linalg import damped_hessian, inverse_cholesky_upper, single_threaded
 from ..primitives import compute_qparams, dequantize, expand_groups, kquant_qparams, qrange, search_qparams
 from ..registry import Method, register
 from .rtn import Bits, GroupSize, KQuantName, fix_kquant_grid, kquant_grid
@@ -90,9 +90,9 @@ def _gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
     grid = Grid(cfg.bits, cfg.group_size, cfg.sym) if cfg.kquant is None else kquant_grid(cfg.kquant, W.shape[1])
     group = grid.group
     qparams = search_qparams if cfg.mse else compute_qparams
-    H, perm = _damped(hessian.detach().to(dtype), W, cfg.damp, cfg.act_order)
+    H, perm = damped_hessian(hessian.detach().to(dtype), W, cfg.damp, cfg.act_order)
     # a retry with more damping gets the same H again (a wide one is factorised in its own memory)
-    U = inverse_cholesky_upper(H, lambda: _damped(hessian.detach().to(dtype), W, cfg.damp, cfg.act_order)[0])
+    U = inverse_cholesky_upper(H, lambda: damped_hessian(hessian.detach().to(dtype), W, cfg.damp, cfg.act_order)[0])
     del H  # only U is needed from here: one (in, in) matrix less during the solve
     Wt = (W.T if perm is None else W.T[perm]).contiguous()  # row c = the c-th column processed
     if cfg.act_order or group is None or grid.kquant is not None:  # static groups
@@ -116,29 +116,6 @@ def _gptq(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> Compressed:
     meta = {"method": "gptq", "act_order": cfg.act_order, "mse": cfg.mse}
     return Compressed(weight=dequantize(qweight, scale, zero, group), qweight=qweight, scale=scale,
                       zero=zero, meta=meta, loss=loss, grid=grid)
-
-
-def _damped(hessian: Tensor, W: Tensor, damp: float, act_order: bool) -> tuple[Tensor, Tensor | None]:
-    """The damped Hessian (``llmpress.linalg.prepare_hessian``, zeroing W's dead columns) and, with ``act_order``,
-    the permutation by decreasing diagonal, the matrix already in that order.
-
-    A wide Hessian (``REVERSED_MIN`` columns and more) is damped on its diagonal alone and gathered in order in one
-    copy: two (in, in) matrices at most, with the caller's (three before: the damped copy, the rows in order, the
-    columns in order). Narrower ones take the reference steps, so their results stay bit for bit what they were.
-    """
-    if hessian.shape[0] < REVERSED_MIN:
-        H, _dead = prepare_hessian(hessian, W, damp)
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
-        return (H if perm is None else H[perm][:, perm]), perm
-    diag = hessian.diagonal().clone()
-    dead = diag == 0
-    diag[dead] = 1.0
-    W[:, dead] = 0
-    diag.add_(damp * diag.mean())
-    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
-    H = hessian.clone() if perm is None else hessian[perm[:, None], perm]
-    H.diagonal().copy_(diag if perm is None else diag[perm])
-    return H, perm
 
 
 class _CurrentGroups:

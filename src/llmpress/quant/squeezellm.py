@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..compressed import Compressed, Grid
 from ..config import Check, Config
-from ..linalg import inverse_cholesky_upper, prepare_hessian
+from ..linalg import damped_hessian, inverse_cholesky_upper
 from ..registry import Method, register
 from .codebook import ELEMENTS_AT_ONCE, LUT_DTYPES, lookup, nearest_codes, weighted_kmeans
 from .gptq import solve_nearest
@@ -137,10 +137,13 @@ def gptq_lut(weight: Tensor, hessian: Tensor, cfg: GPTQLUTConfig) -> Compressed:
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     W = weight.detach().to(dtype=dtype, copy=True)
     sensitivity = hessian.detach().to(dtype).diagonal().clamp(min=0)
-    H, _dead = prepare_hessian(hessian.detach().to(dtype), W, cfg.damp)
+    def damped(order: bool) -> tuple[Tensor, Tensor | None]:
+        return damped_hessian(hessian.detach().to(dtype), W, cfg.damp, order)
+
+    ordered, perm = damped(cfg.act_order)  # in processing order; a wide one is factorised in its own memory
     lut = _stored(weighted_kmeans(W, sensitivity, 1 << cfg.bits, cfg.iterations), cfg.lut_dtype)
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if cfg.act_order else None
-    U = inverse_cholesky_upper(H if perm is None else H[perm][:, perm])
+    U = inverse_cholesky_upper(ordered, lambda: damped(cfg.act_order)[0])
+    del ordered
     Wt = (W.T if perm is None else W.T[perm]).contiguous()
 
     def nearest(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,6 +152,7 @@ def gptq_lut(weight: Tensor, hessian: Tensor, cfg: GPTQLUTConfig) -> Compressed:
 
     codes_t, _ = solve_nearest(Wt, U, cfg.block_size, nearest)
     del U, Wt
+    H, _ = damped(False)  # the damped H in the weight's own order, for the refit and the loss
     codes = (codes_t if perm is None else codes_t[torch.argsort(perm)]).T.long().contiguous()
     if cfg.refit:
         lut = _stored(refit_codebook(W, H, codes, lut), cfg.lut_dtype)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..compressed import Compressed, Grid
 from ..config import Check, Config
 from ..errors import LlmpressError
-from ..linalg import inverse_cholesky_upper, prepare_hessian
+from ..linalg import damped_hessian, inverse_cholesky_upper
 from ..registry import Method, register
 from .codebook import ELEMENTS_AT_ONCE, LUT_DTYPES, exact_in, pack_codes, unpack_codes, weighted_quantiles
 from .packing import packed_width
@@ -192,15 +192,23 @@ def vq_gptq(weight: Tensor, hessian: Tensor, cfg: VQConfig) -> Compressed:
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     W = weight.detach().to(dtype=dtype, copy=True)
     sensitivity = hessian.detach().to(dtype).diagonal().clamp(min=0)
-    H, _dead = prepare_hessian(hessian.detach().to(dtype), W, cfg.damp)
+    def damped() -> Tensor:
+        return damped_hessian(hessian.detach().to(dtype), W, cfg.damp)[0]
+
+    H = damped()
     K = 1 << (cfg.bits * cfg.dim)
     points = _grouped(W, cfg.group_rows)
     weights = _grouped(sensitivity.expand(out, cols), cfg.group_rows)
     codebook = _stored(vector_kmeans(points, weights, K, cfg.iterations), cfg.lut_dtype)
-    U = inverse_cholesky_upper(H)
+    U = inverse_cholesky_upper(H, damped)
+    consumed = U.data_ptr() == H.data_ptr()  # a wide H is factorised in its own memory: built again after the solve
+    if consumed:
+        del H
     table = codebook.repeat_interleave(cfg.group_rows, dim=0)[:out]
     codes = _solve_pairs(W.T.contiguous(), U, table, cfg.block_size).T.contiguous()
     del U
+    if consumed:
+        H = damped()
     if cfg.refit:
         codebook = _stored(refit_vq_codebook(W, H, codes, codebook, cfg.group_rows), cfg.lut_dtype)
     codebook = codebook.float()
