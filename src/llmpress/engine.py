@@ -128,7 +128,8 @@ def compress_blocks(model: nn.Module, arch: Arch, stages: list[Stage], samples: 
     (out, in)) for its error, instead of a copy of every linear kept from the block's start (a streamed
     model re-reads it from the checkpoint: no second copy of the block in memory). ``spill``: a folder where
     each block's reference outputs (kept only for its output error) wait on disk instead of in memory, and on
-    a CPU the calibration activations between passes (a 1B model's 128 x 512 in bfloat16: 268 MB).
+    a CPU the calibration activations between passes (a 1B model's 128 x 512 in bfloat16: 268 MB); its files stay
+    there, each block's written over the block before's (``calib.SpillList``), until the caller removes the folder.
     """
     device = torch.device(device)
     blocks = get_blocks(model, arch)

@@ -55,7 +55,7 @@ def add_syrk_(out: Tensor, X: Tensor) -> Tensor:
     ``out`` in place; the strictly lower triangle is left as it is (:func:`mirror_upper_` fills it).
 
     CPU tensors, float32 or float64, ``out`` contiguous. Half the products of XᵀX, in float32 (float64) sums as
-    torch's products; on this project's 2-core CPU an 8192-wide Gram of 4096 tokens takes 1.4 s against 1.9-2.1 s
+    torch's products; on this project's 2-core CPU an 8192-wide Gram of 4096 tokens takes about 1.5 s against 2.0-2.4 s
     for :func:`add_upper_gram_` (``benchmarks/second_order.py``)."""
     from scipy.linalg import blas
 

@@ -200,15 +200,12 @@ def vq_gptq(weight: Tensor, hessian: Tensor, cfg: VQConfig) -> Compressed:
     points = _grouped(W, cfg.group_rows)
     weights = _grouped(sensitivity.expand(out, cols), cfg.group_rows)
     codebook = _stored(vector_kmeans(points, weights, K, cfg.iterations), cfg.lut_dtype)
-    U = inverse_cholesky_upper(H, damped)
-    consumed = U.data_ptr() == H.data_ptr()  # a wide H is factorised in its own memory: built again after the solve
-    if consumed:
-        del H
+    U = inverse_cholesky_upper(H, damped)  # a wide H is factorised in its own memory (spoilt, also on a retry)
+    del H
     table = codebook.repeat_interleave(cfg.group_rows, dim=0)[:out]
     codes = _solve_pairs(W.T.contiguous(), U, table, cfg.block_size).T.contiguous()
     del U
-    if consumed:
-        H = damped()
+    H = damped()  # the same damped H again, for the refit and the loss
     if cfg.refit:
         codebook = _stored(refit_vq_codebook(W, H, codes, codebook, cfg.group_rows), cfg.lut_dtype)
     codebook = codebook.float()
