@@ -34,12 +34,12 @@ from .models.archs import arch_for
 from .models.loader import (
     DEFAULT_MODEL,
     LoadedModel,
-    folder_config,
-    folder_notes,
     load_model,
-    load_tokenizer,
-    local_folder,
+    local_source,
+    source_config,
     source_gguf,
+    source_notes,
+    source_tokenizer,
 )
 from .recipe import Recipe, load_recipe
 from .registry import get_method
@@ -226,16 +226,17 @@ def plan(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, data: str | None = None, s
     from .plan import plan_streamed
 
     recipe = _with_calibration(load_recipe(recipe), data=data, samples=samples, seq_len=seq_len)
-    folder = local_folder(model) if isinstance(model, (str, Path)) else None
-    reason = why_not_streamed(folder, recipe, "auto")
+    source = local_source(model) if isinstance(model, (str, Path)) else None
+    reason = why_not_streamed(source, recipe, "auto")
     if reason is not None:
-        raise LlmpressError(f"cannot plan this run: {reason} (plans cover runs streamed from a safetensors folder)")
+        raise LlmpressError(f"cannot plan this run: {reason} (plans cover runs streamed from a safetensors folder "
+                            "or a .gguf file)")
     dev = resolve_device(device)
     ids = None
     if recipe.needs_calibration or data is not None or samples is not None:
         describe_spec(recipe.calibration.data)
-        ids = _calibration_ids(load_tokenizer(folder), recipe)
-    return plan_streamed(folder, recipe, ids, dev, None if out is None else Path(out).expanduser(), name=str(model))
+        ids = _calibration_ids(source_tokenizer(source), recipe)
+    return plan_streamed(source, recipe, ids, dev, None if out is None else Path(out).expanduser(), name=str(model))
 
 
 def _with_calibration(recipe: Recipe, **overrides) -> Recipe:
@@ -258,14 +259,14 @@ STREAM = ("auto", "on", "off")
 
 
 def _streamable(model, recipe: Recipe, out, format: str, stream: str) -> Path | None:
-    """The folder to compress streamed (``llmpress.stream``), or None for the in-memory path."""
+    """The folder or .gguf file to compress streamed (``llmpress.stream``), or None for the in-memory path."""
     if stream not in STREAM:
         raise LlmpressError(f"unknown stream setting '{stream}': use one of {', '.join(STREAM)}")
     if stream == "off":
         return None
     folder, reason = None, "the model is given in memory"
     if isinstance(model, (str, Path)):
-        folder = local_folder(model)
+        folder = local_source(model)
         reason = why_not_streamed(folder, recipe, format) if out is not None else "no --out to write to"
     if reason is None:
         return folder
@@ -277,19 +278,19 @@ def _streamable(model, recipe: Recipe, out, format: str, stream: str) -> Path | 
 
 def _compress_streamed(folder: Path, tokenizer, recipe: Recipe, out, dev: torch.device, progress: bool,
                        format: str, calibrate: bool) -> CompressResult:
-    """:func:`compress` for a checkpoint folder, block by block from disk (``llmpress.stream``)."""
+    """:func:`compress` for a checkpoint folder or .gguf file, block by block from disk (``llmpress.stream``)."""
     from types import SimpleNamespace
 
-    from .models.lazy import Checkpoint
+    from .models.sources import open_checkpoint
     from .stream import compress_streamed
 
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
+    tokenizer = tokenizer if tokenizer is not None else source_tokenizer(folder)
+    config = source_config(folder)
     if calibrate:
-        check_seq_len(SimpleNamespace(config=folder_config(folder)), recipe.calibration.seq_len,
-                      "calibration seq_len")
-    check_space(out, Checkpoint(folder).total_bytes())
+        check_seq_len(SimpleNamespace(config=config), recipe.calibration.seq_len, "calibration seq_len")
+    check_space(out, open_checkpoint(folder, config).total_bytes())
     ids = _calibration_ids(tokenizer, recipe) if calibrate else None
-    notes = [*folder_notes(folder), f"compressed from {folder}"]
+    notes = [*source_notes(folder), f"compressed from {folder}"]
     from .plan import check, plan_streamed
 
     check(plan_streamed(folder, recipe, ids, dev, Path(out).expanduser(), probe=False))
@@ -428,8 +429,9 @@ def _streamed_folder(model, stream: bool | str | None, tasks: list[str] | None):
 def _loaded_streamed(streamed, source, tokenizer) -> LoadedModel:
     """A streamed folder as the LoadedModel evaluate() reports on (its model a skeleton on meta)."""
     notes = [*streamed.notes, "evaluated block by block (streamed from disk)"]
+    gguf = streamed.folder if streamed.folder.is_file() else None  # a .gguf file: its size as stored
     return LoadedModel(streamed.model, tokenizer if tokenizer is not None else streamed.tokenizer, str(source),
-                       streamed.folder, streamed.meta, notes)
+                       None if gguf else streamed.folder, streamed.meta, notes, gguf)
 
 
 def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, seq_len: int = 1024,

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): packed compressed-tensors when weights were quantized, else dense; "
                         "gguf: one llama.cpp file (--out FILE.gguf), each linear with its own codes")
     c.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
-                   help="auto (default): a safetensors folder is compressed block by block from disk, each block "
+                   help="auto (default): a safetensors folder or .gguf file is compressed block by block from disk, "
+                        "each block "
                         "written as it finishes (memory of one block; the same command resumes a killed run); "
                         "on: insist; off: load the whole model")
     _add_gguf_options(c)
@@ -118,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_window_args(e)
     e.add_argument("--base", help="also evaluate this base model on the same windows, side by side")
     e.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
-                   help="on: read a safetensors folder one block at a time, never the whole model (the same "
-                        "perplexity; no speed, no --tasks); auto (default): when the model would take more than "
-                        "half the free memory; off: load it whole")
+                   help="on: read a safetensors folder or .gguf file one block at a time, never the whole model "
+                        "(the same perplexity; no speed, no --tasks); auto (default): when the model would take "
+                        "more than half the free memory; off: load it whole")
     _add_kv_bits(e, "")
     _add_outputs(e, "write the result (one JSON object) to this file")
     _add_common(e)
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", help="write the result (one JSON object) to this file")
 
     pl = sub.add_parser("plan", help="the peak RAM, device memory, disk and time a compression needs, before it runs")
-    pl.add_argument("model", help=f"alias ({DEFAULT_MODEL}) or model folder")
+    pl.add_argument("model", help=f"alias ({DEFAULT_MODEL}), model folder or .gguf file")
     pl.add_argument("--recipe", required=True, help="built-in recipe name or YAML file (see 'llmpress recipes')")
     pl.add_argument("--out", help="where the output would go (its disk's free space is checked)")
     pl.add_argument("--data", help="calibration text, overrides the recipe")

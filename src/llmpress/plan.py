@@ -36,8 +36,9 @@ from .calib import block_prefix, calibration_dtype
 from .errors import LlmpressError
 from .measure.memory import PeakMemory, available_memory, current_rss
 from .models.archs import arch_for, get_blocks
-from .models.lazy import Checkpoint, skeleton
-from .models.loader import folder_config
+from .models.lazy import skeleton
+from .models.loader import source_config
+from .models.sources import open_checkpoint
 from .recipe import Recipe
 from .stream import (
     REST_SHARD_BYTES,
@@ -111,11 +112,12 @@ class _Stop(Exception):
     pass
 
 
-def _probe(folder: Path, recipe: Recipe, samples: torch.Tensor | None, device: torch.device) -> dict:
-    """Compress block 0 of ``folder`` as the streamed run does, into a throwaway folder: seconds (block phase),
+def _probe(source: Path, recipe: Recipe, samples: torch.Tensor | None, device: torch.device) -> dict:
+    """Compress block 0 of ``source`` as the streamed run does, into a throwaway folder: seconds (block phase),
     peak RSS above the start, bytes of its shard, seconds reading and writing."""
-    checkpoint = Checkpoint(folder)
-    model = skeleton(folder_config(folder))
+    config = source_config(source)
+    checkpoint = open_checkpoint(source, config)
+    model = skeleton(config)
     arch = arch_for(model)
     blocks = get_blocks(model, arch)
     prefix = block_prefix(model, blocks)
@@ -158,15 +160,16 @@ def _probe(folder: Path, recipe: Recipe, samples: torch.Tensor | None, device: t
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def plan_streamed(folder: Path, recipe: Recipe, samples: torch.Tensor | None, device: torch.device,
+def plan_streamed(source: Path, recipe: Recipe, samples: torch.Tensor | None, device: torch.device,
                   out: Path | None = None, name: str | None = None, probe: bool = True) -> Plan:
-    """The :class:`Plan` of a streamed run of ``recipe`` on ``folder`` with calibration ``samples`` (N, L) or None.
+    """The :class:`Plan` of a streamed run of ``recipe`` on ``source`` (a model folder or a .gguf file) with
+    calibration ``samples`` (N, L) or None.
 
     ``probe=False`` (what ``compress`` checks before it starts) skips the probe blocks: memory and disk from the
     sizes alone (a block's float32 weights three times: weights, originals, rewritten; three copies of the
     activations), no time."""
-    checkpoint = Checkpoint(folder)
-    config = folder_config(folder)
+    config = source_config(source)
+    checkpoint = open_checkpoint(source, config)
     model = skeleton(config)
     blocks = get_blocks(model, arch_for(model))
     prefix = block_prefix(model, blocks)
@@ -183,7 +186,7 @@ def plan_streamed(folder: Path, recipe: Recipe, samples: torch.Tensor | None, de
                    "read_s": 1.0, "write_s": 0.0, "block_bytes": block_bytes}]
         seconds_block, delta = math.nan, probes[0]["peak_delta_bytes"]
     elif samples is None:
-        probes = [_probe(folder, recipe, None, device)]
+        probes = [_probe(source, recipe, None, device)]
         seconds_block, delta = probes[0]["seconds"], probes[0]["peak_delta_bytes"]
     else:
         sizes = tuple(min(count, k * recipe.calibration.batch_size) for k in PROBE_BATCHES)
@@ -191,8 +194,8 @@ def plan_streamed(folder: Path, recipe: Recipe, samples: torch.Tensor | None, de
             sizes = (max(1, sizes[0] - 1), sizes[1])
         # a first probe pays one-time costs (kernels built for each new product shape: ~5 s of a 1B GPTQ block,
         # as much as its second batch of windows) and only warms up; the line runs through the two after it
-        _probe(folder, recipe, samples[:sizes[0]], device)
-        probes = [_probe(folder, recipe, samples[:k], device) for k in sizes]
+        _probe(source, recipe, samples[:sizes[0]], device)
+        probes = [_probe(source, recipe, samples[:k], device) for k in sizes]
         seconds_block = _fit(sizes, (probes[0]["seconds"], probes[1]["seconds"]), count)
         peaks = (probes[0]["peak_delta_bytes"], probes[1]["peak_delta_bytes"])
         delta = max(_fit(sizes, peaks, count), *peaks)  # never under what a probe needed
@@ -212,7 +215,7 @@ def plan_streamed(folder: Path, recipe: Recipe, samples: torch.Tensor | None, de
     device_bytes = None
     if device.type != "cpu":
         device_bytes = int(last["block_bytes"] * 4 / max(1, checkpoint.float_dtype().itemsize) + 3 * act)
-    return Plan(name or str(folder), recipe.name, n, True, count, length, int(peak), device_bytes, int(disk),
+    return Plan(name or str(source), recipe.name, n, True, count, length, int(peak), device_bytes, int(disk),
                 float(seconds), available_memory() + base, free_disk,
                 {"probes": probes, "base_rss_bytes": base, "activation_bytes": act, "rest_bytes": rest_bytes})
 

