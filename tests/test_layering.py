@@ -18,7 +18,7 @@ METHOD_PACKAGES = ("quant", "prune", "lowrank", "distill", "rotate")
 # are lower layers; a module may import its own layer and the ones below.
 LAYERS = [
     ("errors", 0), ("paths", 0), ("progress", 0), ("primitives", 0), ("linalg", 0), ("stats", 0),
-    ("compressed", 0), ("settled", 0), ("config", 0), ("allocate", 0),
+    ("compressed", 0), ("settled", 0), ("config", 0), ("allocate", 0), ("resume", 0),
     ("models", 1), ("models.archs", 1), ("data", 1), ("measure", 1),
     ("calib", 2),
     ("registry", 3),

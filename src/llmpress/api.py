@@ -43,6 +43,7 @@ from .models.loader import (
 )
 from .recipe import Recipe, load_recipe
 from .registry import get_method
+from .resume import NO_RESUME, Resume, StageFolder
 from .save import check_output, check_space
 from .stream import why_not as why_not_streamed
 
@@ -180,19 +181,46 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
     ids = _calibration_ids(loaded.tokenizer, recipe) if calibrate else None
     start = time.perf_counter()
     compute_dtype = calibration_dtype(recipe.calibration.dtype, dev)
+    stage_folder = _stage_folder(model, recipe, out, ids, dev, compute_dtype, format)
+    resume = stage_folder.open() if stage_folder is not None else NO_RESUME
+    finished, failure = False, None
+    try:
+        result = _compress_loaded(loaded, arch, recipe, ids, dev, compute_dtype, progress, resume, start)
+        if out is not None and format == "gguf":
+            result.gguf = write_gguf(loaded.model, loaded.tokenizer, out, results=result.results, layers=result.layers,
+                                     source_gguf=source_gguf(loaded), meta=result.meta, **(gguf or {}))
+            result.out = result.gguf.path
+        elif out is not None:  # the format table (llmpress.export.formats) chooses and writes
+            result.out = formats.save(loaded.model, loaded.tokenizer, out, result.meta, result.layers, result.results,
+                                      format)
+        finished = True
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        if stage_folder is not None:
+            stage_folder.close(finished, bad_input=isinstance(failure, LlmpressError))
+    return result
+
+
+def _compress_loaded(loaded: LoadedModel, arch, recipe: Recipe, ids, dev: torch.device, compute_dtype,
+                     progress: bool, resume: Resume, start: float) -> CompressResult:
+    """The stages of ``recipe`` on the whole model in memory, in order (block stages through the engine,
+    model-level ones on the model, each with its resume point in ``resume``)."""
     results: dict = {}
     teacher = _teacher(loaded.model, recipe)
     blocks: dict[str, dict] = {}
     touched: list[set[str]] = []  # the layers each segment rewrote
     with PeakMemory(dev) as mem:
         layers: dict[str, dict] = {}
-        for model_stage, stages in _segments(recipe.stages):
+        for k, (model_stage, stages) in enumerate(_segments(recipe.stages)):
             if model_stage:
                 method = get_method(stages[0].method)
-                extra = {"teacher": teacher, "tokenizer": loaded.tokenizer, "layers": layers, "results": results}
+                extra = {"teacher": teacher, "tokenizer": loaded.tokenizer, "layers": layers, "results": results,
+                         "resume": resume.scoped(f"{k}-{method.name}")}
                 done = method.fn(loaded.model, arch, ids, stages[0].config, device=dev,
                                  batch_size=recipe.calibration.batch_size, progress=progress,
-                                 **{k: extra[k] for k in method.inputs})
+                                 **{name: extra[name] for name in method.inputs})
                 if method.kind == "plan":  # the method chose per-block settings; the engine runs them
                     done = run_plan(loaded.model, arch, done, ids, device=dev,
                                     batch_size=recipe.calibration.batch_size, progress=progress, results=results,
@@ -207,16 +235,31 @@ def compress(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, tokenizer=None, data: 
             touched.append(set(done))
     del teacher
     _keep_errors_of_one_segment(layers, blocks, touched)
-    result = CompressResult(loaded.model, loaded.tokenizer, recipe, layers, time.perf_counter() - start,
-                            mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"],
-                            results=results, blocks=blocks)
-    if out is not None and format == "gguf":
-        result.gguf = write_gguf(loaded.model, loaded.tokenizer, out, results, layers, source_gguf=source_gguf(loaded),
-                                 meta=result.meta, **(gguf or {}))
-        result.out = result.gguf.path
-    elif out is not None:  # the format table (llmpress.export.formats) chooses and writes
-        result.out = formats.save(loaded.model, loaded.tokenizer, out, result.meta, layers, results, format)
-    return result
+    return CompressResult(loaded.model, loaded.tokenizer, recipe, layers, time.perf_counter() - start,
+                          mem.peak_bytes, notes=[*loaded.notes, f"compressed from {loaded.source}"],
+                          results=results, blocks=blocks)
+
+
+def _stage_folder(model, recipe: Recipe, out, ids, dev: torch.device, compute_dtype, format: str):
+    """The hidden folder where this run's model-level stages keep their resume points (``llmpress.resume``), or
+    None: no output path, a model not read from local files, or no stage that keeps any."""
+    if out is None or not isinstance(model, (str, Path)):
+        return None
+    if not any("resume" in get_method(s.method).inputs for s in recipe.stages):
+        return None
+    source = local_source(model)
+    if source is None:
+        return None
+    from .models.sources import open_checkpoint
+    from .stream import fingerprint
+
+    try:
+        checkpoint = open_checkpoint(source)
+    except LlmpressError:  # weights in another form (a pickle, a packed folder read by transformers): no resume
+        return None
+    key = fingerprint(checkpoint, recipe, ids, dev, compute_dtype, format)
+    return StageFolder(Path(out).expanduser(), key, f"{recipe.name} on {model}")
+
 
 
 def plan(model=DEFAULT_MODEL, recipe="rtn-w4-g64", *, data: str | None = None, samples: int | None = None,

@@ -1,4 +1,5 @@
-"""Where llmpress keeps downloaded assets and converted models; the permissions of what it writes."""
+"""Where llmpress keeps downloaded assets and converted models; the permissions of what it writes; whether the
+process holding a lock still runs."""
 
 import os
 from pathlib import Path
@@ -40,3 +41,14 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a lock's owner)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or a pid we cannot ask about): leave it alone
+    return True

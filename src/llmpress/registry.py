@@ -21,7 +21,9 @@ The kinds and what the engine calls (``fn``):
   **inputs) -> {full layer name: meta}``; sees the whole model (depth/width pruning, low-rank with
   global rank allocation, distillation). ``Method.inputs`` names extra keyword inputs: "teacher" (a
   copy of the model before the first stage), "tokenizer", "layers" (per-layer meta so far),
-  "results" (the engine's ``Compressed`` per layer, which the method may rewrite).
+  "results" (the engine's ``Compressed`` per layer, which the method may rewrite), "resume" (a
+  ``llmpress.resume.Resume`` scoped to the stage: what it computed at its natural points, kept for the same
+  command after a kill).
 - ``"plan"`` (:class:`PlanMethod`): same arguments as a model method, returns a :class:`BlockPlan`
   (per block, which weight methods to run with which config) that the engine then executes (OWL).
 - ``"runtime"``: changes inference, not weights (KV-cache quantization). ``Method.runtime`` is a
@@ -45,7 +47,7 @@ from .errors import LlmpressError
 KINDS = ("quantize", "prune", "block", "model", "plan", "runtime")
 WEIGHT_KINDS = ("quantize", "prune")
 METHOD_PACKAGES = ("quant", "prune", "lowrank", "distill", "rotate")
-INPUTS = ("teacher", "tokenizer", "layers", "results")
+INPUTS = ("teacher", "tokenizer", "layers", "results", "resume")
 
 
 class WeightMethod(Protocol):

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LlmpressError
-from .paths import make_public
+from .paths import make_public, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,6 @@ def check_space(out: str | Path, needed: int) -> None:
 
 def _tmp_pattern(path: Path) -> re.Pattern:
     return re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)-[A-Za-z0-9_]+")
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's process (or a pid we cannot ask about): leave it alone
-    return True
 
 
 def stale_temporaries(path: Path) -> list[Path]:

@@ -66,10 +66,16 @@ def add_syrk_(out: Tensor, X: Tensor) -> Tensor:
     syrk = blas.ssyrk if out.dtype == torch.float32 else blas.dsyrk
     c = out.numpy().T  # column-major view of out: its lower triangle is out's upper one
     a = X.contiguous().numpy().T  # (d, tokens), column-major: a·aᵀ = XᵀX
-    result = syrk(1.0, a, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1)
-    if not np.shares_memory(result, c):  # not expected (same dtype and order), but then copy the triangle back
-        c[...] = result
+    write_back_(c, syrk(1.0, a, beta=1.0, c=c, trans=0, lower=1, overwrite_c=1))
     return out
+
+
+def write_back_(target: np.ndarray, result: np.ndarray) -> None:
+    """Make ``target`` hold ``result``, the output of a scipy BLAS/LAPACK call asked to overwrite ``target``: the
+    overwrite flags are requests, and a routine given an array of another order or dtype returns a new one
+    (not expected here: the callers pass column-major arrays of the routine's dtype)."""
+    if not np.shares_memory(result, target):
+        target[...] = result
 
 
 def mirror_upper_(out: Tensor, blocks: int = 8) -> Tensor:

@@ -55,10 +55,10 @@ from .models.archs import arch_for, block_linears, get_blocks
 from .models.lazy import Checkpoint, check_names, materialize, release, skeleton, tied_names
 from .models.loader import source_config
 from .models.sources import is_gguf, open_checkpoint
-from .paths import make_public
+from .paths import make_public, process_alive
 from .quant.qlinear import integer_zero, packed_tensors
 from .recipe import Recipe
-from .save import META_FILE, check_new_path, process_alive
+from .save import META_FILE, check_new_path
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ see :class:`DistillConfig`. The training modules are imported on first use, so t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass, fields
@@ -183,13 +184,20 @@ def distill_model(model: nn.Module, arch, cfg: DistillConfig, *, teacher: nn.Mod
 def distill_stage(model: nn.Module, arch, samples: Tensor | None, cfg: DistillConfig, *,
                   device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = False,
                   teacher: nn.Module | None = None, tokenizer=None, layers: dict[str, dict] | None = None,
-                  results: dict | None = None) -> dict[str, dict]:
+                  results: dict | None = None, resume=None) -> dict[str, dict]:
     """The registry's ``distill`` method (kind "model"): :func:`distill_model`, returning the meta updates.
 
     ``samples`` (the recipe's calibration windows) and ``batch_size`` are not used: the stage draws
     its own training windows (``cfg.data``, ``cfg.samples`` × ``cfg.seq_len``) and batches (``cfg.batch_size``).
+    ``resume`` (a :class:`llmpress.resume.Resume`, from ``compress`` with an output path): without a
+    ``checkpoint_dir`` of the recipe's, the trainer's checkpoint goes there, every ``checkpoint_every`` steps
+    (default: a tenth of the steps), and the same command run again after a kill continues from it.
     """
     from .losses import needs_teacher
+
+    if resume is not None and resume.folder is not None and cfg.checkpoint_dir is None:
+        cfg = dataclasses.replace(cfg, checkpoint_dir=str(resume.folder / resume.scope), resume=True,
+                                  checkpoint_every=cfg.checkpoint_every or max(1, cfg.steps // 10))
 
     if teacher is None and (needs_teacher(cfg.loss_config()) or cfg.source != "data"):
         raise LlmpressError("the distill stage needs a teacher (the model before compression): run it through "
@@ -210,7 +218,7 @@ def _kd(**args) -> dict:
 # names it so ("gptq-w3-g64+qat(steps=500)"), with the QAT weights at 3x the lr: from gptq-w3-g64, 1500 s:
 # 39.29 against 42.25 at 1x (README, distillation figures).
 register(Method("distill", DistillConfig, distill_stage, (), "model", calibrated=False,
-                inputs=("teacher", "tokenizer", "layers", "results")), recipes={
+                inputs=("teacher", "tokenizer", "layers", "results", "resume")), recipes={
     "distill": _kd(loss="forward_kl", train="all"),
     "distill-lora": _kd(loss="forward_kl", train="lora"),
     "distill-norms": _kd(loss="forward_kl", train="norms"),

@@ -136,30 +136,61 @@ def _factorize(method: str, W: Tensor, stats: dict, rank: int, cfg):
     return svd_llm_factorize(W, stats["xtx"], rank, cfg.update_u)
 
 
+def _saved_stats(resume, names) -> dict[str, dict[str, Tensor]] | None:
+    """The input statistics a killed run kept, shared tensors shared again, or None."""
+    index, tensors = resume.json("stats_index"), resume.tensors("stats")
+    if index is None or tensors is None or set(index) != set(names):
+        return None
+    return {n: {k: tensors[key] for k, key in kinds.items()} for n, kinds in index.items()}
+
+
+def _keep_stats(resume, stats: dict[str, dict[str, Tensor]]) -> None:
+    """Keep the input statistics, each tensor once (linears that read one input share its Gram)."""
+    keys: dict[int, str] = {}
+    index = {n: {k: keys.setdefault(id(t), f"{n}.{k}") for k, t in kinds.items()} for n, kinds in stats.items()}
+    unique = {key: t for kinds in stats.values() for k, t in kinds.items() for key in [keys[id(t)]]}
+    resume.put_tensors("stats", unique)
+    resume.put_json("stats_index", index)
+
+
 def lowrank_model(method: str, model: nn.Module, arch: Arch, samples: Tensor | None, cfg: SVDConfig, *,
                   device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = False,
-                  stats: dict[str, dict] | None = None) -> dict[str, dict]:
+                  stats: dict[str, dict] | None = None, resume=None) -> dict[str, dict]:
     """Factorize every block linear of ``model`` in place with ``method`` ("svd" | "asvd" | "svd-llm").
 
     Returns {full layer name: meta} with the rank chosen (None = left dense). ``stats``: the
     output of :func:`collect_input_stats` (xtx and absmean) to reuse, e.g. across budgets;
     by default they are collected here. ASVD factorizes with mean |X_j| only, but allocates
     ranks by its exact output error, which needs XᵀX too (see ``asvd_curve``).
+    ``resume`` (a :class:`llmpress.resume.Resume`, from ``compress`` with an output path) keeps the statistics once
+    collected, each linear's error curve and each factorisation as they are computed; the same command run again
+    after a kill reads them instead of computing them again (and writes the same bytes).
     """
     layers = _layers(model, arch)
     before = count_params(model)["total"]
     if stats is None and method == "svd":
         stats = {n: {} for n in layers}
+    if stats is None and resume is not None:
+        stats = _saved_stats(resume, layers)
     if stats is None:
         if samples is None:
             raise LlmpressError(f"{method} needs calibration samples: give the recipe calibration data")
         stats = collect_input_stats(model, arch, samples, xtx=True, absmean=method == "asvd",
                                     device=device, batch_size=batch_size, progress=progress)
+        if resume is not None:
+            _keep_stats(resume, stats)
     weights = {n: linear_weight(m, arch).detach().float().cpu() for n, m in layers.items()}
     curves, extra = {}, {}
     with single_threaded():  # small dense factorizations: one thread stalls less on shared cores
         for n, W in weights.items():
+            kept = resume.tensors(f"curve.{n}") if resume is not None else None
+            if kept is not None:
+                curves[n], extra[n] = kept["curve"], resume.json(f"curve.{n}")
+                continue
             curves[n], extra[n] = _curve(method, W, stats[n], cfg)
+            if resume is not None:  # the JSON first: a curve file is only there with its extras
+                resume.put_json(f"curve.{n}", extra[n])
+                resume.put_tensors(f"curve.{n}", {"curve": curves[n]})
     shapes = [tuple(W.shape) for W in weights.values()]
     budget = linear_budget(model, shapes, cfg)
     ranks = dict(zip(weights, allocate_ranks(shapes, list(curves.values()), budget, cfg.min_rank)))
@@ -170,9 +201,14 @@ def lowrank_model(method: str, model: nn.Module, arch: Arch, samples: Tensor | N
         meta[n] = {"method": method, "rank": rank, "shape": list(W.shape), "params": layer_params(W.shape, rank),
                    "dense_params": W.numel(), "relative_loss": rel, **extra[n]}
         if rank is not None:
-            with single_threaded():
-                done = _factorize(method, W, stats[n], rank, cfg)
-            replace_with_factors(model, n, done.U, done.V)
+            kept = resume.tensors(f"factors.{n}") if resume is not None else None
+            if kept is None:
+                with single_threaded():
+                    done = _factorize(method, W, stats[n], rank, cfg)
+                kept = {"U": done.U, "V": done.V}
+                if resume is not None:
+                    resume.put_tensors(f"factors.{n}", kept)
+            replace_with_factors(model, n, kept["U"], kept["V"])
     _log_summary(method, meta, budget, before, count_params(model)["total"])
     return meta
 
@@ -205,5 +241,5 @@ def svd_llm_stage(model, arch, samples, cfg: SVDLLMConfig, **kw) -> dict[str, di
 _LOWRANK = {"svd": (SVDConfig, svd_stage, False), "asvd": (ASVDConfig, asvd_stage, True),
             "svd-llm": (SVDLLMConfig, svd_llm_stage, True)}
 for _name, (_config, _fn, _calibrated) in _LOWRANK.items():
-    register(Method(_name, _config, _fn, (), "model", calibrated=_calibrated),
+    register(Method(_name, _config, _fn, (), "model", calibrated=_calibrated, inputs=("resume",)),
              recipes={f"{_name}-{k}": {"stages": [{"method": _name, "args": {"keep": k / 100}}]} for k in (90, 80, 70)})

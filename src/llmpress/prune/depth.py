@@ -92,8 +92,11 @@ def _loss_without(model, blocks, skipped: list[int], samples, device, batch_size
 
 
 def greedy_by_loss(model: nn.Module, arch: Arch, samples: Tensor, count: int, device: torch.device,
-                   batch_size: int) -> list[int]:
-    """Remove ``count`` blocks one at a time, each time the one whose absence costs least calibration loss."""
+                   batch_size: int, resume=None) -> list[int]:
+    """Remove ``count`` blocks one at a time, each time the one whose absence costs least calibration loss.
+
+    ``resume`` (a :class:`llmpress.resume.Resume`): the blocks chosen so far are kept after every round, and a
+    rerun continues after the last round kept."""
     blocks = get_blocks(model, arch)
     seen = {}
 
@@ -106,13 +109,15 @@ def greedy_by_loss(model: nn.Module, arch: Arch, samples: Tensor, count: int, de
     finally:
         handle.remove()
     log.debug("depth: loss of one window with every block %.4f", base)
-    removed: list[int] = []
-    for _ in range(count):
+    removed: list[int] = list(resume.json("greedy") or []) if resume is not None else []
+    for _ in range(len(removed), count):
         trials = {j: _loss_without(model, blocks, removed + [j], samples, device, batch_size, seen["tuple"])
                   for j in range(len(blocks)) if j not in removed}
         best = min(trials, key=lambda j: (trials[j], j))
         log.info("depth: dropping block %d (calibration loss %.4f)", best, trials[best])
         removed.append(best)
+        if resume is not None:
+            resume.put_json("greedy", removed)
     return sorted(removed)
 
 
@@ -149,18 +154,27 @@ def blocks_for(model: nn.Module, arch: Arch, cfg: DepthConfig) -> int:
 
 
 def depth_prune(model: nn.Module, arch: Arch, samples: Tensor | None, cfg: DepthConfig, *,
-                device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = False) -> dict[str, dict]:
-    """Method kind "model": choose and remove whole blocks; returns metadata for the remaining linears."""
+                device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = False,
+                resume=None) -> dict[str, dict]:
+    """Method kind "model": choose and remove whole blocks; returns metadata for the remaining linears.
+
+    ``resume`` (a :class:`llmpress.resume.Resume`, from ``compress`` with an output path): the block scores are
+    kept once measured (the greedy search's choices after every round), and the same command run again after a
+    kill reads them instead of measuring again."""
     device = torch.device(device)
     if samples is None:
         raise LlmpressError("depth pruning needs calibration samples: give the recipe a calibration section")
     count = blocks_for(model, arch, cfg)
     if cfg.metric == "bi":
-        influence = block_influences(model, arch, samples, device, batch_size, progress)
+        influence = resume.json("influence") if resume is not None else None
+        if influence is None:
+            influence = block_influences(model, arch, samples, device, batch_size, progress)
+            if resume is not None:
+                resume.put_json("influence", influence)
         log.info("depth: block influence %s", [round(b, 4) for b in influence])
         removed = lowest(influence, count)
     else:
-        removed = greedy_by_loss(model, arch, samples[:cfg.ppl_samples], count, device, batch_size)
+        removed = greedy_by_loss(model, arch, samples[:cfg.ppl_samples], count, device, batch_size, resume)
     total = count_params(model)["total"]
     survivors = [i for i in range(len(get_blocks(model, arch))) if i not in removed]
     remove_blocks(model, arch, removed)
@@ -176,6 +190,6 @@ def depth_prune(model: nn.Module, arch: Arch, samples: Tensor | None, cfg: Depth
 
 
 # 20% of all parameters as whole blocks (ShortGPT block influence)
-register(Method("depth", DepthConfig, depth_prune, (), "model", calibrated=True), recipes={
+register(Method("depth", DepthConfig, depth_prune, (), "model", calibrated=True, inputs=("resume",)), recipes={
     "depth-20": {"stages": [{"method": "depth", "args": {"target": 0.2}}]},
 })
