@@ -52,7 +52,7 @@ from .export.compressed_tensors import PACKED, Scheme, quantization_config, regr
 from .export.formats import readers
 from .measure.memory import return_free_memory
 from .models.archs import arch_for, block_linears, get_blocks
-from .models.lazy import Checkpoint, check_names, materialize, release, skeleton, tied_names
+from .models.lazy import DTYPES, Checkpoint, check_names, materialize, release, skeleton, tied_names
 from .models.loader import source_config
 from .models.sources import is_gguf, open_checkpoint
 from .paths import make_public, process_alive
@@ -139,15 +139,17 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
     os.replace(tmp, path)
 
 
-def _save_streamed(tensors: list[torch.Tensor] | SpillList, path: Path) -> None:
-    """``tensors`` as one safetensors file (keys h0, h1, ...), written one tensor at a time: no copy of them all
-    (``safetensors.torch.save_file`` serializes everything into one buffer first)."""
-    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-    header, offset = {}, 0
-    for j in range(len(tensors)):  # from the shapes alone: a SpillList's tensors are read once, below
-        shape, dtype = tensor_spec(tensors, j)
+def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], tensor,
+                      metadata: dict | None = None) -> None:
+    """A safetensors file of ``entries`` (name, shape, dtype), written atomically one tensor at a time:
+    ``tensor(j)`` gives entry j's tensor only when its bytes are written, so no more than one is held (and no
+    buffer of them all, as ``safetensors.torch.save_file`` serializes)."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, shape, dtype in entries:
         size = math.prod(shape) * dtype.itemsize
-        header[f"h{j}"] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -155,10 +157,20 @@ def _save_streamed(tensors: list[torch.Tensor] | SpillList, path: Path) -> None:
     with open(tmp, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for t in tensors:
+        for j, (name, shape, dtype) in enumerate(entries):
+            t = tensor(j)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{name} is {t.dtype} {tuple(t.shape)}, its header entry {dtype} {tuple(shape)}")
             flat = t.detach().cpu().contiguous().reshape(-1)
             f.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+            del t, flat
     os.replace(tmp, path)
+
+
+def _save_streamed(tensors: list[torch.Tensor] | SpillList, path: Path) -> None:
+    """``tensors`` as one safetensors file (keys h0, h1, ...), written one tensor at a time (a SpillList's tensors
+    are read once, when written; the header comes from their shapes alone)."""
+    write_safetensors(path, [(f"h{j}", *tensor_spec(tensors, j)) for j in range(len(tensors))], tensors.__getitem__)
 
 
 def _atomic_json(data: dict, path: Path) -> None:
@@ -313,9 +325,10 @@ class _Writer:
 
     def finish(self, layers: dict) -> dict:
         """Copy embeddings, norm and head from the checkpoint; write the index. Returns the packed schemes."""
-        for k, names in enumerate(self.rest):
-            _atomic_save({n: self.checkpoint.get(n) for n in names},
-                         self.folder / self.shard(len(self.blocks) + k), {"format": "pt"})
+        for k, names in enumerate(self.rest):  # one tensor read and held at a time
+            write_safetensors(self.folder / self.shard(len(self.blocks) + k),
+                              [(n, self.checkpoint.shape(n), self.checkpoint.dtype(n)) for n in names],
+                              lambda j, names=names: self.checkpoint.get(names[j]), {"format": "pt"})
         weight_map, total = {}, 0
         from .models.lazy import read_header
 

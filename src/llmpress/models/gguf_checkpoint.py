@@ -28,6 +28,7 @@ import torch
 
 from ..errors import LlmpressError
 
+DEQUANTIZE_BYTES = 32 * 2**20  # float32 rows dequantized at a time
 # block types read in their own dtype; every other (block-quantized) type is read in float32
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # transformers' tensor processors that keep a tensor's name (value or layout changes only); others split or
@@ -163,10 +164,17 @@ class GgufCheckpoint:
             raise LlmpressError(f"GGUF file {self.path} is cut short (tensor {e.gguf_name}): download it again")
         data = raw.view(e.raw_dtype).reshape(e.raw_shape)
         if e.kind == "BF16":  # numpy has no bfloat16: widen the bits to float32 (exact)
-            values = torch.from_numpy(raw.copy()).view(torch.bfloat16).float().numpy()
-        else:
+            values = torch.from_numpy(raw).view(torch.bfloat16).float().numpy()
+        elif e.kind in _PLAIN:
             values = dequantize(data, GGMLQuantizationType[e.kind])
-        values = np.ascontiguousarray(values.reshape(e.shape))
+        else:  # block types, a slice of rows at a time: the package's temporaries stay small
+            rows = data.reshape(-1, data.shape[-1])
+            values = np.empty((rows.shape[0], e.shape[-1]), dtype=np.float32)
+            step = max(1, DEQUANTIZE_BYTES // (4 * e.shape[-1]))
+            for start in range(0, rows.shape[0], step):
+                values[start:start + step] = dequantize(rows[start:start + step], GGMLQuantizationType[e.kind])
+        del data, raw  # (an F32 tensor's values are its bytes: they stay)
+        values = values.reshape(e.shape)
         result = self.processor.process(weights=values, name=e.gguf_name, tensor_key_mapping={},
                                         parsed_parameters={"tensors": {}})
         if result.name != e.gguf_name:
