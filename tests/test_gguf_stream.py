@@ -16,7 +16,7 @@ from llmpress import api
 from llmpress.export.gguf import load_gguf
 from llmpress.export.gguf_blocks import BLOCK_TYPES, pack_blocks
 from llmpress.export.gguf_write import write_gguf
-from llmpress.models.gguf_checkpoint import GgufCheckpoint
+from llmpress.models.gguf_checkpoint import GgufCheckpoint, _names
 from llmpress.models.lazy import check_names, skeleton
 from llmpress.quant.rtn import RTNConfig, rtn
 from test_stream import _run
@@ -67,6 +67,11 @@ def test_every_tensor_is_what_the_whole_load_gives(calib, tmp_path, model_type, 
         assert checkpoint.dtype(name) == own and checkpoint.get(name).dtype == own, name  # stored dtype, else fp32
         assert checkpoint.nbytes(name) == expected.numel() * own.itemsize
     assert checkpoint.float_dtype() == torch.float32  # most bytes are block-quantized: read in float32
+    # our name map is transformers' (without its walk over every submodule)
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    model = skeleton(checkpoint.config)
+    assert _names(checkpoint.arch, model, checkpoint.config) == get_gguf_hf_weights_map(model, TensorProcessor())
 
 
 @pytest.mark.parametrize("recipe", ["rtn-w4-g64", "gptq-w4-g64"])

@@ -114,6 +114,7 @@ class GgufCheckpoint:
         self.folder = self.path.parent
         self.files = [self.path]
         arch, entries, parsed = _parsed(self.path)
+        self.arch = arch  # llama.cpp's architecture name (general.architecture)
         self.config = gguf_config(self.path) if config is None else config
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=dict(parsed))
         self.one_to_one = type(self.processor).__name__ in _ONE_TO_ONE
