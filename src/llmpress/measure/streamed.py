@@ -20,7 +20,8 @@ and one window's logits. The windows go one at a time through the same operation
 with batch size 1, so the perplexity is the same to the last bit (``tests/test_streamed_eval.py``).
 
 A folder is read dense or pack-quantized (``llmpress.export.compressed_tensors.dense_tensors`` dequantizes
-one layer at a time); other formats (low-rank, W8A8, sparse, GGUF) load whole. A quantized KV cache (a
+one layer at a time), a .gguf file one tensor at a time (``llmpress.models.gguf_checkpoint``); other formats
+(low-rank, W8A8, sparse) load whole. A quantized KV cache (a
 ``kv-cache`` recipe stage, ``--kv-bits``) is a fresh cache per window and block: a block's attention reads
 only its own layer of it. Each parameter's non-zero count is taken as it is read, so the size and FLOPs
 reports of the skeleton are those of the whole model. Speed and lm-eval tasks run the whole model: not here.
