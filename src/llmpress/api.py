@@ -496,9 +496,10 @@ def evaluate(model=DEFAULT_MODEL, data: str = "austen:eval", *, tokenizer=None, 
     per-document scores (``llmpress.measure.tasks``), with the KV-cache setting applied. The built-in local
     tasks ``llmpress_lastword`` and ``llmpress_nextsent`` are built from ``task_data`` (``llmpress.data.tasks``).
     ``stream`` (True/"on", False/"off", None/"auto"): evaluate a local safetensors folder (dense or pack-quantized)
-    block by block from disk, never holding the whole model (``llmpress.measure.streamed``: the same perplexity
-    to the last bit); "auto" streams when the dense model in float32 would take more than half the memory
-    available. The report then has ``"streamed": True``, no ``speed`` (a note says so), and ``tasks`` are refused.
+    or a .gguf file block by block from disk, never holding the whole model (``llmpress.measure.streamed``: the
+    same perplexity to the last bit); "auto" streams when the dense model in float32 would take more than half the
+    memory available. The report then has ``"streamed": True``, no ``speed`` (a note says so), and ``tasks`` are
+    refused.
     """
     description = describe_spec(data)  # a bad spec fails before the model is loaded
     task_paths = _task_paths(tasks, include_path, task_data) if tasks else None
