@@ -96,6 +96,23 @@ class Resume:
 NO_RESUME = Resume(None)
 
 
+def refuse_if_busy(folder: Path, out: Path) -> None:
+    """Refuse a staging folder beside ``out`` whose lock names another process that still runs."""
+    lock = folder / LOCK
+    pid = int(lock.read_text() or 0) if lock.is_file() else 0
+    if pid and pid != os.getpid() and process_alive(pid):
+        raise LlmpressError(f"another llmpress run (pid {pid}) is writing --out {out} now: wait for it "
+                            "or choose another --out")
+
+
+def refuse_if_other(folder: Path, out: Path, key: str, state: dict) -> None:
+    """Refuse a staging folder a killed run of another command left (its ``state`` names another fingerprint)."""
+    if state.get("fingerprint") != key:
+        raise LlmpressError(f"--out {out} has an unfinished run of another command ({folder.name}: "
+                            f"{state.get('what', 'unknown')}): repeat that command to resume it, or delete "
+                            f"{folder} to start over")
+
+
 class StageFolder:
     """The hidden folder ``.OUT.stages`` beside an output path, where a run's model-level stages keep their
     resume points (see the module docstring)."""
@@ -108,20 +125,12 @@ class StageFolder:
     def open(self) -> Resume:
         """Take the folder over from a killed run of the same command, or create it; another command's is refused."""
         if self.folder.exists():
-            lock = self.folder / LOCK
-            pid = int(lock.read_text() or 0) if lock.is_file() else 0
-            if pid and pid != os.getpid() and process_alive(pid):
-                raise LlmpressError(f"another llmpress run (pid {pid}) is writing --out {self.out} now: wait for it "
-                                    "or choose another --out")
+            refuse_if_busy(self.folder, self.out)
             if not self._holds_entries():  # killed before a stage kept anything: nothing to resume, start over
                 shutil.rmtree(self.folder)
                 return self.open()
             run = self.folder / RUN
-            state = json.loads(run.read_text()) if run.is_file() else {}
-            if state.get("fingerprint") != self.key:
-                raise LlmpressError(f"--out {self.out} has an unfinished run of another command ({self.folder.name}: "
-                                    f"{state.get('what', 'unknown')}): repeat that command to resume it, or delete "
-                                    f"{self.folder} to start over")
+            refuse_if_other(self.folder, self.out, self.key, json.loads(run.read_text()) if run.is_file() else {})
             log.warning("resuming the model-level stages of the unfinished run in %s", self.folder.name)
             self.resumed = True
         else:

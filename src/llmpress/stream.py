@@ -55,9 +55,10 @@ from .models.archs import arch_for, block_linears, get_blocks
 from .models.lazy import DTYPES, Checkpoint, check_names, materialize, release, skeleton, tied_names
 from .models.loader import source_config
 from .models.sources import is_gguf, open_checkpoint
-from .paths import make_public, process_alive
+from .paths import make_public
 from .quant.qlinear import integer_zero, packed_tensors
 from .recipe import Recipe
+from .resume import LOCK, refuse_if_busy, refuse_if_other
 from .save import META_FILE, check_new_path
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 # methods whose output the streamed writer stores exactly: packed codes (integer zero points) or dense weights
 STREAMABLE = {"rtn", "gptq", "awq", "wanda", "sparsegpt", "magnitude", "kv-cache"}
 QUANTIZERS = {"rtn", "gptq"}
-PROGRESS, HIDDEN, LOCK, SPILL = "progress.json", "hidden.safetensors", "lock", "spill"
+PROGRESS, HIDDEN, SPILL = "progress.json", "hidden.safetensors", "spill"
 REST_SHARD_BYTES = 512 * 2**20  # embeddings, norm and head: shards of at most this (one big tensor alone)
 
 
@@ -197,20 +198,13 @@ class Staging:
     def open(self, what: str) -> bool:
         """Create the folder, or take over the one a killed run of the same command left; True when resuming."""
         if self.folder.exists():
-            lock = self.folder / LOCK
-            pid = int(lock.read_text() or 0) if lock.is_file() else 0
-            if pid and pid != os.getpid() and process_alive(pid):
-                raise LlmpressError(f"another llmpress run (pid {pid}) is writing --out {self.out} now: wait for it "
-                                    f"or choose another --out")
+            refuse_if_busy(self.folder, self.out)
             progress = self.folder / PROGRESS
             if not progress.is_file():  # killed before its first block was written: nothing to resume, start over
                 shutil.rmtree(self.folder)
                 return self.open(what)
             state = json.loads(progress.read_text())
-            if state.get("fingerprint") != self.key:
-                raise LlmpressError(f"--out {self.out} has an unfinished run of another command ({self.folder.name}: "
-                                    f"{state.get('what', 'unknown')}): repeat that command to resume it, or delete "
-                                    f"{self.folder} to start over")
+            refuse_if_other(self.folder, self.out, self.key, state)
             self.done, self.layers, self.blocks = state["done"], state["layers"], state["blocks"]
             self.seconds = state.get("seconds", 0.0)
         else:

@@ -22,6 +22,7 @@ import torch
 from ..errors import LlmpressError, first_line
 from ..export.reading import quiet_transformers, reader_errors
 from ..save import META_FILE
+from .sources import is_gguf
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,14 @@ def local_source(source: str | Path) -> Path | None:
     """The local model folder or ``.gguf`` file ``source`` names (an alias's cached folder too), without loading it;
     else None. What a streamed run reads (``llmpress.models.sources``)."""
     path = Path(str(source)).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if is_gguf(path):
         return path
     return local_folder(source)
 
 
 def source_config(source: Path):
     """The transformers config of a model folder (:func:`folder_config`) or of a ``.gguf`` file's header."""
-    if not (source.is_file() and source.suffix == ".gguf"):
+    if not is_gguf(source):
         return folder_config(source)
     from ..export.gguf import check_gguf
     from .gguf_checkpoint import gguf_config
@@ -128,7 +129,7 @@ def source_config(source: Path):
 
 def source_tokenizer(source: Path):
     """The tokenizer of a model folder or ``.gguf`` file, or None when transformers reads none there."""
-    if not (source.is_file() and source.suffix == ".gguf"):
+    if not is_gguf(source):
         return load_tokenizer(source)
     from transformers import AutoTokenizer
 
@@ -141,7 +142,7 @@ def source_tokenizer(source: Path):
 
 def source_notes(source: Path) -> list[str]:
     """The notes a model from a folder (:func:`folder_notes`) or a ``.gguf`` file carries."""
-    if source.is_file() and source.suffix == ".gguf":
+    if is_gguf(source):
         return [GGUF_NOTE]
     return folder_notes(source)
 
@@ -208,7 +209,7 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> Loaded
         path, notes = ensure_smollm2(), [NOTE]
     else:
         path = Path(text).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if is_gguf(path):
         from ..export.gguf import load_gguf
 
         model, tokenizer = load_gguf(path, dtype)
